@@ -1,0 +1,200 @@
+//! The admin plane, on its own listener (loopback by default): `/metrics`,
+//! `/healthz`, `/readyz` and `/status`. Nothing here is reachable from the data port.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::state::Shared;
+
+/// Serves the admin endpoints until shutdown; also runs the metrics upkeep.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let prometheus = crate::metrics::handle();
+    let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let shared = shared.clone();
+                let service = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(route(&shared, req)) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            _ = upkeep.tick() => prometheus.run_upkeep(),
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, &crate::metrics::handle().render());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => readyz(shared),
+        "/status" => json_response(StatusCode::OK, &status(shared)),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /healthz, /readyz or /status\n",
+        ),
+    }
+}
+
+/// Ready when the config is loaded, the proxy is not draining and every upstream
+/// has a backend that passed its health check.
+fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
+    if shared.draining.load(Ordering::Relaxed) {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"ready": false, "reasons": ["draining"]}),
+        );
+    }
+    let runtime = shared.runtime.load();
+    let reasons: Vec<String> = runtime
+        .upstreams
+        .values()
+        .filter(|u| !u.is_ready())
+        .map(|u| format!("upstream {:?} has no healthy backend yet", u.name))
+        .collect();
+    if reasons.is_empty() {
+        json_response(StatusCode::OK, &json!({"ready": true}))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"ready": false, "reasons": reasons}),
+        )
+    }
+}
+
+/// The `/status` document: routes, upstreams with their backends and in-flight counts.
+pub fn status(shared: &Shared) -> serde_json::Value {
+    let runtime = shared.runtime.load();
+    let routes: Vec<_> = runtime
+        .routes
+        .iter()
+        .map(|r| {
+            let c = &r.counters;
+            json!({
+                "name": r.name,
+                "path_prefix": r.path_prefix(),
+                "upstream": r.upstream.name,
+                "class": r.class.as_str(),
+                "threshold": r.threshold.unwrap_or_else(|| r.upstream.config.shedding.thresholds.for_class(r.class)),
+                "cache": matches!(r.cache, crate::config::CachePolicy::On),
+                "admitted": c.admitted.load(Ordering::Relaxed),
+                "shed": c.shed.load(Ordering::Relaxed),
+                "would_shed": c.would_shed.load(Ordering::Relaxed),
+                "queued": c.queued.load(Ordering::Relaxed),
+                "queue_rejected": c.queue_rejected.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let upstreams: Vec<_> = runtime
+        .upstreams
+        .values()
+        .map(|u| {
+            let inflight = u.inflight();
+            let admission = &u.admission;
+            let backends: Vec<_> = u
+                .backends()
+                .iter()
+                .zip(admission.reports())
+                .map(|(b, report)| {
+                    json!({
+                        "address": b.authority,
+                        "healthy": b.is_healthy(),
+                        "health_confirmed": b.is_confirmed_healthy(),
+                        "inflight": b.inflight(),
+                        "actuator": {
+                            "enabled": u.config.actuator.enabled,
+                            "good_polls": report.good_polls(),
+                            "failed_polls": report.failed_polls(),
+                            "last_error": report.last_error(),
+                            "busy": report.latest().map(|r| r.busy),
+                            "max": report.latest().map(|r| r.max),
+                        },
+                    })
+                })
+                .collect();
+            let signal = admission.signal(inflight, u.healthy_count());
+            json!({
+                "name": u.name,
+                "inflight": inflight,
+                "max_workers": u.config.max_workers,
+                "ready": u.is_ready(),
+                "shedding": {
+                    "mode": admission.mode().as_str(),
+                    "active": admission.is_shedding(),
+                    "utilisation": signal.utilisation,
+                    "source": signal.source.as_str(),
+                    "local": signal.local,
+                    "reported": signal.reported,
+                    "adaptive_limit": admission.adaptive_limit(),
+                    "queued": admission.queued(),
+                },
+                "backends": backends,
+            })
+        })
+        .collect();
+    json!({
+        "draining": shared.draining.load(Ordering::Relaxed),
+        "routes": routes,
+        "upstreams": upstreams,
+    })
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(value).expect("a JSON value serializes");
+    body.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,347 @@
+//! Latency-learned concurrency limit (the `adaptive` utilisation signal).
+//!
+//! For upstreams with no fixed worker pool (Spring WebFlux, virtual threads),
+//! where `busy / max_workers` means nothing, this learns how much concurrency
+//! the backend takes before latency starts to climb, and reports
+//! `utilisation = inflight / learned_limit`. It is pure bookkeeping: no I/O, no
+//! clock of its own (time is passed in), not thread-safe (wrap it in a `Mutex`).
+//! It is not an admission decision by itself and not for pooled backends, whose
+//! configured or reported pool size is the better truth.
+//!
+//! Algorithm (in the style of Netflix concurrency-limits "Gradient2"):
+//! - `short` = fast EWMA of sample RTTs; `baseline` = the lowest `short` seen
+//!   since the last probe (the "no-load" latency).
+//! - `gradient = clamp(tolerance * baseline / short, 0.5, 1.0)`,
+//!   `target = limit * gradient + sqrt(limit)` (a small queue allowance), and
+//!   `limit` moves toward `target` by the `smoothing` factor. It only grows
+//!   while the limit is actually used (`inflight >= limit / 2`), so an idle
+//!   service does not inflate it.
+//! - A `dropped` sample (timeout / overload) multiplies the limit by 0.9.
+//! - Min-RTT probe: every `probe_interval` (jittered ±50% so proxies do not probe
+//!   in step) the baseline is forgotten and re-learned, and the limit is halved
+//!   to let queues drain; this is how a genuine latency change is accepted.
+//! - The limit is clamped to `[min_limit, max_limit]` after every step, probes
+//!   included: a probe never drops it to "a handful" under load.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+
+/// Weight of the newest sample in the short-term RTT average.
+const SHORT_ALPHA: f64 = 0.2;
+/// Limit multiplier applied by a dropped (timed-out / overloaded) request.
+const DROP_FACTOR: f64 = 0.9;
+/// Limit multiplier applied when a min-RTT probe starts, to drain queues.
+const PROBE_DRAIN_FACTOR: f64 = 0.5;
+
+/// Tuning of one adaptive limit. Check with [`AdaptiveSettings::validate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaptiveSettings {
+    /// Limit before anything is learned.
+    pub initial_limit: f64,
+    /// The floor: the limit never goes below it (probes included).
+    pub min_limit: f64,
+    /// The ceiling.
+    pub max_limit: f64,
+    /// How far the limit moves toward its target per sample, in (0, 1].
+    pub smoothing: f64,
+    /// Short RTT may exceed the baseline by this factor before the limit shrinks.
+    pub tolerance: f64,
+    /// Mean time between min-RTT probes, jittered ±50%.
+    pub probe_interval: Duration,
+}
+
+impl Default for AdaptiveSettings {
+    fn default() -> Self {
+        Self {
+            initial_limit: 20.0,
+            min_limit: 10.0,
+            max_limit: 1000.0,
+            smoothing: 0.2,
+            tolerance: 1.5,
+            probe_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AdaptiveSettings {
+    /// Rejects settings that make no sense, for the config layer to report.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let finite = [self.initial_limit, self.min_limit, self.max_limit]
+            .iter()
+            .chain([self.smoothing, self.tolerance].iter())
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err("adaptive settings must be finite numbers");
+        }
+        if self.min_limit < 1.0 {
+            return Err("adaptive min_limit must be at least 1");
+        }
+        if self.max_limit < self.min_limit {
+            return Err("adaptive max_limit must be at least min_limit");
+        }
+        if !(self.smoothing > 0.0 && self.smoothing <= 1.0) {
+            return Err("adaptive smoothing must be in (0, 1]");
+        }
+        if self.tolerance < 1.0 {
+            return Err("adaptive tolerance must be at least 1");
+        }
+        if self.probe_interval.is_zero() {
+            return Err("adaptive probe_interval must be positive");
+        }
+        Ok(())
+    }
+
+    /// Replaces any invalid field by its default, so the bounds always hold.
+    fn repaired(mut self) -> Self {
+        let d = Self::default();
+        if !(self.min_limit.is_finite() && self.min_limit >= 1.0) {
+            self.min_limit = d.min_limit;
+        }
+        if !(self.max_limit.is_finite() && self.max_limit >= self.min_limit) {
+            self.max_limit = d.max_limit.max(self.min_limit);
+        }
+        if !self.initial_limit.is_finite() {
+            self.initial_limit = d.initial_limit;
+        }
+        if !(self.smoothing > 0.0 && self.smoothing <= 1.0) {
+            self.smoothing = d.smoothing;
+        }
+        if !(self.tolerance.is_finite() && self.tolerance >= 1.0) {
+            self.tolerance = d.tolerance;
+        }
+        if self.probe_interval.is_zero() {
+            self.probe_interval = d.probe_interval;
+        }
+        self
+    }
+}
+
+/// A concurrency limit learned from latency. See the module docs.
+#[derive(Debug)]
+pub struct AdaptiveLimit {
+    settings: AdaptiveSettings,
+    limit: f64,
+    /// Fast EWMA of RTTs, seconds.
+    short_rtt: Option<f64>,
+    /// Lowest `short_rtt` since the last probe, seconds.
+    baseline_rtt: Option<f64>,
+    next_probe: Instant,
+    rng: StdRng,
+}
+
+impl AdaptiveLimit {
+    /// A new limit at `initial_limit` (clamped); the first probe is due about
+    /// one `probe_interval` after `now`. Invalid settings are repaired to defaults.
+    pub fn new(settings: AdaptiveSettings, now: Instant) -> Self {
+        Self::with_rng(settings, now, StdRng::from_entropy())
+    }
+
+    fn with_rng(settings: AdaptiveSettings, now: Instant, rng: StdRng) -> Self {
+        debug_assert!(settings.validate().is_ok(), "{settings:?}");
+        let settings = settings.repaired();
+        let mut this = Self {
+            limit: settings.initial_limit,
+            settings,
+            short_rtt: None,
+            baseline_rtt: None,
+            next_probe: now,
+            rng,
+        };
+        this.limit = this.clamp(this.limit);
+        this.schedule_probe(now);
+        this
+    }
+
+    /// Records one completed request: its round-trip time and how many were in
+    /// flight when it started. `dropped` = failed by timeout/overload; it
+    /// shrinks the limit and its RTT is not learned from.
+    pub fn on_sample(&mut self, rtt: Duration, inflight: usize, dropped: bool, now: Instant) {
+        if now >= self.next_probe {
+            self.start_probe(now);
+        }
+        if dropped {
+            self.limit = self.clamp(self.limit * DROP_FACTOR);
+            return;
+        }
+        let rtt = rtt.as_secs_f64();
+        let short = match self.short_rtt {
+            Some(s) => s + SHORT_ALPHA * (rtt - s),
+            None => rtt,
+        };
+        self.short_rtt = Some(short);
+        let baseline = self.baseline_rtt.map_or(short, |b| b.min(short));
+        self.baseline_rtt = Some(baseline);
+
+        let gradient = if short > 0.0 {
+            (self.settings.tolerance * baseline / short).clamp(0.5, 1.0)
+        } else {
+            1.0
+        };
+        let target = self.limit * gradient + self.limit.sqrt();
+        if target > self.limit && (inflight as f64) < self.limit / 2.0 {
+            return; // idle: do not grow a limit nobody is using
+        }
+        let s = self.settings.smoothing;
+        self.limit = self.clamp(self.limit * (1.0 - s) + target * s);
+    }
+
+    /// The learned limit, always within `[min_limit, max_limit]`.
+    pub fn limit(&self) -> f64 {
+        self.limit
+    }
+
+    /// `inflight / limit`; 1.0 means the learned limit is fully used.
+    pub fn utilisation(&self, inflight: usize) -> f64 {
+        inflight as f64 / self.limit()
+    }
+
+    fn start_probe(&mut self, now: Instant) {
+        self.baseline_rtt = None;
+        self.limit = self.clamp(self.limit * PROBE_DRAIN_FACTOR);
+        self.schedule_probe(now);
+    }
+
+    fn schedule_probe(&mut self, now: Instant) {
+        let jitter: f64 = self.rng.gen_range(0.5..1.5);
+        self.next_probe = now + self.settings.probe_interval.mul_f64(jitter);
+    }
+
+    fn clamp(&self, limit: f64) -> f64 {
+        limit.clamp(self.settings.min_limit, self.settings.max_limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn limit_at(settings: AdaptiveSettings, now: Instant) -> AdaptiveLimit {
+        AdaptiveLimit::with_rng(settings, now, StdRng::seed_from_u64(7))
+    }
+
+    /// Feeds `n` samples of `rtt` with the limit fully used, 1 ms apart.
+    fn load(l: &mut AdaptiveLimit, n: usize, rtt: Duration, now: &mut Instant) {
+        for _ in 0..n {
+            *now += MS;
+            let inflight = l.limit().ceil() as usize;
+            l.on_sample(rtt, inflight, false, *now);
+        }
+    }
+
+    #[test]
+    fn adaptive_limit_never_below_floor_nor_above_max() {
+        let mut rng = StdRng::seed_from_u64(42);
+        let s = AdaptiveSettings {
+            probe_interval: Duration::from_millis(200),
+            ..AdaptiveSettings::default()
+        };
+        let (floor, max) = (s.min_limit, s.max_limit);
+        let mut now = Instant::now();
+        let mut l = limit_at(s, now);
+        for _ in 0..50_000 {
+            now += Duration::from_millis(rng.gen_range(0..50));
+            let rtt = match rng.gen_range(0..10) {
+                0 => Duration::ZERO,
+                1 => Duration::from_secs(rng.gen_range(1_000..1_000_000)),
+                2 => Duration::MAX,
+                _ => Duration::from_micros(rng.gen_range(1..200_000)),
+            };
+            let inflight = rng.gen_range(0..2_000);
+            l.on_sample(rtt, inflight, rng.gen_bool(0.1), now);
+            assert!(l.limit() >= floor && l.limit() <= max, "{}", l.limit());
+            assert!(l.limit().is_finite());
+        }
+    }
+
+    #[test]
+    fn stable_low_latency_under_load_grows_toward_max() {
+        let mut now = Instant::now();
+        let mut l = limit_at(AdaptiveSettings::default(), now);
+        load(&mut l, 2_000, 10 * MS, &mut now);
+        assert!(l.limit() > 900.0, "{}", l.limit());
+    }
+
+    #[test]
+    fn rising_latency_under_load_shrinks_but_not_below_floor() {
+        let mut now = Instant::now();
+        let mut l = limit_at(AdaptiveSettings::default(), now);
+        load(&mut l, 500, 10 * MS, &mut now);
+        let before = l.limit();
+        let mut last = before;
+        for _ in 0..500 {
+            load(&mut l, 1, 50 * MS, &mut now);
+            assert!(l.limit() <= last + 1e-9 && l.limit() >= 10.0);
+            last = l.limit();
+        }
+        assert!(l.limit() < before / 10.0, "{before} -> {}", l.limit());
+    }
+
+    #[test]
+    fn probes_under_load_keep_floor_and_limit_recovers() {
+        let s = AdaptiveSettings {
+            min_limit: 50.0,
+            probe_interval: Duration::from_secs(1),
+            ..AdaptiveSettings::default()
+        };
+        let mut now = Instant::now();
+        let mut l = limit_at(s, now);
+        load(&mut l, 1_000, 10 * MS, &mut now);
+        let healthy = l.limit();
+        // Latency degrades and stays high across many (jittered) probes.
+        for _ in 0..10_000 {
+            load(&mut l, 1, 60 * MS, &mut now);
+            assert!(l.limit() >= 50.0, "{}", l.limit());
+        }
+        // Latency back to its old baseline: the limit recovers.
+        for _ in 0..2_000 {
+            load(&mut l, 1, 10 * MS, &mut now);
+            assert!(l.limit() >= 50.0);
+        }
+        assert!(l.limit() > 0.9 * healthy, "{healthy} -> {}", l.limit());
+    }
+
+    #[test]
+    fn probe_halves_but_respects_floor() {
+        let s = AdaptiveSettings {
+            initial_limit: 60.0,
+            min_limit: 50.0,
+            ..AdaptiveSettings::default()
+        };
+        let mut now = Instant::now();
+        let mut l = limit_at(s, now);
+        now += Duration::from_secs(46); // past any jittered probe (≤ 45 s)
+        l.on_sample(10 * MS, 0, false, now);
+        assert_eq!(l.limit(), 50.0);
+    }
+
+    #[test]
+    fn idle_service_does_not_inflate_limit() {
+        let mut now = Instant::now();
+        let mut l = limit_at(AdaptiveSettings::default(), now);
+        for _ in 0..5_000 {
+            now += MS;
+            l.on_sample(MS, 2, false, now);
+        }
+        assert!(l.limit() <= 20.0, "{}", l.limit());
+        assert_eq!(l.utilisation(5), 0.25);
+    }
+
+    #[test]
+    fn dropped_sample_shrinks_and_invalid_settings_are_caught() {
+        let now = Instant::now();
+        let mut l = limit_at(AdaptiveSettings::default(), now);
+        l.on_sample(MS, 20, true, now);
+        assert!((l.limit() - 18.0).abs() < 1e-9);
+        let bad = AdaptiveSettings {
+            min_limit: 0.0,
+            ..AdaptiveSettings::default()
+        };
+        assert!(bad.validate().is_err());
+        assert!(AdaptiveSettings::default().validate().is_ok());
+    }
+}

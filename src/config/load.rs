@@ -1,0 +1,322 @@
+//! The TOML loader: raw serde structs → validated [`Config`], with every error and its line.
+//!
+//! Each section (`[server]`, `[admin]`, each `[[upstream]]`, each `[[route]]`, `[sim]`) is
+//! deserialized on its own. When a key fails, the error is recorded at the key's line, the key
+//! is dropped and the section retried, so one mistake never hides the next (`section.rs`).
+//! Semantic checks then find their lines in the parsed document (`validate.rs`). Only a TOML
+//! syntax error stops early.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use serde::Deserialize;
+use toml_edit::{ImDocument, Item, Value};
+
+use super::section::{Errors, LineIndex, Section};
+use super::validate::{
+    build_admin, build_route, build_server, build_sim, build_upstream, check_listeners,
+    check_unique_matches, check_unique_names,
+};
+use super::{CachePolicy, Config, ConfigError, RouteClass, ShedMode};
+use crate::admission::actuator::ActuatorFormat;
+
+// ---------------------------------------------------------------------------------------------
+// Raw TOML shapes. Every key is optional here: defaults come from `super::defaults`, and a
+// missing required key is reported by validation, with the line of its table header.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<Vec<SocketAddr>>,
+    pub(super) probe_paths: Option<Vec<String>>,
+    pub(super) drain_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<SocketAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) name: Option<String>,
+    pub(super) backends: Option<Vec<String>>,
+    pub(super) max_workers: Option<u32>,
+    pub(super) connect_timeout_ms: Option<u64>,
+    pub(super) response_header_timeout_ms: Option<u64>,
+    pub(super) idle_timeout_ms: Option<u64>,
+    pub(super) max_idle_per_backend: Option<usize>,
+    pub(super) health: Option<RawHealth>,
+    pub(super) shedding: Option<RawShedding>,
+    pub(super) actuator: Option<RawActuator>,
+    pub(super) adaptive: Option<RawAdaptive>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShedding {
+    pub(super) mode: Option<RawMode>,
+    pub(super) band: Option<f64>,
+    pub(super) critical: Option<f64>,
+    pub(super) normal: Option<f64>,
+    pub(super) sheddable: Option<f64>,
+    pub(super) queue_size: Option<usize>,
+    pub(super) queue_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawMode {
+    Enforce,
+    Shadow,
+    Off,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawActuator {
+    pub(super) enabled: Option<bool>,
+    pub(super) format: Option<ActuatorFormat>,
+    pub(super) base_url: Option<String>,
+    pub(super) interval_ms: Option<u64>,
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) busy_metric: Option<String>,
+    pub(super) max_metric: Option<String>,
+    pub(super) connector: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdaptive {
+    pub(super) enabled: Option<bool>,
+    pub(super) initial_limit: Option<f64>,
+    pub(super) min_limit: Option<f64>,
+    pub(super) max_limit: Option<f64>,
+    pub(super) smoothing: Option<f64>,
+    pub(super) tolerance: Option<f64>,
+    pub(super) probe_interval_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub(super) enabled: Option<bool>,
+    pub(super) path: Option<String>,
+    pub(super) interval_ms: Option<u64>,
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) rise: Option<u32>,
+    pub(super) fall: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) name: Option<String>,
+    pub(super) host: Option<String>,
+    pub(super) path_prefix: Option<String>,
+    pub(super) upstream: Option<String>,
+    pub(super) class: Option<RawClass>,
+    pub(super) cache: Option<RawCache>,
+    pub(super) threshold: Option<f64>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawClass {
+    Critical,
+    Normal,
+    Sheddable,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawCache {
+    Off,
+    On,
+}
+
+impl From<RawClass> for RouteClass {
+    fn from(c: RawClass) -> Self {
+        match c {
+            RawClass::Critical => RouteClass::Critical,
+            RawClass::Normal => RouteClass::Normal,
+            RawClass::Sheddable => RouteClass::Sheddable,
+        }
+    }
+}
+
+impl From<RawMode> for ShedMode {
+    fn from(m: RawMode) -> Self {
+        match m {
+            RawMode::Enforce => ShedMode::Enforce,
+            RawMode::Shadow => ShedMode::Shadow,
+            RawMode::Off => ShedMode::Off,
+        }
+    }
+}
+
+impl From<RawCache> for CachePolicy {
+    fn from(c: RawCache) -> Self {
+        match c {
+            RawCache::Off => CachePolicy::Off,
+            RawCache::On => CachePolicy::On,
+        }
+    }
+}
+
+const SECTIONS: &str = "server, admin, upstream, route, sim";
+
+// ---------------------------------------------------------------------------------------------
+// Entry point.
+
+pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+    let lines = LineIndex::new(text);
+    let doc = ImDocument::parse(text).map_err(|e| {
+        let message = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        vec![ConfigError {
+            line: lines.line(e.span().map_or(0, |s| s.start)),
+            message: format!("TOML syntax error: {message}"),
+        }]
+    })?;
+
+    let mut errs = Errors::default();
+    let mut server = None;
+    let mut admin = None;
+    let mut sim = None;
+    let mut upstreams = Vec::new();
+    let mut routes = Vec::new();
+
+    let root = doc.as_table();
+    for (key, item) in root.iter() {
+        let key_line = lines.line_of(root.key(key).and_then(|k| k.span()));
+        match key {
+            "server" | "admin" | "sim" => {
+                if item.is_table_like() {
+                    let header = item.span().map_or(key_line, |s| lines.line(s.start));
+                    let section = Section::new(&lines, format!("[{key}]"), item.clone(), header);
+                    match key {
+                        "server" => server = Some(section),
+                        "admin" => admin = Some(section),
+                        _ => sim = Some(section),
+                    }
+                } else {
+                    errs.push(key_line, format!("`{key}` must be a table: write [{key}]"));
+                }
+            }
+            "upstream" | "route" => match table_array(item) {
+                Some(tables) => {
+                    let list = if key == "upstream" {
+                        &mut upstreams
+                    } else {
+                        &mut routes
+                    };
+                    for (i, (table, span)) in tables.into_iter().enumerate() {
+                        let header = span.map_or(key_line, |s| lines.line(s.start));
+                        let name = table.as_table_like().and_then(|t| t.get("name"));
+                        let label = match name.and_then(Item::as_str) {
+                            Some(name) => format!("{key} {name:?}"),
+                            None => format!("[[{key}]] #{}", i + 1),
+                        };
+                        list.push(Section::new(&lines, label, table, header));
+                    }
+                }
+                None => errs.push(
+                    key_line,
+                    format!(
+                        "`{key}` must be an array of tables: write [[{key}]] (double brackets), \
+                         once per {key}"
+                    ),
+                ),
+            },
+            other => errs.push(
+                key_line,
+                format!("unknown section `{other}`; the sections are: {SECTIONS}"),
+            ),
+        }
+    }
+
+    let server_cfg = build_server(server.as_mut(), &mut errs);
+    let admin_cfg = build_admin(admin.as_mut(), &mut errs);
+    check_listeners(
+        &server_cfg,
+        server.as_ref(),
+        &admin_cfg,
+        admin.as_ref(),
+        &mut errs,
+    );
+    let sim_cfg = sim
+        .as_mut()
+        .and_then(|s| build_sim(s, &server_cfg, &admin_cfg, &mut errs));
+
+    if upstreams.is_empty() {
+        errs.push(
+            1,
+            "no [[upstream]] is defined; add at least one (with name and backends)",
+        );
+    }
+    if routes.is_empty() {
+        errs.push(
+            1,
+            "no [[route]] is defined; add at least one (with name, path_prefix and upstream)",
+        );
+    }
+    let upstream_cfgs: Vec<_> = upstreams
+        .iter_mut()
+        .map(|s| build_upstream(s, &mut errs))
+        .collect();
+    check_unique_names(&upstreams, "upstream", &mut errs);
+    let known: Vec<&str> = upstream_cfgs
+        .iter()
+        .flatten()
+        .map(|u| u.name.as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let route_cfgs: Vec<_> = routes
+        .iter_mut()
+        .map(|s| build_route(s, &known, &mut errs))
+        .collect();
+    check_unique_names(&routes, "route", &mut errs);
+    check_unique_matches(&routes, &route_cfgs, &mut errs);
+
+    let mut errors = errs.0;
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.line);
+        errors.dedup();
+        return Err(errors);
+    }
+    Ok(Config {
+        server: server_cfg,
+        admin: admin_cfg,
+        upstreams: upstream_cfgs.into_iter().flatten().collect(),
+        routes: route_cfgs.into_iter().flatten().collect(),
+        sim: sim_cfg,
+    })
+}
+
+/// The sections of an `[[upstream]]` / `[[route]]` array, with their header spans. Accepts
+/// both `[[route]]` tables and `route = [{ … }, …]`.
+fn table_array(item: &Item) -> Option<Vec<(Item, Option<Range<usize>>)>> {
+    match item {
+        Item::ArrayOfTables(a) => Some(
+            a.iter()
+                .map(|t| (Item::Table(t.clone()), t.span()))
+                .collect(),
+        ),
+        Item::Value(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Value::InlineTable(t) => Some((Item::Value(v.clone()), t.span())),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}

@@ -1,0 +1,286 @@
+//! Configuration: the validated `Config` the proxy runs on, and the TOML loader that
+//! builds it. Loading reports every error at once, each with its line.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use crate::admission::adaptive::AdaptiveSettings;
+pub use crate::admission::poller::ActuatorSettings;
+use crate::sim::SimConfig;
+
+mod load;
+mod section;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+/// Every default, in one place. The TOML structs leave an absent key as `None`; validation
+/// fills it in from here. `config/loadgate.toml` documents each one and why.
+mod defaults {
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+    const fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+    }
+
+    pub const SERVER_LISTEN: SocketAddr = loopback(8080);
+    pub const PROBE_PATHS: &[&str] = &["/healthz"];
+    pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
+
+    pub const ADMIN_LISTEN: SocketAddr = loopback(9901);
+
+    pub const MAX_WORKERS: u32 = 200;
+    pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
+    pub const RESPONSE_HEADER_TIMEOUT_MS: u64 = 30_000;
+    pub const IDLE_TIMEOUT_MS: u64 = 4_000;
+    pub const MAX_IDLE_PER_BACKEND: usize = 256;
+
+    pub const HEALTH_ENABLED: bool = true;
+    pub const HEALTH_PATH: &str = "/actuator/health";
+    pub const HEALTH_INTERVAL_MS: u64 = 2_000;
+    pub const HEALTH_TIMEOUT_MS: u64 = 1_000;
+    pub const HEALTH_RISE: u32 = 2;
+    pub const HEALTH_FALL: u32 = 3;
+
+    pub const QUEUE_SIZE: usize = 64;
+    pub const QUEUE_TIMEOUT_MS: u64 = 500;
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// Optional built-in simulated backend started beside the proxy (used by the demo).
+    pub sim: Option<SimConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// Data-plane listeners. Default `["127.0.0.1:8080"]`.
+    pub listen: Vec<SocketAddr>,
+    /// Paths answered by the proxy itself, never forwarded. Default `["/healthz"]`.
+    pub probe_paths: Vec<String>,
+    /// How long in-flight requests may take to finish on shutdown. Key `drain_timeout_ms`, default 30000.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Admin listener. Default `127.0.0.1:9901`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// `host:port` authorities.
+    pub backends: Vec<String>,
+    /// The backend's worker pool size (Tomcat `maxThreads`). Default 200.
+    pub max_workers: u32,
+    /// Key `connect_timeout_ms`, default 1000.
+    pub connect_timeout: Duration,
+    /// Key `response_header_timeout_ms`, default 30000.
+    pub response_header_timeout: Duration,
+    /// Key `idle_timeout_ms`, default 4000.
+    pub idle_timeout: Duration,
+    /// Idle pooled connections kept per backend. Default 256.
+    pub max_idle_per_backend: usize,
+    pub health: HealthConfig,
+    /// The `[upstream.shedding]` table.
+    pub shedding: SheddingConfig,
+    /// The `[upstream.actuator]` table: the backend-reported utilisation signal.
+    pub actuator: ActuatorSettings,
+    /// The `[upstream.adaptive]` table; `Some` when enabled (backends with no fixed pool).
+    pub adaptive: Option<AdaptiveSettings>,
+}
+
+/// What admission does with its decisions, per upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedMode {
+    /// Shed (429) and queue (critical) as decided.
+    Enforce,
+    /// Decide and count every request, log would-shed transitions, shed nothing.
+    Shadow,
+    /// No admission at all.
+    Off,
+}
+
+impl ShedMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedMode::Enforce => "enforce",
+            ShedMode::Shadow => "shadow",
+            ShedMode::Off => "off",
+        }
+    }
+}
+
+/// Utilisation thresholds per route class.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub critical: f64,
+    pub normal: f64,
+    pub sheddable: f64,
+}
+
+impl Thresholds {
+    pub fn for_class(&self, class: RouteClass) -> f64 {
+        match class {
+            RouteClass::Critical => self.critical,
+            RouteClass::Normal => self.normal,
+            RouteClass::Sheddable => self.sheddable,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SheddingConfig {
+    /// Default `enforce`.
+    pub mode: ShedMode,
+    /// Defaults 1.00 / 0.85 / 0.70.
+    pub thresholds: Thresholds,
+    /// Width of the ramp above a threshold over which the reject probability goes 0 → 1. Default 0.10.
+    pub band: f64,
+    /// Critical requests that may wait for a slot at the hard limit. Key `queue_size`, default 64.
+    pub queue_size: usize,
+    /// How long a critical request waits for a slot. Key `queue_timeout_ms`, default 500.
+    pub queue_timeout: Duration,
+}
+
+impl Default for SheddingConfig {
+    fn default() -> Self {
+        SheddingConfig {
+            mode: ShedMode::Enforce,
+            thresholds: Thresholds {
+                critical: crate::admission::decision::DEFAULT_CRITICAL,
+                normal: crate::admission::decision::DEFAULT_NORMAL,
+                sheddable: crate::admission::decision::DEFAULT_SHEDDABLE,
+            },
+            band: crate::admission::decision::DEFAULT_BAND,
+            queue_size: defaults::QUEUE_SIZE,
+            queue_timeout: Duration::from_millis(defaults::QUEUE_TIMEOUT_MS),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Default `/actuator/health`. Must start with `/` and must not be `/`.
+    pub path: String,
+    /// Key `interval_ms`, default 2000.
+    pub interval: Duration,
+    /// Key `timeout_ms`, default 1000.
+    pub timeout: Duration,
+    /// Consecutive successes to become healthy. Default 2.
+    pub rise: u32,
+    /// Consecutive failures to become unhealthy. Default 3.
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteClass {
+    Critical,
+    Normal,
+    Sheddable,
+}
+
+impl RouteClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteClass::Critical => "critical",
+            RouteClass::Normal => "normal",
+            RouteClass::Sheddable => "sheddable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePolicy {
+    Off,
+    On,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Exact host (`api.example.com`) or wildcard (`*.example.com`); `None` matches any host.
+    pub host: Option<String>,
+    /// Must start with `/`.
+    pub path_prefix: String,
+    /// Must name an `[[upstream]]`.
+    pub upstream: String,
+    /// Default `normal`.
+    pub class: RouteClass,
+    /// Default `off`.
+    pub cache: CachePolicy,
+    /// Overrides the upstream's threshold for this route's class.
+    pub threshold: Option<f64>,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line number.
+    pub line: usize,
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub origin: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}: {} error(s)", self.origin, self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  {}:{}: {}", self.origin, e.line, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The demo configuration embedded in the binary.
+pub const DEMO_TOML: &str = include_str!("../../config/demo.toml");
+
+impl Config {
+    /// Parses and validates a TOML document. `origin` names it in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
+        load::parse(text).map_err(|errors| ConfigErrors {
+            origin: origin.to_string(),
+            errors,
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            origin: origin.clone(),
+            errors: vec![ConfigError {
+                line: 0,
+                message: format!("cannot read file: {e}"),
+            }],
+        })?;
+        Config::parse(&text, &origin)
+    }
+
+    /// The embedded demo configuration.
+    pub fn demo() -> Config {
+        Config::parse(DEMO_TOML, "config/demo.toml").expect("the embedded demo config is valid")
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}

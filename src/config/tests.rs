@@ -1,0 +1,596 @@
+//! Unit tests of the config loader: defaults, each validation rule, and line numbers.
+
+use super::*;
+
+/// A valid document. Text appended to it starts at line 8, inside the `[[upstream]]` table.
+const BASE: &str = r#"[[route]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+[[upstream]]
+name = "app"
+backends = ["127.0.0.1:8081"]
+"#;
+
+fn doc(extra: &str) -> String {
+    format!("{BASE}{extra}")
+}
+
+fn parse(text: &str) -> Config {
+    Config::parse(text, "test.toml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn errors(text: &str) -> Vec<(usize, String)> {
+    match Config::parse(text, "test.toml") {
+        Ok(c) => panic!("expected errors, got {c:#?}"),
+        Err(e) => e.errors.into_iter().map(|e| (e.line, e.message)).collect(),
+    }
+}
+
+/// Asserts exactly one error, at `line`, whose message contains `fragment`.
+#[track_caller]
+fn one_error(text: &str, line: usize, fragment: &str) {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!(errs[0].0, line, "{errs:#?}");
+    assert!(
+        errs[0].1.contains(fragment),
+        "{:?} lacks {fragment:?}",
+        errs[0].1
+    );
+}
+
+#[test]
+fn defaults_are_applied() {
+    let c = parse(BASE);
+    assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+    assert_eq!(c.server.probe_paths, vec!["/healthz".to_string()]);
+    assert_eq!(c.server.drain_timeout, Duration::from_secs(30));
+    assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+    assert!(c.sim.is_none());
+
+    let u = c.upstream("app").unwrap();
+    assert_eq!(u.backends, vec!["127.0.0.1:8081".to_string()]);
+    assert_eq!(u.max_workers, 200);
+    assert_eq!(u.connect_timeout, Duration::from_secs(1));
+    assert_eq!(u.response_header_timeout, Duration::from_secs(30));
+    assert_eq!(u.idle_timeout, Duration::from_secs(4));
+    assert_eq!(u.max_idle_per_backend, 256);
+    let h = &u.health;
+    assert!(h.enabled);
+    assert_eq!(h.path, "/actuator/health");
+    assert_eq!(h.interval, Duration::from_secs(2));
+    assert_eq!(h.timeout, Duration::from_secs(1));
+    assert_eq!((h.rise, h.fall), (2, 3));
+
+    let r = &c.routes[0];
+    assert_eq!(
+        (r.name.as_str(), r.path_prefix.as_str(), r.upstream.as_str()),
+        ("all", "/", "app")
+    );
+    assert_eq!(r.host, None);
+    assert_eq!(r.class, RouteClass::Normal);
+    assert_eq!(r.cache, CachePolicy::Off);
+}
+
+#[test]
+fn every_key_is_read() {
+    let c = parse(
+        r#"
+[server]
+listen = ["0.0.0.0:80", "[::1]:80"]
+probe_paths = ["/healthz", "/livez"]
+drain_timeout_ms = 0
+[admin]
+listen = "127.0.0.1:9000"
+[[upstream]]
+name = "shop_api-2"
+backends = ["10.0.0.1:8080", "backend.internal:8080", "[::1]:8080"]
+max_workers = 50
+connect_timeout_ms = 250
+response_header_timeout_ms = 5000
+idle_timeout_ms = 3000
+max_idle_per_backend = 0
+health = { enabled = false, path = "/ping", interval_ms = 500, timeout_ms = 499, rise = 1, fall = 1 }
+[[route]]
+name = "orders"
+host = "API.Example.com"
+path_prefix = "/api/orders"
+upstream = "shop_api-2"
+class = "sheddable"
+cache = "on"
+[[route]]
+name = "wild"
+host = "*.example.com"
+path_prefix = "/"
+upstream = "shop_api-2"
+class = "critical"
+[sim]
+workers = 3
+"#,
+    );
+    assert_eq!(c.server.listen.len(), 2);
+    assert_eq!(c.server.probe_paths, vec!["/healthz", "/livez"]);
+    assert_eq!(c.server.drain_timeout, Duration::ZERO);
+    assert_eq!(c.admin.listen.port(), 9000);
+    let u = &c.upstreams[0];
+    assert_eq!(u.name, "shop_api-2");
+    assert_eq!(u.backends.len(), 3);
+    assert_eq!(u.max_workers, 50);
+    assert_eq!(u.connect_timeout, Duration::from_millis(250));
+    assert_eq!(u.response_header_timeout, Duration::from_secs(5));
+    assert_eq!(u.idle_timeout, Duration::from_secs(3));
+    assert_eq!(u.max_idle_per_backend, 0);
+    assert!(!u.health.enabled);
+    assert_eq!(u.health.path, "/ping");
+    assert_eq!(u.health.timeout, Duration::from_millis(499));
+    assert_eq!((u.health.rise, u.health.fall), (1, 1));
+    let r = &c.routes[0];
+    assert_eq!(
+        r.host.as_deref(),
+        Some("api.example.com"),
+        "hosts are lowercased"
+    );
+    assert_eq!(r.class, RouteClass::Sheddable);
+    assert_eq!(r.cache, CachePolicy::On);
+    assert_eq!(c.routes[1].class, RouteClass::Critical);
+    assert_eq!(c.sim.as_ref().map(|s| s.workers), Some(3));
+}
+
+#[test]
+fn inline_arrays_of_tables_are_accepted() {
+    let c = parse(
+        r#"
+upstream = [{ name = "a", backends = ["127.0.0.1:1"] }]
+route = [{ name = "r", path_prefix = "/", upstream = "a" }]
+"#,
+    );
+    assert_eq!(c.routes[0].upstream, "a");
+}
+
+#[test]
+fn the_issue_example_reports_three_errors_with_their_lines() {
+    let text = r#"
+[[upstream]]
+name = "app"
+backends = ["127.0.0.1:8081"]
+
+[[route]]
+name = "orders"
+path_prefix = "/api/orders"
+upstream = "app"
+colour = "red"
+
+[[route]]
+name = "reports"
+path_prefix = "/api/reports"
+upstream = "app"
+class = "batch"
+
+[[route]]
+name = "checkout"
+path_prefix = "/api/checkout"
+upstream = "ap"
+"#;
+    let errs = errors(text);
+    let lines: Vec<usize> = errs.iter().map(|e| e.0).collect();
+    assert_eq!(lines, vec![10, 16, 21], "{errs:#?}");
+    assert!(
+        errs[0].1.contains("route \"orders\": unknown key `colour`"),
+        "{}",
+        errs[0].1
+    );
+    assert!(
+        errs[1]
+            .1
+            .contains("route \"reports\": class: unknown value `batch`"),
+        "{}",
+        errs[1].1
+    );
+    assert_eq!(
+        errs[2].1,
+        "route \"checkout\": upstream \"ap\" is not defined (known: app)"
+    );
+}
+
+#[test]
+fn errors_are_sorted_by_line() {
+    let text = doc("max_workers = 0\n[server]\nbogus = 1\n[[route]]\nname = \"all\"\npath_prefix = \"/\"\nupstream = \"app\"\n");
+    let lines: Vec<usize> = errors(&text).iter().map(|e| e.0).collect();
+    // The extra route repeats both the name and the path_prefix of the first: lines 12 and 13.
+    assert_eq!(lines, vec![8, 10, 12, 13], "unsorted or wrong: {lines:?}");
+}
+
+#[test]
+fn syntax_error_reports_its_line() {
+    one_error(
+        "[server]\nlisten = [\"127.0.0.1:8080\"\n\n[admin]\n",
+        4,
+        "TOML syntax error",
+    );
+    one_error(&doc("max_workers = = 3\n"), 8, "TOML syntax error");
+    one_error(&doc("name = \"again\"\n"), 8, "TOML syntax error");
+}
+
+#[test]
+fn display_names_origin_and_line() {
+    let e = Config::parse(&doc("max_workers = 0\n"), "conf/x.toml").unwrap_err();
+    let shown = e.to_string();
+    assert!(shown.starts_with("conf/x.toml: 1 error(s)"), "{shown}");
+    assert!(
+        shown.contains("conf/x.toml:8: upstream \"app\": max_workers must be greater than 0"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_everywhere() {
+    one_error(
+        &doc("colour = 1\n"),
+        8,
+        "upstream \"app\": unknown key `colour`",
+    );
+    one_error(
+        &doc("[upstream.health]\nintervall_ms = 5\n"),
+        9,
+        "health: unknown key `intervall_ms`",
+    );
+    one_error(
+        &doc("health = { bogus = true }\n"),
+        8,
+        "health: unknown key `bogus`",
+    );
+    one_error(
+        &doc("[server]\nlisten_on = []\n"),
+        9,
+        "[server]: unknown key `listen_on`",
+    );
+    one_error(
+        &doc("[admin]\nport = 1\n"),
+        9,
+        "[admin]: unknown key `port`",
+    );
+    one_error(
+        &doc("[sim]\nthreads = 1\n"),
+        9,
+        "[sim]: unknown key `threads`",
+    );
+    one_error(&doc("[cache]\nsize = 1\n"), 8, "unknown section `cache`");
+}
+
+#[test]
+fn every_bad_key_of_one_section_is_reported() {
+    let errs = errors(&doc(
+        "max_workers = \"many\"\nidle_timeout_ms = -1\nfoo = 1\n",
+    ));
+    let lines: Vec<usize> = errs.iter().map(|e| e.0).collect();
+    assert_eq!(lines, vec![8, 9, 10], "{errs:#?}");
+}
+
+#[test]
+fn wrong_types_are_errors() {
+    one_error(
+        &doc("max_workers = \"200\"\n"),
+        8,
+        "max_workers: invalid type: string \"200\", expected u32",
+    );
+    one_error(
+        &doc("[[upstream]]\nname = \"b\"\nbackends = \"127.0.0.1:1\"\n"),
+        10,
+        "backends: invalid type",
+    );
+    one_error(&doc("health = 5\n"), 8, "health: invalid type");
+    one_error(
+        &doc("[server]\ndrain_timeout_ms = 1.5\n"),
+        9,
+        "drain_timeout_ms: invalid type",
+    );
+    one_error(
+        &doc("[server]\nprobe_paths = [\"/a\", 1]\n"),
+        9,
+        "probe_paths[1]: invalid type",
+    );
+}
+
+#[test]
+fn a_key_dropped_for_its_type_is_not_also_missing() {
+    let text = "[[upstream]]\nname = 7\nbackends = [\"a:1\"]\n[[route]]\nname = \"r\"\npath_prefix = 3\nupstream = \"x\"\n";
+    let errs = errors(text);
+    let lines: Vec<usize> = errs.iter().map(|e| e.0).collect();
+    assert_eq!(lines, vec![2, 6, 7], "{errs:#?}");
+}
+
+#[test]
+fn bad_socket_addresses_are_errors() {
+    one_error(
+        &doc("[server]\nlisten = [\"127.0.0.1:8080\", \"localhost:80\"]\n"),
+        9,
+        "listen[1]: invalid socket address syntax",
+    );
+    one_error(
+        &doc("[admin]\nlisten = \"9901\"\n"),
+        9,
+        "[admin]: listen: invalid socket address syntax",
+    );
+    one_error(
+        &doc("[sim]\nlisten = \"x\"\n"),
+        9,
+        "[sim]: listen: invalid socket address",
+    );
+}
+
+#[test]
+fn zero_counts_and_timeouts_are_errors() {
+    for key in [
+        "connect_timeout_ms",
+        "response_header_timeout_ms",
+        "idle_timeout_ms",
+    ] {
+        one_error(
+            &doc(&format!("{key} = 0\n")),
+            8,
+            &format!("{key} must be greater than 0"),
+        );
+    }
+    one_error(
+        &doc("max_workers = 0\n"),
+        8,
+        "max_workers must be greater than 0",
+    );
+    one_error(
+        &doc("[upstream.health]\ninterval_ms = 0\n"),
+        9,
+        "health.interval_ms must be greater than 0",
+    );
+    one_error(
+        &doc("[upstream.health]\ntimeout_ms = 0\n"),
+        9,
+        "health.timeout_ms must be greater than 0",
+    );
+    one_error(
+        &doc("health.rise = 0\n"),
+        8,
+        "health.rise must be at least 1",
+    );
+    one_error(
+        &doc("health.fall = 0\n"),
+        8,
+        "health.fall must be at least 1",
+    );
+    // Zero is allowed where it means "none".
+    parse(&doc(
+        "max_idle_per_backend = 0\n[server]\ndrain_timeout_ms = 0\n",
+    ));
+}
+
+#[test]
+fn health_timeout_must_be_below_interval() {
+    one_error(
+        &doc("[upstream.health]\ninterval_ms = 1000\ntimeout_ms = 1000\n"),
+        10,
+        "health.timeout_ms (1000) must be less than health.interval_ms (1000)",
+    );
+    one_error(
+        &doc("health.interval_ms = 500\n"),
+        8,
+        "must be less than health.interval_ms (500)",
+    );
+}
+
+#[test]
+fn health_path_rules() {
+    one_error(
+        &doc("health.path = \"/\"\n"),
+        8,
+        "health.path must not be \"/\"",
+    );
+    one_error(
+        &doc("health.path = \"actuator/health\"\n"),
+        8,
+        "must start with '/'",
+    );
+}
+
+#[test]
+fn missing_required_keys_are_reported_at_the_header() {
+    let text = "[[upstream]]\nmax_workers = 5\n\n[[route]]\nclass = \"normal\"\n";
+    let errs = errors(text);
+    let got: Vec<(usize, bool)> = errs
+        .iter()
+        .map(|e| (e.0, e.1.contains("missing key")))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(1, true), (1, true), (4, true), (4, true), (4, true)],
+        "{errs:#?}"
+    );
+    assert!(
+        errs[0].1.starts_with("[[upstream]] #1: missing key `name`"),
+        "{}",
+        errs[0].1
+    );
+}
+
+#[test]
+fn upstream_names_backends_and_duplicates() {
+    one_error(
+        &doc("[[upstream]]\nname = \"App\"\nbackends = [\"a:1\"]\n"),
+        9,
+        "name \"App\" must be non-empty and use only a-z",
+    );
+    one_error(
+        &doc("[[upstream]]\nname = \"app\"\nbackends = [\"a:1\"]\n"),
+        9,
+        "name \"app\" is already used by the upstream at line 6",
+    );
+    one_error(
+        &doc("[[upstream]]\nname = \"b\"\nbackends = []\n"),
+        10,
+        "backends is empty",
+    );
+    for (backend, why) in [
+        ("http://a:80", "must not have a scheme"),
+        ("a:80/x", "must not have a path"),
+        ("a", "has no port"),
+        ("::1:80", "has no port"),
+        ("a:0", "is not a port number"),
+        ("a:65536", "is not a port number"),
+        (":80", "has no valid host"),
+    ] {
+        one_error(
+            &doc(&format!(
+                "[[upstream]]\nname = \"b\"\nbackends = [\"a:1\", \"{backend}\"]\n"
+            )),
+            10,
+            why,
+        );
+    }
+    one_error(
+        &doc("[[upstream]]\nname = \"b\"\nbackends = [\"a:1\",\n  \"a:1\"]\n"),
+        11,
+        "listed twice",
+    );
+}
+
+#[test]
+fn route_rules() {
+    let route = |body: &str| doc(&format!("[[route]]\n{body}"));
+    one_error(
+        &route("name = \"all\"\npath_prefix = \"/x\"\nupstream = \"app\"\n"),
+        9,
+        "route \"all\": name \"all\" is already used by the route at line 2",
+    );
+    one_error(
+        &route("name = \"b\"\npath_prefix = \"x\"\nupstream = \"app\"\n"),
+        10,
+        "path_prefix \"x\" must start with '/'",
+    );
+    one_error(
+        &route("name = \"b\"\npath_prefix = \"/\"\nupstream = \"app\"\n"),
+        10,
+        "same as route \"all\" (line 3)",
+    );
+    one_error(&route("name = \"b\"\nhost = \"a.example.com:8080\"\npath_prefix = \"/\"\nupstream = \"app\"\n"), 10, "must not have a port");
+    one_error(
+        &route("name = \"b\"\nhost = \"a..com\"\npath_prefix = \"/\"\nupstream = \"app\"\n"),
+        10,
+        "is not a host name",
+    );
+    one_error(
+        &route("name = \"b\"\nhost = \"*.\"\npath_prefix = \"/\"\nupstream = \"app\"\n"),
+        10,
+        "is not a host name",
+    );
+    one_error(
+        &route("name = \"b\"\npath_prefix = \"/b\"\nupstream = \"app\"\ncache = \"yes\"\n"),
+        12,
+        "cache: unknown value `yes`",
+    );
+    // The same prefix on different hosts is fine; hosts compare case-insensitively.
+    parse(&route(
+        "name = \"b\"\nhost = \"A.example.com\"\npath_prefix = \"/\"\nupstream = \"app\"\n",
+    ));
+    one_error(
+        &route("name = \"b\"\nhost = \"a.example.com\"\npath_prefix = \"/\"\nupstream = \"app\"\n[[route]]\nname = \"c\"\nhost = \"A.EXAMPLE.com\"\npath_prefix = \"/\"\nupstream = \"app\"\n"),
+        16,
+        "same as route \"b\"",
+    );
+}
+
+#[test]
+fn at_least_one_upstream_and_one_route() {
+    let errs = errors("[server]\n");
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].1.contains("no [[upstream]] is defined"));
+    assert!(errs[1].1.contains("no [[route]] is defined"));
+
+    let errs = errors("[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"app\"\n");
+    let got: Vec<usize> = errs.iter().map(|e| e.0).collect();
+    assert_eq!(got, vec![1, 4], "{errs:#?}");
+    assert!(errs[1]
+        .1
+        .ends_with("upstream \"app\" is not defined (no [[upstream]] is defined)"));
+}
+
+#[test]
+fn single_tables_where_arrays_are_expected() {
+    let text = "[upstream]\nname = \"app\"\n[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"app\"\n";
+    let errs = errors(text);
+    assert!(
+        errs.iter()
+            .any(|e| e.0 == 1 && e.1.contains("write [[upstream]] (double brackets)")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn listen_addresses_must_not_clash() {
+    one_error(
+        &doc("[server]\nlisten = [\"127.0.0.1:8080\", \"127.0.0.1:9901\"]\n"),
+        9,
+        "listen[1] 127.0.0.1:9901 clashes with [admin] listen",
+    );
+    one_error(
+        &doc("[server]\nlisten = [\"0.0.0.0:7000\"]\n[admin]\nlisten = \"127.0.0.1:7000\"\n"),
+        9,
+        "clashes with [admin] listen",
+    );
+    one_error(
+        &doc("[admin]\nlisten = \"127.0.0.1:8080\"\n"),
+        9,
+        "clashes with the default [server] listen",
+    );
+    one_error(
+        &doc("[server]\nlisten = [\"127.0.0.1:80\", \"127.0.0.1:80\"]\n"),
+        9,
+        "clashes with listen[0]",
+    );
+    one_error(&doc("[server]\nlisten = []\n"), 9, "listen is empty");
+    one_error(
+        &doc("[sim]\nlisten = \"127.0.0.1:9901\"\n"),
+        9,
+        "[sim]: listen 127.0.0.1:9901 clashes with [admin] listen",
+    );
+    // Port 0 (a free port each) never clashes: tests bind everything to 127.0.0.1:0.
+    parse(&doc("[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[sim]\nlisten = \"127.0.0.1:0\"\n"));
+}
+
+#[test]
+fn probe_paths_start_with_a_slash() {
+    one_error(
+        &doc("[server]\nprobe_paths = [\"/healthz\",\n  \"ready\"]\n"),
+        10,
+        "probe_paths[1] \"ready\" must start with '/'",
+    );
+}
+
+#[test]
+fn sim_section_is_checked() {
+    let text = doc("[sim]\nworkers = 0\n[[sim.routes]]\npath_prefix = \"/a\"\n[[sim.routes]]\nservice_time_ms = 5\n[[sim.routes]]\npath_prefix = \"b\"\n");
+    let errs = errors(&text);
+    let got: Vec<usize> = errs.iter().map(|e| e.0).collect();
+    assert_eq!(got, vec![9, 12], "{errs:#?}");
+    assert!(errs[0].1.contains("workers must be greater than 0"));
+    assert!(
+        errs[1].1.contains("routes[1]: missing key `path_prefix`"),
+        "{}",
+        errs[1].1
+    );
+    one_error(
+        &doc("[sim]\n[[sim.routes]]\npath_prefix = \"b\"\n"),
+        9,
+        "routes[0].path_prefix \"b\" must start with '/'",
+    );
+    one_error(
+        &doc("[sim]\ndistribution = \"normal\"\n"),
+        9,
+        "distribution: unknown value `normal`",
+    );
+}
+
+#[test]
+fn the_demo_loads() {
+    let c = Config::demo();
+    assert_eq!(c.upstream("app").map(|u| u.max_workers), Some(20));
+    assert!(c.sim.is_some());
+}

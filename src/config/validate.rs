@@ -1,0 +1,632 @@
+//! Semantic checks of each section, and the conversion of the raw TOML structs to the
+//! validated config types. Every default is taken from `super::defaults`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::load::{
+    RawActuator, RawAdaptive, RawAdmin, RawRoute, RawServer, RawShedding, RawUpstream,
+};
+use super::section::{Errors, Section};
+use super::{
+    defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, HealthConfig,
+    RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds, UpstreamConfig,
+};
+use crate::sim::SimConfig;
+
+pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> ServerConfig {
+    let raw = match section {
+        Some(s) => s.deserialize::<RawServer>(errs),
+        None => None,
+    };
+    let raw = raw.unwrap_or(RawServer {
+        listen: None,
+        probe_paths: None,
+        drain_timeout_ms: None,
+    });
+    ServerConfig {
+        listen: raw.listen.unwrap_or_else(|| vec![defaults::SERVER_LISTEN]),
+        probe_paths: raw.probe_paths.unwrap_or_else(|| {
+            defaults::PROBE_PATHS
+                .iter()
+                .map(|p| p.to_string())
+                .collect()
+        }),
+        drain_timeout: Duration::from_millis(
+            raw.drain_timeout_ms.unwrap_or(defaults::DRAIN_TIMEOUT_MS),
+        ),
+    }
+}
+
+pub(super) fn build_admin(section: Option<&mut Section>, errs: &mut Errors) -> AdminConfig {
+    let raw = match section {
+        Some(s) => s.deserialize::<RawAdmin>(errs),
+        None => None,
+    };
+    AdminConfig {
+        listen: raw.and_then(|r| r.listen).unwrap_or(defaults::ADMIN_LISTEN),
+    }
+}
+
+/// Checks of `[server]` that need `[admin]` too.
+pub(super) fn check_listeners(
+    server: &ServerConfig,
+    server_sec: Option<&Section>,
+    admin: &AdminConfig,
+    admin_sec: Option<&Section>,
+    errs: &mut Errors,
+) {
+    let elem_line = |i: usize| server_sec.map_or(1, |s| s.elem_line("listen", i));
+    let label = "[server]";
+    if server.listen.is_empty() {
+        let line = server_sec.map_or(1, |s| s.line(&["listen"]));
+        errs.push(
+            line,
+            format!(
+                "{label}: listen is empty; give at least one address, e.g. [\"127.0.0.1:8080\"]"
+            ),
+        );
+    }
+    for (i, addr) in server.listen.iter().enumerate() {
+        if let Some(j) = server.listen[..i].iter().position(|a| same_port(a, addr)) {
+            errs.push(
+                elem_line(i),
+                format!(
+                    "{label}: listen[{i}] {addr} clashes with listen[{j}] {}",
+                    server.listen[j]
+                ),
+            );
+        }
+        if !same_port(addr, &admin.listen) {
+            continue;
+        }
+        let admin_line = admin_sec.map_or(1, |s| s.line(&["listen"]));
+        if server_sec.is_some() {
+            errs.push(
+                elem_line(i),
+                format!(
+                    "{label}: listen[{i}] {addr} clashes with [admin] listen {} (line {admin_line}); \
+                     the admin plane needs its own port",
+                    admin.listen
+                ),
+            );
+        } else {
+            errs.push(
+                admin_line,
+                format!(
+                    "[admin]: listen {} clashes with the default [server] listen {addr}; \
+                     the admin plane needs its own port",
+                    admin.listen
+                ),
+            );
+        }
+    }
+    if let Some(sec) = server_sec {
+        for (i, path) in server.probe_paths.iter().enumerate() {
+            if !path.starts_with('/') {
+                errs.push(
+                    sec.elem_line("probe_paths", i),
+                    format!(
+                        "{label}: probe_paths[{i}] {path:?} must start with '/', e.g. \"/{path}\""
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Two listen addresses that cannot both be bound: same non-zero port, and the same IP or,
+/// in one address family, either one the wildcard. (Whether `[::]` also takes IPv4 depends
+/// on the OS, so mixed families are left to the bind.)
+fn same_port(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip()
+            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+}
+
+pub(super) fn build_sim(
+    section: &mut Section,
+    server: &ServerConfig,
+    admin: &AdminConfig,
+    errs: &mut Errors,
+) -> Option<SimConfig> {
+    let sim = section.deserialize::<SimConfig>(errs)?;
+    let say = |text: String| format!("[sim]: {text}");
+    if sim.workers == 0 {
+        errs.push(
+            section.line(&["workers"]),
+            say("workers must be greater than 0".into()),
+        );
+    }
+    if !(sim.service_time_ms.is_finite() && sim.service_time_ms >= 0.0) {
+        errs.push(
+            section.line(&["service_time_ms"]),
+            say("service_time_ms must be a finite number ≥ 0".into()),
+        );
+    }
+    let mut taken: Vec<(&str, SocketAddr)> = server
+        .listen
+        .iter()
+        .map(|a| ("[server] listen", *a))
+        .collect();
+    taken.push(("[admin] listen", admin.listen));
+    for (key, addr) in [
+        ("listen", Some(sim.listen)),
+        ("management_listen", sim.management_listen),
+    ] {
+        let Some(addr) = addr else { continue };
+        if let Some((what, _)) = taken.iter().find(|(_, a)| same_port(a, &addr)) {
+            errs.push(
+                section.line(&[key]),
+                say(format!(
+                    "{key} {addr} clashes with {what}; the simulated backend needs its own port"
+                )),
+            );
+        }
+    }
+    for (i, route) in sim.routes.iter().enumerate() {
+        if !route.path_prefix.starts_with('/') {
+            errs.push(
+                section.elem_line("routes", i),
+                say(format!(
+                    "routes[{i}].path_prefix {:?} must start with '/'",
+                    route.path_prefix
+                )),
+            );
+        }
+        if route
+            .service_time_ms
+            .is_some_and(|t| !(t.is_finite() && t >= 0.0))
+        {
+            errs.push(
+                section.elem_line("routes", i),
+                say(format!(
+                    "routes[{i}].service_time_ms must be a finite number ≥ 0"
+                )),
+            );
+        }
+    }
+    Some(sim)
+}
+
+pub(super) fn build_upstream(section: &mut Section, errs: &mut Errors) -> Option<UpstreamConfig> {
+    let raw = section.deserialize::<RawUpstream>(errs)?;
+    let s = &*section;
+
+    let name = raw.name.unwrap_or_default();
+    if !s.has("name") {
+        errs.push(
+            s.header,
+            s.say("missing key `name`; every upstream needs a unique name"),
+        );
+    } else if !s.dropped("name") && !valid_upstream_name(&name) {
+        errs.push(
+            s.line(&["name"]),
+            s.say(format!(
+                "name {name:?} must be non-empty and use only a-z, 0-9, '_' and '-'"
+            )),
+        );
+    }
+
+    let backends = raw.backends.unwrap_or_default();
+    if !s.has("backends") {
+        errs.push(
+            s.header,
+            s.say("missing key `backends`; list the backends as \"host:port\", e.g. backends = [\"127.0.0.1:8081\"]"),
+        );
+    } else if backends.is_empty() && !s.dropped("backends") {
+        errs.push(
+            s.line(&["backends"]),
+            s.say("backends is empty; give at least one \"host:port\""),
+        );
+    }
+    for (i, backend) in backends.iter().enumerate() {
+        if let Err(why) = check_backend(backend) {
+            errs.push(
+                s.elem_line("backends", i),
+                s.say(format!("backends[{i}] {why}")),
+            );
+        } else if let Some(j) = backends[..i].iter().position(|b| b == backend) {
+            errs.push(
+                s.elem_line("backends", i),
+                s.say(format!(
+                    "backends[{i}] {backend:?} is listed twice (also backends[{j}])"
+                )),
+            );
+        }
+    }
+
+    let max_workers = raw.max_workers.unwrap_or(defaults::MAX_WORKERS);
+    if max_workers == 0 {
+        errs.push(
+            s.line(&["max_workers"]),
+            s.say("max_workers must be greater than 0: it is the backend's worker pool size (Tomcat maxThreads)"),
+        );
+    }
+    let connect_timeout = s.millis(
+        errs,
+        &["connect_timeout_ms"],
+        raw.connect_timeout_ms,
+        defaults::CONNECT_TIMEOUT_MS,
+    );
+    let response_header_timeout = s.millis(
+        errs,
+        &["response_header_timeout_ms"],
+        raw.response_header_timeout_ms,
+        defaults::RESPONSE_HEADER_TIMEOUT_MS,
+    );
+    let idle_timeout = s.millis(
+        errs,
+        &["idle_timeout_ms"],
+        raw.idle_timeout_ms,
+        defaults::IDLE_TIMEOUT_MS,
+    );
+
+    let h = raw.health.unwrap_or_default();
+    let path = h.path.unwrap_or_else(|| defaults::HEALTH_PATH.to_string());
+    if !path.starts_with('/') {
+        errs.push(
+            s.line(&["health", "path"]),
+            s.say(format!(
+                "health.path {path:?} must start with '/', e.g. \"/actuator/health\""
+            )),
+        );
+    } else if path == "/" {
+        errs.push(
+            s.line(&["health", "path"]),
+            s.say(
+                "health.path must not be \"/\": probes to / create sessions and load in the backend; \
+                 use a health endpoint such as \"/actuator/health\"",
+            ),
+        );
+    }
+    let interval = s.millis(
+        errs,
+        &["health", "interval_ms"],
+        h.interval_ms,
+        defaults::HEALTH_INTERVAL_MS,
+    );
+    let timeout = s.millis(
+        errs,
+        &["health", "timeout_ms"],
+        h.timeout_ms,
+        defaults::HEALTH_TIMEOUT_MS,
+    );
+    if !timeout.is_zero()
+        && !interval.is_zero()
+        && timeout >= interval
+        && !s.dropped("health.timeout_ms")
+        && !s.dropped("health.interval_ms")
+    {
+        let line = if h.timeout_ms.is_some() {
+            s.line(&["health", "timeout_ms"])
+        } else {
+            s.line(&["health", "interval_ms"])
+        };
+        errs.push(
+            line,
+            s.say(format!(
+                "health.timeout_ms ({}) must be less than health.interval_ms ({}), so one probe ends before the next starts",
+                timeout.as_millis(),
+                interval.as_millis()
+            )),
+        );
+    }
+    let rise = h.rise.unwrap_or(defaults::HEALTH_RISE);
+    let fall = h.fall.unwrap_or(defaults::HEALTH_FALL);
+    for (key, v) in [("rise", rise), ("fall", fall)] {
+        if v == 0 {
+            errs.push(
+                s.line(&["health", key]),
+                s.say(format!("health.{key} must be at least 1")),
+            );
+        }
+    }
+
+    let shedding = build_shedding(s, raw.shedding.unwrap_or_default(), errs);
+    let actuator = build_actuator(s, raw.actuator.unwrap_or_default(), errs);
+    let adaptive = build_adaptive(s, raw.adaptive.unwrap_or_default(), errs);
+
+    Some(UpstreamConfig {
+        name,
+        backends,
+        max_workers,
+        connect_timeout,
+        response_header_timeout,
+        idle_timeout,
+        max_idle_per_backend: raw
+            .max_idle_per_backend
+            .unwrap_or(defaults::MAX_IDLE_PER_BACKEND),
+        health: HealthConfig {
+            enabled: h.enabled.unwrap_or(defaults::HEALTH_ENABLED),
+            path,
+            interval,
+            timeout,
+            rise,
+            fall,
+        },
+        shedding,
+        actuator,
+        adaptive,
+    })
+}
+
+/// A utilisation ratio key: finite and in (0, 1].
+fn check_ratio(s: &Section, errs: &mut Errors, path: &[&str], value: f64) {
+    if !(value.is_finite() && value > 0.0 && value <= 1.0) {
+        errs.push(
+            s.line(path),
+            s.say(format!(
+                "{} = {value} must be a utilisation ratio in (0, 1], e.g. 0.85 for 85%",
+                path.join(".")
+            )),
+        );
+    }
+}
+
+fn build_shedding(s: &Section, raw: RawShedding, errs: &mut Errors) -> SheddingConfig {
+    let default = SheddingConfig::default();
+    let thresholds = Thresholds {
+        critical: raw.critical.unwrap_or(default.thresholds.critical),
+        normal: raw.normal.unwrap_or(default.thresholds.normal),
+        sheddable: raw.sheddable.unwrap_or(default.thresholds.sheddable),
+    };
+    for (key, value) in [
+        ("critical", thresholds.critical),
+        ("normal", thresholds.normal),
+        ("sheddable", thresholds.sheddable),
+    ] {
+        check_ratio(s, errs, &["shedding", key], value);
+    }
+    let band = raw.band.unwrap_or(default.band);
+    if !(band.is_finite() && (0.0..=1.0).contains(&band)) {
+        errs.push(
+            s.line(&["shedding", "band"]),
+            s.say(format!(
+                "shedding.band = {band} must be in [0, 1]; 0 sheds everything at the threshold at once"
+            )),
+        );
+    }
+    let queue_timeout = s.millis(
+        errs,
+        &["shedding", "queue_timeout_ms"],
+        raw.queue_timeout_ms,
+        defaults::QUEUE_TIMEOUT_MS,
+    );
+    SheddingConfig {
+        mode: raw.mode.map_or(default.mode, Into::into),
+        thresholds,
+        band,
+        queue_size: raw.queue_size.unwrap_or(default.queue_size),
+        queue_timeout,
+    }
+}
+
+fn build_actuator(s: &Section, raw: RawActuator, errs: &mut Errors) -> ActuatorSettings {
+    let default = ActuatorSettings::default();
+    let millis =
+        |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
+    let settings = ActuatorSettings {
+        enabled: raw.enabled.unwrap_or(default.enabled),
+        format: raw.format.unwrap_or(default.format),
+        base_url: raw.base_url,
+        interval: millis(raw.interval_ms, default.interval),
+        timeout: millis(raw.timeout_ms, default.timeout),
+        busy_metric: raw.busy_metric,
+        max_metric: raw.max_metric,
+        connector: raw.connector,
+    };
+    // The poller owns the rules for its settings; each problem is reported at the table.
+    for problem in settings.problems() {
+        errs.push(s.line(&["actuator"]), s.say(problem));
+    }
+    settings
+}
+
+fn build_adaptive(s: &Section, raw: RawAdaptive, errs: &mut Errors) -> Option<AdaptiveSettings> {
+    let default = AdaptiveSettings::default();
+    let probe_interval = s.millis(
+        errs,
+        &["adaptive", "probe_interval_ms"],
+        raw.probe_interval_ms,
+        default.probe_interval.as_millis() as u64,
+    );
+    let settings = AdaptiveSettings {
+        initial_limit: raw.initial_limit.unwrap_or(default.initial_limit),
+        min_limit: raw.min_limit.unwrap_or(default.min_limit),
+        max_limit: raw.max_limit.unwrap_or(default.max_limit),
+        smoothing: raw.smoothing.unwrap_or(default.smoothing),
+        tolerance: raw.tolerance.unwrap_or(default.tolerance),
+        probe_interval,
+    };
+    if let Err(why) = settings.validate() {
+        errs.push(s.line(&["adaptive"]), s.say(format!("[adaptive]: {why}")));
+    }
+    raw.enabled.unwrap_or(false).then_some(settings)
+}
+
+pub(super) fn build_route(
+    section: &mut Section,
+    known: &[&str],
+    errs: &mut Errors,
+) -> Option<RouteConfig> {
+    let raw = section.deserialize::<RawRoute>(errs)?;
+    let s = &*section;
+
+    let name = raw.name.unwrap_or_default();
+    if !s.has("name") {
+        errs.push(
+            s.header,
+            s.say("missing key `name`; every route needs a unique name"),
+        );
+    } else if name.trim().is_empty() && !s.dropped("name") {
+        errs.push(s.line(&["name"]), s.say("name must not be empty"));
+    }
+
+    let host = raw.host.map(|h| h.to_ascii_lowercase());
+    if let Some(h) = &host {
+        if let Err(why) = check_host(h) {
+            errs.push(s.line(&["host"]), s.say(why));
+        }
+    }
+
+    let path_prefix = raw.path_prefix.unwrap_or_default();
+    if !s.has("path_prefix") {
+        errs.push(
+            s.header,
+            s.say("missing key `path_prefix`; e.g. path_prefix = \"/api/orders\" (\"/\" matches every path)"),
+        );
+    } else if !path_prefix.starts_with('/') && !s.dropped("path_prefix") {
+        errs.push(
+            s.line(&["path_prefix"]),
+            s.say(format!("path_prefix {path_prefix:?} must start with '/'")),
+        );
+    }
+
+    let upstream = raw.upstream.unwrap_or_default();
+    if !s.has("upstream") {
+        errs.push(
+            s.header,
+            s.say(format!(
+                "missing key `upstream`; name the [[upstream]] to send to ({})",
+                known_list(known)
+            )),
+        );
+    } else if !s.dropped("upstream") && !known.contains(&upstream.as_str()) {
+        errs.push(
+            s.line(&["upstream"]),
+            s.say(format!(
+                "upstream {upstream:?} is not defined ({})",
+                known_list(known)
+            )),
+        );
+    }
+
+    Some(RouteConfig {
+        name,
+        host,
+        path_prefix,
+        upstream,
+        class: raw.class.map_or(RouteClass::Normal, Into::into),
+        cache: raw.cache.map_or(CachePolicy::Off, Into::into),
+        threshold: raw
+            .threshold
+            .inspect(|t| check_ratio(s, errs, &["threshold"], *t)),
+    })
+}
+
+fn known_list(known: &[&str]) -> String {
+    if known.is_empty() {
+        "no [[upstream]] is defined".to_string()
+    } else {
+        format!("known: {}", known.join(", "))
+    }
+}
+
+pub(super) fn check_unique_names(sections: &[Section], kind: &str, errs: &mut Errors) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for s in sections {
+        let Some(name) = s.str_value("name") else {
+            continue;
+        };
+        let line = s.line(&["name"]);
+        if let Some(first) = seen.get(name) {
+            errs.push(
+                line,
+                s.say(format!("name {name:?} is already used by the {kind} at line {first}; names must be unique")),
+            );
+        } else {
+            seen.insert(name, line);
+        }
+    }
+}
+
+pub(super) fn check_unique_matches(
+    sections: &[Section],
+    routes: &[Option<RouteConfig>],
+    errs: &mut Errors,
+) {
+    let mut seen: HashMap<(Option<&str>, &str), (&str, usize)> = HashMap::new();
+    for (s, route) in sections.iter().zip(routes) {
+        let Some(r) = route else { continue };
+        if !s.has("path_prefix") || s.dropped("path_prefix") || s.dropped("host") {
+            continue;
+        }
+        let line = s.line(&["path_prefix"]);
+        let key = (r.host.as_deref(), r.path_prefix.as_str());
+        if let Some((first, first_line)) = seen.get(&key) {
+            errs.push(
+                line,
+                s.say(format!(
+                    "host and path_prefix are the same as route {first:?} (line {first_line}), so this route could never match"
+                )),
+            );
+        } else {
+            seen.insert(key, (r.name.as_str(), line));
+        }
+    }
+}
+
+fn valid_upstream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// `host:port`, `[v6]:port`; no scheme, no path, port 1-65535.
+fn check_backend(backend: &str) -> Result<(), String> {
+    let example = "write host:port, e.g. \"127.0.0.1:8081\"";
+    if backend.contains("://") {
+        return Err(format!("{backend:?} must not have a scheme; {example}"));
+    }
+    if backend.contains('/') {
+        return Err(format!("{backend:?} must not have a path; {example}"));
+    }
+    let split = match backend.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:"),
+        None => backend
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.contains(':')),
+    };
+    let Some((host, port)) = split else {
+        return Err(format!("{backend:?} has no port; {example}"));
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{backend:?} has no valid host; {example}"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(()),
+        _ => Err(format!(
+            "{backend:?}: port {port:?} is not a port number (1-65535)"
+        )),
+    }
+}
+
+/// Exact host names, `*.suffix` wildcards, IP literals. Already lowercased.
+fn check_host(host: &str) -> Result<(), String> {
+    let hint = "write an exact name (\"api.example.com\") or a wildcard (\"*.example.com\")";
+    if host.starts_with('[') && host.ends_with(']') && host.len() > 2 {
+        return Ok(());
+    }
+    let bare = host.strip_prefix("*.").unwrap_or(host);
+    if bare.contains(':') {
+        return Err(format!(
+            "host {host:?} must not have a port: routes match the Host header without its port"
+        ));
+    }
+    let ok = !bare.is_empty()
+        && bare.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("host {host:?} is not a host name; {hint}"))
+    }
+}

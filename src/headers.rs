@@ -1,0 +1,151 @@
+//! Header rules of a forwarding proxy (RFC 9110 §7.6): hop-by-hop headers are
+//! removed in both directions, and the proxy announces itself with `Via` and the
+//! `X-Forwarded-*` headers. Pure functions over a `HeaderMap`, no I/O.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+/// The name this proxy uses in `Via`.
+pub const VIA_NAME: &str = "loadgate";
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1),
+/// plus `Proxy-Authorization`, which is meant for this proxy alone.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Removes every hop-by-hop header, including each header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The `Via` protocol token for a message version (RFC 9110 §7.6.3).
+fn via_protocol(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+/// Appends this proxy to the `Via` header, keeping earlier hops.
+pub fn append_via(headers: &mut HeaderMap, received: Version) {
+    let ours = format!("{} {VIA_NAME}", via_protocol(received));
+    append_list(headers, header::VIA, &ours);
+}
+
+/// Adds `X-Forwarded-For` (appended to any earlier list), `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` for a request received from `client` for `host`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>) {
+    append_list(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &client.to_string(),
+    );
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), value);
+    }
+}
+
+/// Joins all existing values of `name` and `item` into one comma-separated value.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+    let mut joined = String::new();
+    for value in headers.get_all(&name).iter() {
+        if let Ok(v) = value.to_str() {
+            joined.push_str(v);
+            joined.push_str(", ");
+        }
+    }
+    joined.push_str(item);
+    if let Ok(value) = HeaderValue::from_str(&joined) {
+        headers.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "close, X-Secret"),
+            ("connection", "x-other"),
+            ("x-secret", "1"),
+            ("x-other", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic abc"),
+            ("authorization", "Bearer kept"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["authorization", "x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_headers_append_to_earlier_hops() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        add_forwarded(
+            &mut h,
+            "127.0.0.1".parse().unwrap(),
+            Some("shop.example:8080"),
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example:8080");
+    }
+
+    #[test]
+    fn via_names_the_received_protocol() {
+        let mut h = map(&[("via", "1.0 edge")]);
+        append_via(&mut h, Version::HTTP_2);
+        assert_eq!(h["via"], "1.0 edge, 2 loadgate");
+        let mut h = HeaderMap::new();
+        append_via(&mut h, Version::HTTP_11);
+        assert_eq!(h["via"], "1.1 loadgate");
+    }
+}

@@ -1,0 +1,55 @@
+//! loadgate: an adaptive load-shedding reverse proxy and shared HTTP cache for
+//! backends such as Spring Boot on Tomcat.
+//!
+//! # Layout
+//!
+//! ```text
+//! main.rs         CLI (clap): run / demo / sim-backend / check-config
+//! app.rs          the long-running commands: signals, reload, drain
+//! config.rs       TOML → validated Config; every error reported with its line
+//! server.rs       listeners (HTTP/1.1 + h2c), accept loop, reload, graceful drain
+//! framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
+//! stack.rs        the tower layers around the handler (request id, redaction, trace)
+//! proxy.rs        the handler: probe → route → forward → respond
+//! routes.rs       host + path prefix → route (upstream, class, cache policy)
+//! headers.rs      hop-by-hop stripping, Via, X-Forwarded-*
+//! upstream/       pooled client per upstream, backends, balancing, health checks
+//! body.rs         streamed body types; guards released when a body ends
+//! state.rs        the config generation in force, swapped atomically on reload
+//! error.rs        the proxy's errors and the one error → status table
+//! metrics.rs      metric names and labels, declared in one place
+//! admission/      utilisation signal (local, actuator, adaptive) and the shedding decision
+//! admin.rs        /metrics /healthz /readyz /status on the admin port
+//! sim/            the built-in simulated Spring Boot / Tomcat backend
+//! ```
+//!
+//! # Data path of one request
+//!
+//! ```text
+//! client ─▶ listener (hyper auto: h1 keep-alive + h2c) ─▶ framing verdict (400 if ambiguous)
+//!        ─▶ tower stack: x-request-id, sensitive headers, trace
+//!        ─▶ probe path? answered here, never forwarded
+//!        ─▶ route match (404 if none) ─▶ pick backend (least loaded of two healthy)
+//!        ─▶ first body frame read (400 if malformed) ─▶ hop-by-hop stripped, Via, X-Forwarded-*
+//!        ─▶ pooled upstream connection (connect / response-header timeouts: 502 / 504)
+//!        ─▶ response: hop-by-hop stripped, Via, body streamed back with backpressure
+//!        ─▶ in-flight count and metrics released when the response body ends
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod admission;
+pub mod app;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod framing;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod sim;
+pub mod stack;
+pub mod state;
+pub mod upstream;

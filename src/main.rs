@@ -1,0 +1,130 @@
+//! The `loadgate` command line: parses arguments and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use loadgate::config::Config;
+use loadgate::sim::{Distribution, SimConfig};
+
+/// loadgate: an adaptive load-shedding reverse proxy for Spring/Tomcat backends.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file. SIGHUP reloads the file; SIGINT/SIGTERM drain and exit.
+    Run {
+        /// Path of the TOML config (see config/loadgate.toml for every key).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the demo: the simulated backend on 127.0.0.1:8081 and the proxy on
+    /// 127.0.0.1:8080 (admin 127.0.0.1:9901), with the embedded config/demo.toml.
+    Demo,
+    /// Run only the simulated Spring Boot / Tomcat backend.
+    SimBackend(SimArgs),
+    /// Validate a config file, print every error with its line, and exit non-zero if any.
+    CheckConfig {
+        /// Path of the TOML config.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Address of the main (data) port.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: std::net::SocketAddr,
+    /// Separate management port for /actuator/* (Spring's management.server.port);
+    /// without it, actuator requests need a worker like any request.
+    #[arg(long)]
+    management_listen: Option<std::net::SocketAddr>,
+    /// Worker pool size (Tomcat maxThreads).
+    #[arg(long, default_value_t = 200)]
+    workers: usize,
+    /// Service time of a work request, in milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    service_time_ms: f64,
+    /// Draw service times exponentially around the mean instead of fixed.
+    #[arg(long)]
+    exponential: bool,
+    /// Close idle keep-alive connections after this long (Tomcat keepAliveTimeout).
+    #[arg(long, default_value_t = 20_000)]
+    keep_alive_timeout_ms: u64,
+    /// Close a connection after this many requests (Tomcat maxKeepAliveRequests; 0 = unlimited).
+    #[arg(long, default_value_t = 100)]
+    max_keep_alive_requests: u32,
+    /// Cache-Control header on /api/ responses.
+    #[arg(long)]
+    cache_control: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::CheckConfig { file } => {
+            return match Config::load(&file) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprint!("{errors}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Run { config: path } => match Config::load(&path) {
+            Ok(config) => runtime.block_on(loadgate::app::run(config, Some(path))),
+            Err(errors) => {
+                eprint!("{errors}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Demo => runtime.block_on(loadgate::app::demo()),
+        Command::SimBackend(args) => {
+            let config = SimConfig {
+                listen: args.listen,
+                management_listen: args.management_listen,
+                workers: args.workers,
+                service_time_ms: args.service_time_ms,
+                distribution: if args.exponential {
+                    Distribution::Exponential
+                } else {
+                    Distribution::Fixed
+                },
+                keep_alive_timeout_ms: args.keep_alive_timeout_ms,
+                max_keep_alive_requests: args.max_keep_alive_requests,
+                cache_control: args.cache_control,
+                ..SimConfig::default()
+            };
+            runtime.block_on(loadgate::sim::run_cli(config))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("loadgate: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

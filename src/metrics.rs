@@ -1,0 +1,122 @@
+//! Metric names, labels and descriptions, declared in one place.
+//!
+//! Every metric loadgate emits is named here, so the README's list, the admin
+//! endpoint and the code agree. Label values come from small closed sets (route
+//! class, status class, error kind, upstream name from config), never raw paths.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Requests answered, by `class` (route class, or `none` when no route matched)
+/// and `status` (`1xx`…`5xx`).
+pub const REQUESTS_TOTAL: &str = "loadgate_requests_total";
+/// Time from receiving the request head to the end of the response body, by `class`.
+pub const REQUEST_DURATION_SECONDS: &str = "loadgate_request_duration_seconds";
+/// Requests this proxy has in flight to an upstream, by `upstream`.
+pub const UPSTREAM_INFLIGHT: &str = "loadgate_upstream_inflight";
+/// Failed upstream exchanges, by `upstream` and `kind` (see [`ErrorKind`](crate::error::UpstreamErrorKind)).
+pub const UPSTREAM_ERRORS_TOTAL: &str = "loadgate_upstream_errors_total";
+/// 1 when a backend is in rotation, 0 when its health check fails, by `upstream` and `backend`.
+pub const BACKEND_HEALTHY: &str = "loadgate_backend_healthy";
+/// Probe requests answered by the proxy itself on the data port.
+pub const PROBES_TOTAL: &str = "loadgate_probe_requests_total";
+/// Requests refused before forwarding because their framing was ambiguous or malformed.
+pub const BAD_REQUESTS_TOTAL: &str = "loadgate_bad_requests_total";
+/// Config reloads, by `result` (`ok` / `error`).
+pub const CONFIG_RELOADS_TOTAL: &str = "loadgate_config_reloads_total";
+/// Client connections accepted on the data port.
+pub const CONNECTIONS_TOTAL: &str = "loadgate_connections_total";
+/// Client connections open on the data port.
+pub const CONNECTIONS_OPEN: &str = "loadgate_connections_open";
+
+/// Utilisation of an upstream, by `upstream` and `source` (`local`, `reported`, `in_force`).
+pub const UPSTREAM_UTILISATION: &str = "loadgate_upstream_utilisation";
+/// 1 for the signal source in force for an upstream (`local`, `reported`, `adaptive`), else 0.
+pub const SIGNAL_SOURCE: &str = "loadgate_upstream_signal_source";
+/// Admission decisions, by `class` and `outcome` (admitted, shed, queued, queue_timeout, queue_full, would_shed).
+pub const ADMISSION_DECISIONS_TOTAL: &str = "loadgate_admission_decisions_total";
+/// Requests shed with 429.
+pub const SHED_TOTAL: &str = "loadgate_shed_total";
+
+/// Label names.
+pub const LABEL_CLASS: &str = "class";
+pub const LABEL_STATUS: &str = "status";
+pub const LABEL_UPSTREAM: &str = "upstream";
+pub const LABEL_BACKEND: &str = "backend";
+pub const LABEL_KIND: &str = "kind";
+pub const LABEL_RESULT: &str = "result";
+pub const LABEL_SOURCE: &str = "source";
+pub const LABEL_OUTCOME: &str = "outcome";
+
+/// Buckets for the request duration histogram, in seconds (1 ms … 30 s).
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The `1xx`…`5xx` label value of a status code.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+///
+/// The recorder is global (the `metrics` facade has one), so several proxies in one
+/// process (as in the tests) share it; their series differ by the upstream label.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(REQUEST_DURATION_SECONDS.to_string()),
+                DURATION_BUCKETS,
+            )
+            .expect("bucket list is non-empty")
+            .install_recorder()
+            .expect("no other metrics recorder is installed");
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by route class and status class."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Request duration from head received to response body end, by route class."
+    );
+    describe_gauge!(UPSTREAM_INFLIGHT, "Requests in flight to each upstream.");
+    describe_counter!(
+        UPSTREAM_ERRORS_TOTAL,
+        "Failed upstream exchanges, by upstream and kind."
+    );
+    describe_gauge!(
+        BACKEND_HEALTHY,
+        "1 when the backend passes its health check, else 0."
+    );
+    describe_counter!(PROBES_TOTAL, "Probe requests answered by the proxy itself.");
+    describe_counter!(
+        BAD_REQUESTS_TOTAL,
+        "Requests refused with 400 before forwarding."
+    );
+    describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Client connections accepted on the data port."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Client connections open on the data port."
+    );
+}

@@ -1,0 +1,305 @@
+//! The request handler of the data plane: probe → route → forward → respond.
+//!
+//! Each step that can refuse a request returns a [`ProxyError`], turned into a
+//! response in one place (`error.rs`). Bodies are streamed in both directions;
+//! the in-flight count and the request metrics are released when the response
+//! body ends or is abandoned, not when this function returns.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::admission::Rejection;
+use crate::body::{full, BoxError, OnEnd, Prepend, ProxyBody, WatchedBody};
+use crate::error::{ProxyError, UpstreamErrorKind};
+use crate::framing::{FramingVerdicts, Verdict};
+use crate::headers;
+use crate::metrics as m;
+use crate::routes::Route;
+use crate::state::{ClassLabel, Shared};
+use crate::upstream::{InflightGuard, Reservation};
+
+/// What the handler knows about the client connection a request arrived on.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub verdicts: FramingVerdicts,
+}
+
+/// Records the request's metrics when dropped, i.e. when its response body is done.
+struct RequestDone {
+    shared: Arc<Shared>,
+    class: ClassLabel,
+    status: StatusCode,
+    started: Instant,
+    _inflight: Option<InflightGuard>,
+}
+
+impl Drop for RequestDone {
+    fn drop(&mut self) {
+        self.shared
+            .metrics
+            .record(self.class, self.status, self.started);
+    }
+}
+
+/// Handles one request end to end.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let (class, result) = route_and_forward(&shared, &conn, req).await;
+    let (response, inflight) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            if let ProxyError::Upstream { upstream, kind, .. } = &error {
+                metrics::counter!(m::UPSTREAM_ERRORS_TOTAL,
+                    m::LABEL_UPSTREAM => upstream.clone(), m::LABEL_KIND => kind.as_str())
+                .increment(1);
+            }
+            if matches!(error, ProxyError::BadRequest(_)) {
+                metrics::counter!(m::BAD_REQUESTS_TOTAL).increment(1);
+            }
+            tracing::debug!(%error, "answered by the proxy");
+            (error.into_response(), None)
+        }
+    };
+    let (parts, body) = response.into_parts();
+    let done = RequestDone {
+        shared,
+        class,
+        status: parts.status,
+        started,
+        _inflight: inflight,
+    };
+    Response::from_parts(parts, OnEnd::new(body, done).boxed_unsync())
+}
+
+type Forwarded = (Response<ProxyBody>, Option<InflightGuard>);
+
+async fn route_and_forward(
+    shared: &Arc<Shared>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> (ClassLabel, Result<Forwarded, ProxyError>) {
+    if req.version() <= Version::HTTP_11 {
+        if let Verdict::Ambiguous(why) = conn.verdicts.next_request() {
+            return (
+                ClassLabel::None,
+                Err(ProxyError::BadRequest(why.to_string())),
+            );
+        }
+    }
+    let runtime = shared.runtime.load();
+    let path = req.uri().path();
+    if runtime.config.server.probe_paths.iter().any(|p| p == path) {
+        return (ClassLabel::None, Ok((probe(shared), None)));
+    }
+    let host = request_host(&req).unwrap_or_default();
+    let Some(route) = runtime.routes.find(&host, path) else {
+        let error = ProxyError::NoRoute {
+            host,
+            path: path.to_string(),
+        };
+        return (ClassLabel::None, Err(error));
+    };
+    let route = route.clone();
+    drop(runtime);
+    let class = ClassLabel::Route(route.class);
+    let reservation = match admit(&route).await {
+        Ok(reservation) => reservation,
+        Err(error) => return (class, Err(error)),
+    };
+    (class, forward(&route, reservation, conn, req, host).await)
+}
+
+/// Admission: shed (429) or queue (critical) by the upstream's utilisation.
+async fn admit(route: &Route) -> Result<Reservation, ProxyError> {
+    let upstream = &route.upstream;
+    let decided = upstream
+        .admission
+        .admit(route.class, route.threshold, &route.counters, upstream)
+        .await;
+    decided.map_err(|rejection| match rejection {
+        Rejection::Shed {
+            class,
+            signal,
+            retry_after,
+        } => ProxyError::Shed {
+            upstream: upstream.name.clone(),
+            class,
+            utilisation: signal.utilisation,
+            threshold: route
+                .threshold
+                .unwrap_or_else(|| upstream.config.shedding.thresholds.for_class(class)),
+            signal: signal.source.as_str(),
+            retry_after,
+        },
+        Rejection::QueueFull {
+            signal,
+            retry_after,
+        } => ProxyError::Overloaded {
+            upstream: upstream.name.clone(),
+            utilisation: signal.utilisation,
+            why: "the critical queue is full",
+            retry_after,
+        },
+        Rejection::QueueTimeout {
+            signal,
+            retry_after,
+        } => ProxyError::Overloaded {
+            upstream: upstream.name.clone(),
+            utilisation: signal.utilisation,
+            why: "no slot freed within the critical queue timeout",
+            retry_after,
+        },
+    })
+}
+
+/// The answer to a probe on the data port: 200 while serving, 503 while draining.
+fn probe(shared: &Shared) -> Response<ProxyBody> {
+    metrics::counter!(m::PROBES_TOTAL).increment(1);
+    let draining = shared.draining.load(Ordering::Relaxed);
+    let (status, body) = if draining {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{\"status\":\"DRAINING\"}\n",
+        )
+    } else {
+        (StatusCode::OK, "{\"status\":\"UP\"}\n")
+    };
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The request's host: the `Host` header (HTTP/1) or the URI authority (HTTP/2).
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+async fn forward(
+    route: &Route,
+    reservation: Reservation,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    host: String,
+) -> Result<Forwarded, ProxyError> {
+    let upstream = &route.upstream;
+    let upstream_error =
+        |backend: &str, kind: UpstreamErrorKind, detail: String| ProxyError::Upstream {
+            upstream: upstream.name.clone(),
+            backend: backend.to_string(),
+            kind,
+            detail,
+        };
+    let Some(backend) = upstream.pick() else {
+        return Err(upstream_error(
+            "-",
+            UpstreamErrorKind::NoHealthyBackend,
+            "no backend passes its health check".to_string(),
+        ));
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let received = parts.version;
+
+    // Read the first body frame before anything is sent upstream, so a request with
+    // broken chunk framing gets a 400 and the backend never sees it.
+    let body = if body.is_end_stream() {
+        crate::body::empty()
+    } else {
+        let mut body = body;
+        let first = match body.frame().await {
+            Some(Ok(frame)) => Some(frame),
+            Some(Err(e)) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "malformed request body: {e}"
+                )));
+            }
+            None => None,
+        };
+        Prepend::new(first, body)
+            .map_err(BoxError::from)
+            .boxed_unsync()
+    };
+    let (body, client_body_failed) = WatchedBody::new(body);
+
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_string();
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(backend.authority.as_str())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))?;
+    parts.version = Version::HTTP_11;
+    headers::strip_hop_by_hop(&mut parts.headers);
+    // The client's body is already on its way; a 100-continue handshake with the
+    // backend would only add a round trip.
+    parts.headers.remove(header::EXPECT);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(value) = HeaderValue::from_str(&host) {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    headers::add_forwarded(
+        &mut parts.headers,
+        conn.peer.ip(),
+        Some(&host).filter(|h| !h.is_empty()).map(String::as_str),
+    );
+    headers::append_via(&mut parts.headers, received);
+
+    let inflight_at_start = upstream.inflight();
+    let inflight = reservation.bind(&backend);
+    let request = Request::from_parts(parts, body.boxed_unsync());
+    let sent = Instant::now();
+    let result = upstream.send(request).await;
+    let dropped = matches!(&result, Err(e) if e.kind == UpstreamErrorKind::HeaderTimeout);
+    upstream
+        .admission
+        .on_response(sent.elapsed(), inflight_at_start, dropped);
+    let response = match result {
+        Ok(response) => response,
+        Err(error) if client_body_failed.load(Ordering::Relaxed) => {
+            return Err(ProxyError::BadRequest(format!(
+                "request body broke off while forwarding: {}",
+                error.detail
+            )));
+        }
+        Err(error) => return Err(upstream_error(&backend.authority, error.kind, error.detail)),
+    };
+
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::append_via(&mut parts.headers, Version::HTTP_11);
+    let body: ProxyBody = body.map_err(BoxError::from).boxed_unsync();
+    Ok((Response::from_parts(parts, body), Some(inflight)))
+}

@@ -1,0 +1,222 @@
+//! Request → route: which upstream serves a request, its class and cache policy.
+//!
+//! Matching is by host (exact beats wildcard beats any) and then by the longest
+//! path prefix on a segment boundary: `/api/orders` matches `/api/orders` and
+//! `/api/orders/7`, not `/api/ordersarchive`. It holds no I/O and no state.
+
+use std::sync::Arc;
+
+use crate::admission::RouteCounters;
+use crate::config::{CachePolicy, RouteClass, RouteConfig};
+use crate::upstream::Upstream;
+
+/// A route ready to serve: its config plus the upstream it forwards to.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub class: RouteClass,
+    pub cache: CachePolicy,
+    pub upstream: Arc<Upstream>,
+    /// Overrides the upstream's threshold for this route's class.
+    pub threshold: Option<f64>,
+    /// Admission counts, for `/status`.
+    pub counters: RouteCounters,
+    host: HostMatch,
+    path_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostMatch {
+    Any,
+    /// `*.example.com` is stored as `.example.com`.
+    Suffix(String),
+    Exact(String),
+}
+
+impl HostMatch {
+    fn parse(host: Option<&str>) -> HostMatch {
+        match host {
+            None => HostMatch::Any,
+            Some(h) => match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                None => HostMatch::Exact(h.to_ascii_lowercase()),
+            },
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+            HostMatch::Exact(exact) => host == exact,
+        }
+    }
+
+    /// Higher is more specific; used to order the table.
+    fn specificity(&self) -> (u8, usize) {
+        match self {
+            HostMatch::Any => (0, 0),
+            HostMatch::Suffix(s) => (1, s.len()),
+            HostMatch::Exact(_) => (2, 0),
+        }
+    }
+}
+
+/// True when `path` is `prefix` or lies below it on a segment boundary.
+fn path_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+    }
+}
+
+/// The ordered route table of one config generation.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Builds the table; `upstream_of` returns the upstream a route names (validated by config).
+    pub fn new(
+        configs: &[RouteConfig],
+        mut upstream_of: impl FnMut(&str) -> Arc<Upstream>,
+    ) -> RouteTable {
+        let mut routes: Vec<Arc<Route>> = configs
+            .iter()
+            .map(|c| {
+                Arc::new(Route {
+                    name: c.name.clone(),
+                    class: c.class,
+                    cache: c.cache,
+                    upstream: upstream_of(&c.upstream),
+                    threshold: c.threshold,
+                    counters: RouteCounters::default(),
+                    host: HostMatch::parse(c.host.as_deref()),
+                    path_prefix: c.path_prefix.clone(),
+                })
+            })
+            .collect();
+        // Most specific host first, then longest prefix; a stable sort keeps file order for ties.
+        routes.sort_by(|a, b| {
+            (b.host.specificity(), b.path_prefix.len())
+                .cmp(&(a.host.specificity(), a.path_prefix.len()))
+        });
+        RouteTable { routes }
+    }
+
+    /// The route for a request to `host` (any case, port allowed) and `path`.
+    pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        let host = strip_port(host).to_ascii_lowercase();
+        self.routes
+            .iter()
+            .find(|r| r.host.matches(&host) && path_matches(&r.path_prefix, path))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
+    }
+}
+
+impl Route {
+    pub fn path_prefix(&self) -> &str {
+        &self.path_prefix
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // IPv6 literal: [::1]:8080
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CachePolicy, RouteClass, RouteConfig};
+    use crate::upstream::Upstream;
+
+    fn route(name: &str, host: Option<&str>, prefix: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            host: host.map(str::to_string),
+            path_prefix: prefix.into(),
+            upstream: "app".into(),
+            class: RouteClass::Normal,
+            cache: CachePolicy::Off,
+            threshold: None,
+        }
+    }
+
+    fn table(routes: &[RouteConfig]) -> RouteTable {
+        let upstream = Arc::new(Upstream::for_tests("app"));
+        RouteTable::new(routes, |_| upstream.clone())
+    }
+
+    fn found(t: &RouteTable, host: &str, path: &str) -> Option<String> {
+        t.find(host, path).map(|r| r.name.clone())
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundary() {
+        let t = table(&[
+            route("root", None, "/"),
+            route("api", None, "/api"),
+            route("orders", None, "/api/orders"),
+        ]);
+        assert_eq!(found(&t, "x", "/api/orders/7").as_deref(), Some("orders"));
+        assert_eq!(found(&t, "x", "/api/orders").as_deref(), Some("orders"));
+        assert_eq!(found(&t, "x", "/api/ordersarchive").as_deref(), Some("api"));
+        assert_eq!(found(&t, "x", "/apix").as_deref(), Some("root"));
+        assert_eq!(found(&t, "x", "/").as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let t = table(&[route("api", None, "/api")]);
+        assert_eq!(found(&t, "x", "/other"), None);
+    }
+
+    #[test]
+    fn exact_host_beats_wildcard_beats_any() {
+        let t = table(&[
+            route("any", None, "/"),
+            route("wild", Some("*.example.com"), "/"),
+            route("exact", Some("api.example.com"), "/"),
+        ]);
+        assert_eq!(
+            found(&t, "API.example.com:8080", "/a").as_deref(),
+            Some("exact")
+        );
+        assert_eq!(found(&t, "www.example.com", "/a").as_deref(), Some("wild"));
+        assert_eq!(found(&t, "example.com", "/a").as_deref(), Some("any"));
+        assert_eq!(found(&t, "[::1]:8080", "/a").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn host_specific_route_wins_over_longer_any_host_prefix() {
+        let t = table(&[
+            route("deep", None, "/api/orders"),
+            route("hosted", Some("shop.example"), "/"),
+        ]);
+        assert_eq!(
+            found(&t, "shop.example", "/api/orders/1").as_deref(),
+            Some("hosted")
+        );
+        assert_eq!(found(&t, "other", "/api/orders/1").as_deref(), Some("deep"));
+    }
+
+    #[test]
+    fn strip_port_handles_ipv6() {
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("a.b:80"), "a.b");
+        assert_eq!(strip_port("a.b"), "a.b");
+    }
+}

@@ -1,0 +1,185 @@
+//! The simulated backend's listeners and its handle: start, addresses, stats, shutdown.
+
+use super::conn;
+use super::handler::{App, Port};
+use super::stats::SimStats;
+use super::SimConfig;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How long shutdown lets in-flight requests finish before cutting their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running simulated backend. Dropping it without [`SimBackend::shutdown`] aborts it at once.
+#[derive(Debug)]
+pub struct SimBackend {
+    addr: SocketAddr,
+    management_addr: Option<SocketAddr>,
+    stats: Arc<SimStats>,
+    stop: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl SimBackend {
+    /// Binds `cfg.listen` (port 0 allowed) and `cfg.management_listen`, and
+    /// serves them on the current tokio runtime.
+    pub async fn start(cfg: SimConfig) -> io::Result<SimBackend> {
+        if cfg.workers == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "sim: workers must be at least 1",
+            ));
+        }
+        let main = TcpListener::bind(cfg.listen).await?;
+        let management = match cfg.management_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let addr = main.local_addr()?;
+        let management_addr = management.as_ref().map(|l| l.local_addr()).transpose()?;
+
+        let app = Arc::new(App::new(cfg));
+        let stats = Arc::clone(&app.stats);
+        let (stop, stopped) = watch::channel(false);
+        let mut listeners = vec![tokio::spawn(accept_loop(
+            main,
+            Arc::clone(&app),
+            Port::Main,
+            stopped.clone(),
+        ))];
+        if let Some(listener) = management {
+            listeners.push(tokio::spawn(accept_loop(
+                listener,
+                app,
+                Port::Management,
+                stopped,
+            )));
+        }
+        tracing::info!(%addr, ?management_addr, "sim backend listening");
+        Ok(SimBackend {
+            addr,
+            management_addr,
+            stats,
+            stop,
+            listeners,
+        })
+    }
+
+    /// The bound main (application) address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound management address, when actuator runs on its own port.
+    pub fn management_addr(&self) -> Option<SocketAddr> {
+        self.management_addr
+    }
+
+    /// The backend's live counters.
+    pub fn stats(&self) -> Arc<SimStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Stops accepting, closes idle connections, lets in-flight requests finish
+    /// for up to 5 s, then cuts whatever is left.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for mut listener in std::mem::take(&mut self.listeners) {
+            if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), &mut listener)
+                .await
+                .is_err()
+            {
+                listener.abort();
+            }
+        }
+        tracing::info!(addr = %self.addr, "sim backend stopped");
+    }
+}
+
+impl Drop for SimBackend {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for listener in &self.listeners {
+            listener.abort();
+        }
+    }
+}
+
+/// Accepts connections until told to stop, then drains them (bounded).
+async fn accept_loop(
+    listener: TcpListener,
+    app: Arc<App>,
+    port: Port,
+    stop: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    let mut stopped = stop.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    connections.spawn(conn::serve(stream, Arc::clone(&app), port, stop.clone()));
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "sim accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = conn::stop_requested(&mut stopped) => break,
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = connections.len(),
+            "sim connections still busy after the grace period; closing them"
+        );
+        connections.abort_all();
+    }
+}
+
+/// `loadgate sim-backend`: runs the simulated backend until Ctrl-C or SIGTERM.
+pub async fn run_cli(cfg: SimConfig) -> anyhow::Result<()> {
+    let workers = cfg.workers;
+    let backend = SimBackend::start(cfg).await?;
+    let base = format!("http://{}", backend.addr());
+    let actuator = match backend.management_addr() {
+        Some(addr) => format!("http://{addr}/actuator"),
+        None => format!("{base}/actuator"),
+    };
+    println!("loadgate simulated backend ({workers} workers)");
+    println!("  work:       {base}/api/...   (?delay_ms=N, ?size=N; /api/headers echoes headers)");
+    println!("  health:     {actuator}/health");
+    println!("  metrics:    {actuator}/metrics/tomcat.threads.busy");
+    println!("  prometheus: {actuator}/prometheus");
+    wait_for_stop_signal().await?;
+    println!("stopping...");
+    backend.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_stop_signal() -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result,
+        _ = term.recv() => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_stop_signal() -> io::Result<()> {
+    tokio::signal::ctrl_c().await
+}

@@ -1,0 +1,86 @@
+//! The tower service stack each client connection is served by. The order of the
+//! layers matters; each says why it sits where it does.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
+use http::{HeaderValue, Request};
+use hyper::body::Incoming;
+use tower::ServiceBuilder;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::{
+    SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer,
+};
+use tower_http::trace::TraceLayer;
+
+use crate::proxy::{handle, ConnInfo};
+use crate::state::Shared;
+
+/// Request ids: a per-process random prefix and a counter; unique, cheap, sortable.
+#[derive(Clone)]
+struct RequestIds {
+    prefix: u32,
+    next: Arc<AtomicU64>,
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:08x}-{n:x}", self.prefix);
+        HeaderValue::from_str(&id).ok().map(RequestId::new)
+    }
+}
+
+fn request_ids() -> RequestIds {
+    static NEXT: std::sync::OnceLock<RequestIds> = std::sync::OnceLock::new();
+    NEXT.get_or_init(|| RequestIds {
+        prefix: rand::random(),
+        next: Arc::new(AtomicU64::new(1)),
+    })
+    .clone()
+}
+
+/// Builds the service for one client connection and adapts it for hyper.
+pub fn connection_service(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+) -> hyper_util::service::TowerToHyperService<
+    impl tower::Service<
+            Request<Incoming>,
+            Response = http::Response<
+                impl http_body::Body<Data = bytes::Bytes, Error = crate::body::BoxError>
+                    + Send
+                    + 'static,
+            >,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+> {
+    let stack = ServiceBuilder::new()
+        // First, so the id is in the request the backend receives and in every log line below.
+        // A client-supplied X-Request-Id is kept.
+        .layer(SetRequestIdLayer::x_request_id(request_ids()))
+        // The client gets the same id back, to quote in bug reports.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Before tracing, so credentials and cookies never reach a log.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            AUTHORIZATION,
+            PROXY_AUTHORIZATION,
+            COOKIE,
+        ]))
+        .layer(SetSensitiveResponseHeadersLayer::new([SET_COOKIE]))
+        // Spans per request at DEBUG; off in production unless asked for.
+        .layer(TraceLayer::new_for_http())
+        .service_fn(move |req: Request<Incoming>| {
+            let shared = shared.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(shared, conn, req).await) }
+        });
+    hyper_util::service::TowerToHyperService::new(stack)
+}

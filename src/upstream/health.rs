@@ -1,0 +1,100 @@
+//! Active health checks: each backend is probed on the configured path (never `/`,
+//! which creates sessions in Spring apps) over its own connection, outside the
+//! data-plane pool. `fall` consecutive failures take a backend out of rotation;
+//! `rise` consecutive successes bring it back.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request};
+use http_body_util::Empty;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::Backend;
+use crate::config::HealthConfig;
+
+/// Spawns one task that checks every backend of an upstream each interval.
+pub fn spawn_health_checks(
+    upstream: String,
+    backends: Vec<Arc<Backend>>,
+    config: HealthConfig,
+) -> tokio::task::JoinHandle<()> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.timeout));
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.interval / 2)
+        .pool_max_idle_per_host(1)
+        .build(connector);
+    tokio::spawn(async move {
+        let mut streaks = vec![Streak::default(); backends.len()];
+        let mut tick = tokio::time::interval(config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let checks = backends.iter().map(|b| check_once(&client, b, &config));
+            let results = futures_util::future::join_all(checks).await;
+            for ((backend, streak), result) in backends.iter().zip(&mut streaks).zip(results) {
+                streak.record(&upstream, backend, &config, result);
+            }
+        }
+    })
+}
+
+#[derive(Clone, Default)]
+struct Streak {
+    successes: u32,
+    failures: u32,
+}
+
+impl Streak {
+    fn record(
+        &mut self,
+        upstream: &str,
+        backend: &Backend,
+        config: &HealthConfig,
+        result: Result<(), String>,
+    ) {
+        match result {
+            Ok(()) => {
+                self.failures = 0;
+                self.successes = self.successes.saturating_add(1);
+                backend.confirmed.store(true, Ordering::Relaxed);
+                if !backend.is_healthy() && self.successes >= config.rise {
+                    tracing::info!(upstream, backend = %backend.authority, "backend healthy again, back in rotation");
+                    backend.set_healthy(true);
+                }
+            }
+            Err(why) => {
+                self.successes = 0;
+                self.failures = self.failures.saturating_add(1);
+                if backend.is_healthy() && self.failures >= config.fall {
+                    tracing::warn!(upstream, backend = %backend.authority, reason = %why,
+                        "backend failed {} health checks in a row, out of rotation", self.failures);
+                    backend.set_healthy(false);
+                }
+            }
+        }
+    }
+}
+
+async fn check_once(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    backend: &Backend,
+    config: &HealthConfig,
+) -> Result<(), String> {
+    let uri = format!("http://{}{}", backend.authority, config.path);
+    let request = Request::get(uri)
+        .header(header::USER_AGENT, "loadgate-health-check")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(config.timeout, client.request(request)).await {
+        Err(_) => Err(format!("no answer within {:?}", config.timeout)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(response)) if response.status().is_success() => Ok(()),
+        Ok(Ok(response)) => Err(format!("status {}", response.status())),
+    }
+}

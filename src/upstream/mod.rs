@@ -1,0 +1,368 @@
+//! Upstreams: the pooled HTTP client per upstream, its backends, balancing and
+//! the in-flight count the utilisation signal is built on.
+//!
+//! Not here: deciding whether to forward (admission) or what to do with the
+//! response (caching, header rewriting); see `proxy.rs`.
+
+mod health;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rand::Rng;
+
+use crate::admission::poller::spawn_poller;
+use crate::admission::{Admission, Slots};
+use crate::body::ProxyBody;
+use crate::config::{ActuatorSettings, ShedMode, UpstreamConfig};
+use crate::error::UpstreamErrorKind;
+use crate::metrics as m;
+
+pub use health::spawn_health_checks;
+
+/// One backend address of an upstream, with its live state.
+#[derive(Debug)]
+pub struct Backend {
+    /// `host:port`.
+    pub authority: String,
+    inflight: AtomicUsize,
+    healthy: AtomicBool,
+    /// At least one health check has passed since start.
+    confirmed: AtomicBool,
+    health_gauge: metrics::Gauge,
+}
+
+impl Backend {
+    fn new(upstream: &str, authority: &str) -> Backend {
+        let health_gauge = metrics::gauge!(m::BACKEND_HEALTHY,
+            m::LABEL_UPSTREAM => upstream.to_string(), m::LABEL_BACKEND => authority.to_string());
+        health_gauge.set(1.0);
+        Backend {
+            authority: authority.to_string(),
+            inflight: AtomicUsize::new(0),
+            // Optimistic until a health check says otherwise, so a fresh proxy serves at once.
+            healthy: AtomicBool::new(true),
+            confirmed: AtomicBool::new(false),
+            health_gauge,
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Healthy and seen to pass a check: what `/readyz` asks for.
+    pub fn is_confirmed_healthy(&self) -> bool {
+        self.is_healthy() && self.confirmed.load(Ordering::Relaxed)
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+        self.health_gauge.set(if healthy { 1.0 } else { 0.0 });
+    }
+}
+
+/// An upstream: a named group of backends behind one connection pool.
+pub struct Upstream {
+    pub name: String,
+    pub config: UpstreamConfig,
+    backends: Vec<Arc<Backend>>,
+    client: Client<HttpConnector, ProxyBody>,
+    inflight: Arc<AtomicUsize>,
+    inflight_gauge: metrics::Gauge,
+    /// Shedding state: the utilisation signal and the decision.
+    pub admission: Admission,
+    /// Stop the health checks and actuator pollers when the upstream is dropped
+    /// (e.g. replaced on reload).
+    _tasks: Vec<AbortOnDrop>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("backends", &self.backends)
+            .finish_non_exhaustive()
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why forwarding to a backend failed, before any response head arrived.
+#[derive(Debug)]
+pub struct SendError {
+    pub kind: UpstreamErrorKind,
+    pub detail: String,
+}
+
+impl Upstream {
+    /// Builds the upstream and starts its health checks on the current runtime.
+    pub fn start(config: &UpstreamConfig) -> Arc<Upstream> {
+        let mut upstream = Upstream::build(config);
+        if config.health.enabled {
+            let task = spawn_health_checks(
+                upstream.name.clone(),
+                upstream.backends.clone(),
+                config.health.clone(),
+            );
+            upstream._tasks.push(AbortOnDrop(task));
+        }
+        if config.actuator.enabled && config.shedding.mode != ShedMode::Off {
+            for (i, backend) in config.backends.iter().enumerate() {
+                // The pool counts as saturated when this proxy alone fills it.
+                let inflight = upstream.inflight.clone();
+                let capacity = config.max_workers as usize * config.backends.len();
+                let task = spawn_poller(
+                    upstream.name.clone(),
+                    backend.clone(),
+                    config.actuator.clone(),
+                    upstream.admission.report_holder(i),
+                    move || inflight.load(Ordering::Relaxed) >= capacity,
+                );
+                upstream._tasks.push(AbortOnDrop(task));
+            }
+        }
+        Arc::new(upstream)
+    }
+
+    fn build(config: &UpstreamConfig) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.idle_timeout)
+            .pool_max_idle_per_host(config.max_idle_per_backend)
+            .build(connector);
+        let inflight_gauge =
+            metrics::gauge!(m::UPSTREAM_INFLIGHT, m::LABEL_UPSTREAM => config.name.clone());
+        Upstream {
+            name: config.name.clone(),
+            config: config.clone(),
+            backends: config
+                .backends
+                .iter()
+                .map(|b| Arc::new(Backend::new(&config.name, b)))
+                .collect(),
+            client,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            inflight_gauge,
+            admission: Admission::new(config),
+            _tasks: Vec::new(),
+        }
+    }
+
+    /// An upstream with one backend and no health checks, for unit tests.
+    pub fn for_tests(name: &str) -> Upstream {
+        let config = UpstreamConfig {
+            name: name.to_string(),
+            backends: vec!["127.0.0.1:9".to_string()],
+            max_workers: 10,
+            connect_timeout: Duration::from_secs(1),
+            response_header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_idle_per_backend: 1,
+            health: crate::config::HealthConfig {
+                enabled: false,
+                path: "/health".into(),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+                rise: 1,
+                fall: 1,
+            },
+            shedding: Default::default(),
+            actuator: ActuatorSettings {
+                enabled: false,
+                ..Default::default()
+            },
+            adaptive: None,
+        };
+        Upstream::build(&config)
+    }
+
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// Requests in flight from this proxy to this upstream.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Backends currently in rotation.
+    pub fn healthy_count(&self) -> usize {
+        self.backends.iter().filter(|b| b.is_healthy()).count()
+    }
+
+    /// True when at least one backend has passed a health check (or checks are off).
+    pub fn is_ready(&self) -> bool {
+        if !self.config.health.enabled {
+            return true;
+        }
+        self.backends.iter().any(|b| b.is_confirmed_healthy())
+    }
+
+    /// Picks a backend: the less loaded of two random healthy ones.
+    pub fn pick(&self) -> Option<Arc<Backend>> {
+        let healthy: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| b.is_healthy()).collect();
+        match healthy.len() {
+            0 => None,
+            1 => Some(healthy[0].clone()),
+            n => {
+                let mut rng = rand::thread_rng();
+                let a = rng.gen_range(0..n);
+                let b = (a + rng.gen_range(1..n)) % n;
+                let (a, b) = (healthy[a], healthy[b]);
+                Some(if b.inflight() < a.inflight() { b } else { a }.clone())
+            }
+        }
+    }
+
+    /// Sends `req` (its URI already pointing at `backend`) and waits for the response
+    /// head, bounded by the response-header timeout.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
+        let timeout = self.config.response_header_timeout;
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(classify(&error, self.config.connect_timeout)),
+            Err(_) => Err(SendError {
+                kind: UpstreamErrorKind::HeaderTimeout,
+                detail: format!("no response head within {}", fmt_duration(timeout)),
+            }),
+        }
+    }
+}
+
+/// One request counted in flight to an upstream, from admission until its response
+/// body ends or is dropped. Dropping it frees the slot and wakes a queued request.
+pub struct Reservation {
+    upstream: Arc<Upstream>,
+}
+
+impl Reservation {
+    /// Also counts the request against the backend it is sent to.
+    pub fn bind(self, backend: &Arc<Backend>) -> InflightGuard {
+        backend.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard {
+            _reservation: self,
+            backend: backend.clone(),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let now = self.upstream.inflight.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.upstream.inflight_gauge.set(now as f64);
+        self.upstream.admission.on_release();
+    }
+}
+
+/// A [`Reservation`] bound to a backend: attach it to the response body so the
+/// request counts until its body has been delivered or abandoned.
+pub struct InflightGuard {
+    _reservation: Reservation,
+    backend: Arc<Backend>,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.backend.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Slots for Arc<Upstream> {
+    type Reservation = Reservation;
+
+    fn inflight(&self) -> usize {
+        Upstream::inflight(self)
+    }
+
+    fn backends_in_rotation(&self) -> usize {
+        self.healthy_count()
+    }
+
+    fn try_reserve(&self, limit: Option<usize>) -> Option<Reservation> {
+        let counted = self
+            .inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match limit {
+                Some(limit) if n >= limit => None,
+                _ => Some(n + 1),
+            });
+        let before = counted.ok()?;
+        self.inflight_gauge.set((before + 1) as f64);
+        Some(Reservation {
+            upstream: self.clone(),
+        })
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// Maps a client error to what the user needs to know about it.
+fn classify(error: &hyper_util::client::legacy::Error, connect_timeout: Duration) -> SendError {
+    let io_kind = find_source::<std::io::Error>(error).map(|e| e.kind());
+    if error.is_connect() {
+        if io_kind == Some(std::io::ErrorKind::TimedOut) {
+            return SendError {
+                kind: UpstreamErrorKind::ConnectTimeout,
+                detail: format!("connect timed out after {}", fmt_duration(connect_timeout)),
+            };
+        }
+        let cause = find_source::<std::io::Error>(error)
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| error.to_string());
+        return SendError {
+            kind: UpstreamErrorKind::Connect,
+            detail: format!("cannot connect: {cause}"),
+        };
+    }
+    let detail = match find_source::<hyper::Error>(error) {
+        Some(e) if e.is_incomplete_message() => {
+            "connection closed by the backend before a complete response".to_string()
+        }
+        Some(e) => format!("upstream exchange failed: {e}"),
+        None => format!("upstream exchange failed: {error}"),
+    };
+    SendError {
+        kind: UpstreamErrorKind::Protocol,
+        detail,
+    }
+}
+
+/// The first error of type `E` in `error`'s source chain.
+fn find_source<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}

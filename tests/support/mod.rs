@@ -1,0 +1,308 @@
+//! Shared helpers for the integration tests: a builder for simulated backends, a
+//! config builder for proxies on 127.0.0.1:0, an HTTP client and a raw-socket helper.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use loadgate::body::{empty, full, ProxyBody};
+use loadgate::config::{
+    ActuatorSettings, AdminConfig, CachePolicy, Config, HealthConfig, RouteClass, RouteConfig,
+    ServerConfig, SheddingConfig, UpstreamConfig,
+};
+use loadgate::server::Proxy;
+use loadgate::sim::{SimBackend, SimConfig, SimRoute};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const LOCAL0: &str = "127.0.0.1:0";
+
+/// Builds a simulated backend: `TestBackend::new().workers(4).latency_ms(50).start()`.
+pub struct TestBackend {
+    config: SimConfig,
+}
+
+impl TestBackend {
+    pub fn new() -> TestBackend {
+        TestBackend {
+            config: SimConfig {
+                listen: LOCAL0.parse().unwrap(),
+                workers: 16,
+                service_time_ms: 0.0,
+                ..SimConfig::default()
+            },
+        }
+    }
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+    pub fn latency_ms(mut self, ms: f64) -> Self {
+        self.config.service_time_ms = ms;
+        self
+    }
+    pub fn route(mut self, prefix: &str, service_time_ms: f64) -> Self {
+        self.config.routes.push(SimRoute {
+            path_prefix: prefix.to_string(),
+            service_time_ms: Some(service_time_ms),
+            distribution: None,
+            cache_control: None,
+            body_bytes: None,
+        });
+        self
+    }
+    pub fn management_port(mut self) -> Self {
+        self.config.management_listen = Some(LOCAL0.parse().unwrap());
+        self
+    }
+    pub fn keep_alive_timeout_ms(mut self, ms: u64) -> Self {
+        self.config.keep_alive_timeout_ms = ms;
+        self
+    }
+    pub async fn start(self) -> SimBackend {
+        SimBackend::start(self.config)
+            .await
+            .expect("sim backend starts")
+    }
+}
+
+/// A proxy config with one upstream "app" and one catch-all route per class prefix:
+/// `/api/checkout` critical, `/api/reports` sheddable, everything else normal.
+pub fn proxy_config(backend: SocketAddr) -> Config {
+    proxy_config_for(&[backend.to_string()])
+}
+
+pub fn proxy_config_for(backends: &[String]) -> Config {
+    let route = |name: &str, prefix: &str, class| RouteConfig {
+        name: name.to_string(),
+        host: None,
+        path_prefix: prefix.to_string(),
+        upstream: "app".to_string(),
+        class,
+        cache: CachePolicy::Off,
+        threshold: None,
+    };
+    Config {
+        server: ServerConfig {
+            listen: vec![LOCAL0.parse().unwrap()],
+            probe_paths: vec!["/healthz".to_string()],
+            drain_timeout: Duration::from_secs(5),
+        },
+        admin: AdminConfig {
+            listen: LOCAL0.parse().unwrap(),
+        },
+        upstreams: vec![UpstreamConfig {
+            name: "app".to_string(),
+            backends: backends.to_vec(),
+            max_workers: 16,
+            connect_timeout: Duration::from_millis(500),
+            response_header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(4),
+            max_idle_per_backend: 64,
+            health: HealthConfig {
+                enabled: true,
+                path: "/actuator/health".to_string(),
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(80),
+                rise: 1,
+                fall: 2,
+            },
+            // Shedding on the local signal only; tests that want the reported signal turn
+            // the poller on (it would add actuator requests to the backend's counts).
+            shedding: SheddingConfig::default(),
+            actuator: ActuatorSettings {
+                enabled: false,
+                ..ActuatorSettings::default()
+            },
+            adaptive: None,
+        }],
+        routes: vec![
+            route("checkout", "/api/checkout", RouteClass::Critical),
+            route("reports", "/api/reports", RouteClass::Sheddable),
+            route("api", "/api", RouteClass::Normal),
+        ],
+        sim: None,
+    }
+}
+
+pub async fn start_proxy(config: Config) -> Proxy {
+    Proxy::start(config).await.expect("proxy starts")
+}
+
+pub type TestClient = Client<HttpConnector, ProxyBody>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response with its body read to the end.
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("body is JSON")
+    }
+}
+
+pub async fn read(response: Response<hyper::body::Incoming>) -> Got {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body reads").to_bytes();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Sends `req` with a 10 s bound, so no test can hang.
+pub async fn send(client: &TestClient, req: Request<ProxyBody>) -> Got {
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("response within 10 s")
+        .expect("request succeeds");
+    tokio::time::timeout(Duration::from_secs(10), read(response))
+        .await
+        .expect("body within 10 s")
+}
+
+pub async fn get(client: &TestClient, url: &str) -> Got {
+    send(client, Request::get(url).body(empty()).unwrap()).await
+}
+
+pub fn body(bytes: impl Into<Bytes>) -> ProxyBody {
+    full(bytes)
+}
+
+/// Writes raw bytes to `addr` and reads until the peer closes or 5 s pass.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connects");
+    stream.write_all(request).await.expect("writes");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Polls `check` every 20 ms until it is true or `within` passes.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An address nothing listens on.
+pub async fn closed_port() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(LOCAL0).await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// One answer seen by [`open_loop`].
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Index into the `targets` given to `open_loop`.
+    pub target: usize,
+    /// HTTP status, or 0 when the request failed without one.
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub content_type: Option<String>,
+}
+
+/// Open-loop load: `rate` requests per second for `duration`, sent on schedule
+/// whether or not earlier ones returned, cycling through `targets` by weight.
+/// Every request is bounded by a 10 s timeout; the whole run by duration + 12 s.
+pub async fn open_loop(
+    client: &TestClient,
+    targets: &[(String, u32)],
+    rate: u32,
+    duration: Duration,
+) -> Vec<Outcome> {
+    let schedule: Vec<usize> = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, weight))| std::iter::repeat_n(i, *weight as usize))
+        .collect();
+    let total = (f64::from(rate) * duration.as_secs_f64()) as usize;
+    let tick = Duration::from_millis(5);
+    let per_tick = (f64::from(rate) * tick.as_secs_f64()).max(1.0) as usize;
+    let mut interval = tokio::time::interval(tick);
+    let mut tasks = Vec::with_capacity(total);
+    let mut sent = 0;
+    while sent < total {
+        interval.tick().await;
+        for _ in 0..per_tick.min(total - sent) {
+            let target = schedule[sent % schedule.len()];
+            let url = targets[target].0.clone();
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = Request::get(&url).body(empty()).unwrap();
+                match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                    Ok(Ok(response)) => {
+                        let header = |name| {
+                            response
+                                .headers()
+                                .get(name)
+                                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+                                .map(str::to_string)
+                        };
+                        let outcome = Outcome {
+                            target,
+                            status: response.status().as_u16(),
+                            retry_after: header("retry-after"),
+                            content_type: header("content-type"),
+                        };
+                        let _ = response.into_body().collect().await;
+                        outcome
+                    }
+                    _ => Outcome {
+                        target,
+                        status: 0,
+                        retry_after: None,
+                        content_type: None,
+                    },
+                }
+            }));
+            sent += 1;
+        }
+    }
+    let mut outcomes = Vec::with_capacity(total);
+    for task in tasks {
+        outcomes.push(task.await.expect("request task"));
+    }
+    outcomes
+}
+
+/// How many outcomes for `target` had `status`.
+pub fn count(outcomes: &[Outcome], target: usize, status: u16) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| o.target == target && o.status == status)
+        .count()
+}
