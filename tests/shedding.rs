@@ -328,3 +328,35 @@ async fn a_proxy_started_before_its_backend_sheds_nothing_until_the_signal_is_re
     }
     assert_eq!(backend.stats().requests("/api/reports"), 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_port_carries_health_checks_and_actuator_polls() {
+    let backend = backend().await;
+    let mut config = proxy_config(backend.addr());
+    config.upstreams[0].management_port = Some(backend.management_addr().unwrap().port());
+    config.upstreams[0].actuator = ActuatorSettings {
+        enabled: true,
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(80),
+        ..ActuatorSettings::default()
+    };
+    let proxy = start_proxy(config).await;
+    let shared = proxy.shared().clone();
+    let ready_and_polled = || {
+        let runtime = shared.runtime.load();
+        let upstream = &runtime.upstreams["app"];
+        upstream.is_ready() && upstream.admission.reports()[0].good_polls() > 0
+    };
+    assert!(
+        eventually(Duration::from_secs(3), ready_and_polled).await,
+        "health checks or polls did not reach the management port"
+    );
+    // With a management port the sim answers /actuator/* on its main port with 404, as
+    // Spring does, so a healthy backend and a good poll prove both used the management port.
+    let status = status(&proxy).await;
+    assert_eq!(status["upstreams"][0]["backends"][0]["healthy"], true);
+    assert_eq!(
+        status["upstreams"][0]["backends"][0]["actuator"]["max"],
+        WORKERS as f64
+    );
+}

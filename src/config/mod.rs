@@ -89,6 +89,10 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Idle pooled connections kept per backend. Default 256.
     pub max_idle_per_backend: usize,
+    /// The backends' management port (Spring's `management.server.port`): health checks
+    /// and actuator polls go to each backend's host on this port. Default: none (the
+    /// backend's own port).
+    pub management_port: Option<u16>,
     pub health: HealthConfig,
     /// The `[upstream.shedding]` table.
     pub shedding: SheddingConfig,

@@ -339,6 +339,14 @@ pub(super) fn build_upstream(section: &mut Section, errs: &mut Errors) -> Option
         max_idle_per_backend: raw
             .max_idle_per_backend
             .unwrap_or(defaults::MAX_IDLE_PER_BACKEND),
+        management_port: raw.management_port.inspect(|port| {
+            if *port == 0 {
+                errs.push(
+                    s.line(&["management_port"]),
+                    s.say("management_port must be a port number, 1 to 65535"),
+                );
+            }
+        }),
         health: HealthConfig {
             enabled: h.enabled.unwrap_or(defaults::HEALTH_ENABLED),
             path,

@@ -21,6 +21,7 @@ pub fn spawn_health_checks(
     upstream: String,
     backends: Vec<Arc<Backend>>,
     config: HealthConfig,
+    management_port: Option<u16>,
 ) -> tokio::task::JoinHandle<()> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.timeout));
@@ -35,7 +36,9 @@ pub fn spawn_health_checks(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let checks = backends.iter().map(|b| check_once(&client, b, &config));
+            let checks = backends
+                .iter()
+                .map(|b| check_once(&client, b, &config, management_port));
             let results = futures_util::future::join_all(checks).await;
             for ((backend, streak), result) in backends.iter().zip(&mut streaks).zip(results) {
                 streak.record(&upstream, backend, &config, result);
@@ -85,8 +88,13 @@ async fn check_once(
     client: &Client<HttpConnector, Empty<Bytes>>,
     backend: &Backend,
     config: &HealthConfig,
+    management_port: Option<u16>,
 ) -> Result<(), String> {
-    let uri = format!("http://{}{}", backend.authority, config.path);
+    let authority = match management_port {
+        Some(port) => super::management_authority(&backend.authority, port),
+        None => backend.authority.clone(),
+    };
+    let uri = format!("http://{authority}{}", config.path);
     let request = Request::get(uri)
         .header(header::USER_AGENT, "loadgate-health-check")
         .body(Empty::new())

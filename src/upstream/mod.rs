@@ -120,6 +120,7 @@ impl Upstream {
                 upstream.name.clone(),
                 upstream.backends.clone(),
                 config.health.clone(),
+                config.management_port,
             );
             upstream._tasks.push(AbortOnDrop(task));
         }
@@ -128,10 +129,16 @@ impl Upstream {
                 // The pool counts as saturated when this proxy alone fills it.
                 let inflight = upstream.inflight.clone();
                 let capacity = config.max_workers as usize * config.backends.len();
+                let mut settings = config.actuator.clone();
+                if settings.base_url.is_none() {
+                    settings.base_url = config
+                        .management_port
+                        .map(|port| format!("http://{}", management_authority(backend, port)));
+                }
                 let task = spawn_poller(
                     upstream.name.clone(),
                     backend.clone(),
-                    config.actuator.clone(),
+                    settings,
                     upstream.admission.report_holder(i),
                     move || inflight.load(Ordering::Relaxed) >= capacity,
                 );
@@ -179,6 +186,7 @@ impl Upstream {
             response_header_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_idle_per_backend: 1,
+            management_port: None,
             health: crate::config::HealthConfig {
                 enabled: false,
                 path: "/health".into(),
@@ -312,6 +320,12 @@ impl Slots for Arc<Upstream> {
             upstream: self.clone(),
         })
     }
+}
+
+/// `host:port` of a backend's management port: its own host with `port`.
+pub fn management_authority(backend: &str, port: u16) -> String {
+    let host = backend.rsplit_once(':').map_or(backend, |(host, _)| host);
+    format!("{host}:{port}")
 }
 
 fn fmt_duration(d: Duration) -> String {

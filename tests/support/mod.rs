@@ -105,6 +105,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
             response_header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(4),
             max_idle_per_backend: 64,
+            management_port: None,
             health: HealthConfig {
                 enabled: true,
                 path: "/actuator/health".to_string(),
