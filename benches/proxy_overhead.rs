@@ -1,0 +1,373 @@
+//! What loadgate costs on the request path, next to nginx, measured in one run.
+//!
+//! Closed-loop load (64 keep-alive HTTP/1.1 connections) against the simulated
+//! backend with zero service time, directly, then through loadgate, then through
+//! nginx (when installed) with as many worker processes as loadgate has worker
+//! threads. The targets run interleaved over several rounds and the table shows
+//! medians, because shared machines are noisy.
+//!
+//! Processes: the backend and loadgate each run in a process of their own (this
+//! binary re-executed in a helper role, each on its own multi-thread tokio
+//! runtime); nginx runs as its own master + workers; the load generator runs in
+//! this process on its own runtime. Nothing under test shares a runtime or a
+//! process with the load generator. All traffic stays on 127.0.0.1.
+//!
+//! ```sh
+//! cargo bench --bench proxy_overhead
+//! LOADGATE_BENCH_SECS=10 LOADGATE_BENCH_ROUNDS=5 cargo bench --bench proxy_overhead
+//! ```
+//!
+//! Settings (environment):
+//! - `LOADGATE_BENCH_SECS` measured seconds per run (5), `LOADGATE_BENCH_WARMUP_SECS` (1)
+//! - `LOADGATE_BENCH_ROUNDS` rounds of all targets (3)
+//! - `LOADGATE_BENCH_CONNECTIONS` client connections (64)
+//! - `LOADGATE_BENCH_WORKERS` loadgate worker threads = nginx worker_processes (the core count)
+//! - `LOADGATE_BENCH_BACKEND_THREADS` the backend's runtime threads (the core count)
+//! - `LOADGATE_BENCH_CLIENT_THREADS` the load generator's runtime threads (1)
+//! - `LOADGATE_BENCH_NGINX` path of nginx, or `off` to skip it (found on PATH or in /usr/sbin)
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{env_or, fmt_us, median, print_table, Load, Process, Runs};
+use loadgate::config::Config;
+use loadgate::server::Proxy;
+use loadgate::sim::{SimBackend, SimConfig};
+
+/// The first argument of a helper process.
+const HELPER: &str = "--proxy-overhead-helper";
+/// The request every target serves.
+const PATH: &str = "/api/anything";
+/// The issue's target: loadgate's req/s over nginx's, with p99 no worse.
+const TARGET_RPS_RATIO: f64 = 1.1;
+
+struct Settings {
+    secs: f64,
+    warmup_secs: f64,
+    rounds: usize,
+    connections: usize,
+    workers: usize,
+    backend_threads: usize,
+    client_threads: usize,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        Settings {
+            secs: env_or("LOADGATE_BENCH_SECS", 5.0),
+            warmup_secs: env_or("LOADGATE_BENCH_WARMUP_SECS", 1.0),
+            rounds: env_or("LOADGATE_BENCH_ROUNDS", 3usize).max(1),
+            connections: env_or("LOADGATE_BENCH_CONNECTIONS", 64usize).max(1),
+            workers: env_or("LOADGATE_BENCH_WORKERS", common::cores()).max(1),
+            backend_threads: env_or("LOADGATE_BENCH_BACKEND_THREADS", common::cores()).max(1),
+            client_threads: env_or("LOADGATE_BENCH_CLIENT_THREADS", 1usize).max(1),
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(HELPER) {
+        helper_main(&args[1..]);
+        return;
+    }
+    if let Err(error) = bench(&Settings::from_env()) {
+        eprintln!("proxy_overhead: {error}");
+        std::process::exit(1);
+    }
+}
+
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    /// The target's own processes, whose CPU time is measured (for the proxies,
+    /// the proxy alone, not the backend behind it).
+    pids: Vec<u32>,
+    runs: Runs,
+}
+
+fn bench(s: &Settings) -> std::io::Result<()> {
+    println!(
+        "proxy_overhead: {} connections, {} s measured after {} s warm-up, {} round(s); \
+         loadgate {} worker thread(s), nginx {} worker process(es), backend {} thread(s), \
+         load generator {} thread(s), {} core(s)",
+        s.connections,
+        s.secs,
+        s.warmup_secs,
+        s.rounds,
+        s.workers,
+        s.workers,
+        s.backend_threads,
+        s.client_threads,
+        common::cores(),
+    );
+
+    // Declared first so they are dropped (stopped) last, after the proxies in front.
+    let (backend, backend_addr) = Process::spawn_self(
+        "sim backend",
+        &[
+            HELPER.into(),
+            "backend".into(),
+            s.backend_threads.to_string(),
+        ],
+    )?;
+    let (loadgate, loadgate_addr) = Process::spawn_self(
+        "loadgate",
+        &[
+            HELPER.into(),
+            "loadgate".into(),
+            s.workers.to_string(),
+            backend_addr.to_string(),
+        ],
+    )?;
+    let nginx = match common::nginx::find() {
+        Ok(path) => match common::nginx::Nginx::start(&path, s.workers, backend_addr) {
+            Ok(nginx) => Some(nginx),
+            Err(why) => {
+                println!(
+                    "nginx row skipped: {} failed to start: {why}",
+                    path.display()
+                );
+                None
+            }
+        },
+        Err(why) => {
+            println!("nginx row skipped: {why}");
+            None
+        }
+    };
+
+    let mut targets = vec![
+        Target {
+            name: "backend direct",
+            addr: backend_addr,
+            pids: vec![backend.id()],
+            runs: Runs::default(),
+        },
+        Target {
+            name: "loadgate",
+            addr: loadgate_addr,
+            pids: vec![loadgate.id()],
+            runs: Runs::default(),
+        },
+    ];
+    if let Some(nginx) = &nginx {
+        targets.push(Target {
+            name: "nginx",
+            addr: nginx.addr,
+            // The master and its workers.
+            pids: common::with_children(nginx.process.id()),
+            runs: Runs::default(),
+        });
+    }
+    for target in &targets {
+        check_serves(target.name, target.addr)?;
+    }
+
+    let load = |addr| Load {
+        addr,
+        path: PATH.to_string(),
+        connections: s.connections,
+        warmup: Duration::from_secs_f64(s.warmup_secs),
+        duration: Duration::from_secs_f64(s.secs),
+        request_timeout: Duration::from_secs(5),
+    };
+    let n = targets.len();
+    for round in 0..s.rounds {
+        // Each round starts with a different target, so none always runs first or last.
+        for k in 0..n {
+            let target = &mut targets[(round + k) % n];
+            let pids = target.pids.clone();
+            let result = load(target.addr).run_watching_cpu(s.client_threads, move || pids.clone());
+            println!(
+                "  round {}/{}  {:<15} {:>9.0} req/s  p50 {:>9}  p99 {:>9}  cpu/req {:>7}  errors {}",
+                round + 1,
+                s.rounds,
+                target.name,
+                result.rps(),
+                fmt_us(result.quantile(0.50).map_or(f64::NAN, |d| d.as_micros() as f64)),
+                fmt_us(result.quantile(0.99).map_or(f64::NAN, |d| d.as_micros() as f64)),
+                fmt_cpu(result.cpu_us_per_request().unwrap_or(f64::NAN)),
+                result.errors,
+            );
+            target.runs.runs.push(result);
+        }
+    }
+
+    println!();
+    println!("medians of {} round(s):", s.rounds);
+    let rows: Vec<Vec<String>> = targets
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.to_string(),
+                format!("{:.0}", t.runs.rps()),
+                fmt_us(t.runs.quantile_us(0.50)),
+                fmt_us(t.runs.quantile_us(0.99)),
+                fmt_cpu(t.runs.cpu_us_per_request()),
+                t.runs.errors().to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["target", "req/s", "p50", "p99", "cpu/req", "errors"],
+        &rows,
+    );
+    println!(
+        "(cpu/req: CPU time of the target's own processes per response; for the proxies \
+         the proxy alone, without the backend. It varies less with machine noise than req/s.)"
+    );
+
+    let [direct, loadgate, rest @ ..] = targets.as_slice() else {
+        unreachable!("direct and loadgate are always measured")
+    };
+    println!(
+        "loadgate / backend direct: {:.2}x req/s, p99 {:.2}x",
+        loadgate.runs.rps() / direct.runs.rps(),
+        loadgate.runs.quantile_us(0.99) / direct.runs.quantile_us(0.99),
+    );
+    match rest.first() {
+        Some(nginx) => {
+            let rps = loadgate.runs.rps() / nginx.runs.rps();
+            let p99 = loadgate.runs.quantile_us(0.99) / nginx.runs.quantile_us(0.99);
+            let per_round: Vec<String> = loadgate
+                .runs
+                .runs
+                .iter()
+                .zip(&nginx.runs.runs)
+                .map(|(l, n)| format!("{:.2}x", l.rps() / n.rps()))
+                .collect();
+            let cpu = loadgate.runs.cpu_us_per_request() / nginx.runs.cpu_us_per_request();
+            let met = rps >= TARGET_RPS_RATIO && p99 <= 1.0;
+            println!(
+                "loadgate / nginx: {rps:.2}x req/s, p99 {p99:.2}x   \
+                 (target: >= {TARGET_RPS_RATIO}x req/s, p99 no worse: {})",
+                if met { "met" } else { "NOT met" }
+            );
+            println!("loadgate / nginx: {cpu:.2}x cpu/req");
+            println!(
+                "loadgate / nginx req/s by round: {}  (median {:.2}x)",
+                per_round.join(" "),
+                median(
+                    &loadgate
+                        .runs
+                        .runs
+                        .iter()
+                        .zip(&nginx.runs.runs)
+                        .map(|(l, n)| l.rps() / n.rps())
+                        .collect::<Vec<_>>()
+                )
+            );
+        }
+        None => println!("loadgate / nginx: not measured (see above)"),
+    }
+    drop(nginx);
+    Ok(())
+}
+
+/// CPU microseconds with one decimal: `12.3 µs`.
+fn fmt_cpu(us: f64) -> String {
+    if us.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{us:.1} µs")
+    }
+}
+
+/// One plain GET before any load, so a misconfigured target fails loudly instead of
+/// showing up as a row of errors.
+fn check_serves(name: &str, addr: SocketAddr) -> std::io::Result<()> {
+    let probe = Load {
+        addr,
+        path: PATH.to_string(),
+        connections: 1,
+        warmup: Duration::ZERO,
+        duration: Duration::from_millis(200),
+        request_timeout: Duration::from_secs(2),
+    };
+    let result = probe.run_on_own_runtime(1);
+    if result.ok() == 0 {
+        return Err(std::io::Error::other(format!(
+            "{name} at {addr} does not answer GET {PATH} with a 2xx ({} errors)",
+            result.errors
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Helper processes: the backend and loadgate, each on its own runtime
+// ---------------------------------------------------------------------------
+
+fn helper_main(args: &[String]) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let arg = |i: usize| -> &str { args.get(i).map_or("", String::as_str) };
+    let threads: usize = arg(1).parse().expect("helper: thread count");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("helper runtime");
+    match arg(0) {
+        "backend" => {
+            let backend = runtime
+                .block_on(SimBackend::start(SimConfig {
+                    listen: "127.0.0.1:0".parse().expect("address"),
+                    workers: 1024,
+                    service_time_ms: 0.0,
+                    max_keep_alive_requests: 0,
+                    keep_alive_timeout_ms: 60_000,
+                    ..SimConfig::default()
+                }))
+                .expect("sim backend starts");
+            // The runtime's worker threads serve while this thread waits for the parent.
+            common::announce_and_wait_for_parent(backend.addr());
+            runtime.block_on(backend.shutdown());
+        }
+        "loadgate" => {
+            let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
+            let proxy = runtime
+                .block_on(Proxy::start(loadgate_config(backend)))
+                .expect("loadgate starts");
+            common::announce_and_wait_for_parent(proxy.addr());
+            runtime.block_on(proxy.shutdown());
+        }
+        other => panic!("unknown helper role {other:?}"),
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// One upstream, one route for `/`, health checks and the actuator poller off (the
+/// backend is known to be up, and a poller would add traffic nginx does not have).
+/// Admission stays on, as in production: its cost is part of the request path.
+fn loadgate_config(backend: SocketAddr) -> Config {
+    let text = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[admin]
+listen = "127.0.0.1:0"
+[[upstream]]
+name = "app"
+backends = ["{backend}"]
+max_workers = 1024
+idle_timeout_ms = 60000
+[upstream.health]
+enabled = false
+[upstream.actuator]
+enabled = false
+[[route]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+"#
+    );
+    Config::parse(&text, "proxy_overhead bench").expect("bench config is valid")
+}
