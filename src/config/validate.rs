@@ -6,14 +6,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::load::{
-    RawActuator, RawAdaptive, RawAdmin, RawRetry, RawRoute, RawServer, RawShedding,
-    RawUpstream,
+    RawActuator, RawAdaptive, RawAdmin, RawRetry, RawRoute, RawServer, RawShedding, RawUpstream,
 };
 use super::section::{Errors, Section};
 use super::{
     defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, HealthConfig,
-    RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds,
-    UpstreamConfig,
+    RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds, UpstreamConfig,
 };
 use crate::sim::SimConfig;
 

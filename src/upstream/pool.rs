@@ -332,7 +332,11 @@ impl Pool {
             });
         };
         to_origin_form(&mut req, &host.backend.authority);
-        let idempotent = inner.settings.retry.idempotent_methods.contains(req.method());
+        let idempotent = inner
+            .settings
+            .retry
+            .idempotent_methods
+            .contains(req.method());
         let replay = Replay::of(&req);
         let method = req.method().clone();
 
@@ -413,8 +417,7 @@ impl Inner {
         let authority = host.backend.authority.as_str();
         let mut attempt = 1;
         loop {
-            let failure = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await
-            {
+            let failure = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
                 Ok(Ok(stream)) => {
                     host.backend.connect_succeeded();
                     let _ = stream.set_nodelay(true);
@@ -786,4 +789,246 @@ pub(crate) fn wants_close(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn keep_alive_header_is_parsed() {
+        let ka = parse_keep_alive(&headers(&[("keep-alive", "timeout=5, max=100")]));
+        assert_eq!(ka.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(ka.max, Some(100));
+        let ka = parse_keep_alive(&headers(&[("Keep-Alive", "MAX=7 ,Timeout=\"2\", foo=bar")]));
+        assert_eq!(ka.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(ka.max, Some(7));
+        assert_eq!(
+            parse_keep_alive(&headers(&[("keep-alive", "timeout=x, max")])),
+            KeepAlive::default()
+        );
+        assert_eq!(parse_keep_alive(&HeaderMap::new()), KeepAlive::default());
+    }
+
+    #[test]
+    fn connection_close_is_found_among_options() {
+        assert!(wants_close(&headers(&[("connection", "close")])));
+        assert!(wants_close(&headers(&[("connection", "Upgrade, Close")])));
+        assert!(!wants_close(&headers(&[("connection", "keep-alive")])));
+        assert!(!wants_close(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered_into_the_upper_half() {
+        let (base, cap) = (Duration::from_millis(100), Duration::from_secs(1));
+        let ms = |attempt, jitter| backoff(attempt, base, cap, jitter).as_millis();
+        assert_eq!(ms(1, 1.0), 100);
+        assert_eq!(ms(2, 1.0), 200);
+        assert_eq!(ms(3, 1.0), 400);
+        assert_eq!(ms(4, 1.0), 800);
+        assert_eq!(ms(5, 1.0), 1000);
+        assert_eq!(ms(40, 1.0), 1000);
+        assert_eq!(ms(1, 0.0), 50);
+        assert_eq!(ms(5, 0.0), 500);
+        assert_eq!(ms(2, 0.5), 150);
+    }
+
+    #[test]
+    fn idle_limit_stays_below_an_announced_keep_alive() {
+        let four = Duration::from_secs(4);
+        assert_eq!(idle_limit(four, None), four);
+        assert_eq!(idle_limit(four, Some(Duration::from_secs(60))), four);
+        assert_eq!(
+            idle_limit(four, Some(Duration::from_secs(2))),
+            Duration::from_millis(1500)
+        );
+    }
+
+    #[test]
+    fn request_limit_keeps_the_last_slot_free() {
+        assert!(!at_request_limit(1, None, None));
+        assert!(!at_request_limit(1, Some(2), None));
+        assert!(at_request_limit(1, Some(1), None));
+        assert!(at_request_limit(1, Some(0), None));
+        assert!(!at_request_limit(99, None, Some(100)));
+        assert!(at_request_limit(100, None, Some(100)));
+    }
+
+    /// A backend that answers the first `answered` requests on each connection, then
+    /// reads the next one and closes without a response: a stale keep-alive connection
+    /// that took the request. Returns its address and the requests it read.
+    async fn closing_backend(answered: usize) -> (String, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 0..=answered {
+                        // Read one request head (the tests send small bodies in the same packet).
+                        loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                                let len = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length:"))
+                                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                                if buf.len() >= end + 4 + len {
+                                    buf.drain(..end + 4 + len);
+                                    break;
+                                }
+                            }
+                            let mut chunk = [0u8; 1024];
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        if n == answered {
+                            return; // closes with the request unanswered
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if socket.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn pool_for(authority: &str) -> Pool {
+        let config = UpstreamConfig {
+            backends: vec![authority.to_string()],
+            ..crate::upstream::Upstream::for_tests("pool_unit").config
+        };
+        let backends = vec![Arc::new(Backend::new("pool_unit", authority))];
+        let settings = PoolSettings {
+            idle_timeout: Duration::from_secs(5),
+            max_idle: 8,
+            connect_timeout: Duration::from_secs(1),
+            retry: config.retry,
+        };
+        Pool::new("pool_unit", settings, &backends)
+    }
+
+    fn request(method: &str, authority: &str, body: &'static str) -> Request<ProxyBody> {
+        let body = if body.is_empty() {
+            empty()
+        } else {
+            crate::body::full(body)
+        };
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{authority}/x"))
+            .body(body)
+            .unwrap()
+    }
+
+    async fn send_ok(pool: &Pool, req: Request<ProxyBody>) -> bool {
+        let (response, reused) = pool.send(req).await.expect("an answer");
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+        reused
+    }
+
+    #[tokio::test]
+    async fn connection_is_reused_after_the_body_is_read() {
+        let (addr, seen) = closing_backend(1000).await;
+        let pool = pool_for(&addr);
+        assert!(!send_ok(&pool, request("GET", &addr, "")).await);
+        assert_eq!(pool.idle_count(), 1);
+        assert!(send_ok(&pool, request("GET", &addr, "")).await);
+        assert!(send_ok(&pool, request("POST", &addr, "abc")).await);
+        let stats = pool.stats();
+        assert_eq!((stats.opened, stats.reused), (1, 2), "{stats:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn idempotent_request_on_a_dead_reused_connection_is_retried_once() {
+        let (addr, seen) = closing_backend(1).await;
+        let pool = pool_for(&addr);
+        assert!(!send_ok(&pool, request("GET", &addr, "")).await);
+        // Reuses the pooled connection, which takes the request and closes: retried on
+        // a new connection, which answers.
+        assert!(!send_ok(&pool, request("GET", &addr, "")).await);
+        let stats = pool.stats();
+        assert_eq!(stats.stale_retried, 1, "{stats:?}");
+        assert_eq!((stats.opened, stats.reused), (2, 1), "{stats:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn post_on_a_dead_reused_connection_is_not_retried() {
+        let (addr, seen) = closing_backend(1).await;
+        let pool = pool_for(&addr);
+        send_ok(&pool, request("GET", &addr, "")).await;
+        let error = pool
+            .send(request("POST", &addr, "order"))
+            .await
+            .expect_err("not retried");
+        assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
+        assert!(
+            error.detail.contains("may have reached the backend"),
+            "{}",
+            error.detail
+        );
+        assert!(error.detail.contains("not retried"), "{}", error.detail);
+        assert_eq!(pool.stats().stale_not_retryable, 1);
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "the POST was sent once");
+    }
+
+    #[tokio::test]
+    async fn put_with_a_body_is_not_replayed() {
+        let (addr, _) = closing_backend(1).await;
+        let pool = pool_for(&addr);
+        send_ok(&pool, request("GET", &addr, "")).await;
+        let error = pool.send(request("PUT", &addr, "doc")).await.unwrap_err();
+        assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
+        assert!(
+            error.detail.contains("cannot be replayed"),
+            "{}",
+            error.detail
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_limit_are_not_reused() {
+        let (addr, _) = closing_backend(1000).await;
+        let mut pool = pool_for(&addr);
+        Arc::get_mut(&mut pool.inner).unwrap().settings.idle_timeout = Duration::from_millis(50);
+        send_ok(&pool, request("GET", &addr, "")).await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(!send_ok(&pool, request("GET", &addr, "")).await);
+        let stats = pool.stats();
+        assert_eq!((stats.opened, stats.retired_idle), (2, 1), "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(pool.stats().retired_idle, 2);
+    }
 }
