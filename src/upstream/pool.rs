@@ -872,6 +872,10 @@ mod tests {
     /// reads the next one and closes without a response: a stale keep-alive connection
     /// that took the request. Returns its address and the requests it read.
     async fn closing_backend(answered: usize) -> (String, Arc<AtomicU64>) {
+        backend_answering(answered, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await
+    }
+
+    async fn backend_answering(answered: usize, ok: &'static [u8]) -> (String, Arc<AtomicU64>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(AtomicU64::new(0));
@@ -908,7 +912,6 @@ mod tests {
                         if n == answered {
                             return; // closes with the request unanswered
                         }
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                         if socket.write_all(ok).await.is_err() {
                             return;
                         }
@@ -1030,5 +1033,41 @@ mod tests {
         pool.sweep();
         assert_eq!(pool.idle_count(), 0);
         assert_eq!(pool.stats().retired_idle, 2);
+    }
+
+    #[tokio::test]
+    async fn keep_alive_limits_are_learned_and_honoured() {
+        let (addr, _) = backend_answering(
+            1000,
+            b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=2, max=1\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await;
+        let pool = pool_for(&addr);
+        send_ok(&pool, request("GET", &addr, "")).await;
+        // max=1: the last request slot is left unused, the connection retired.
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(pool.stats().retired_max, 1);
+        let host = &pool.inner.hosts[0];
+        assert_eq!(
+            host.idle_limit(Duration::from_secs(5)),
+            Duration::from_millis(1500)
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_close_is_not_pooled() {
+        let (addr, _) = backend_answering(
+            1000,
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await;
+        let pool = pool_for(&addr);
+        send_ok(&pool, request("GET", &addr, "")).await;
+        send_ok(&pool, request("GET", &addr, "")).await;
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.opened, stats.reused, stats.closed_by_backend),
+            (2, 0, 2)
+        );
     }
 }
