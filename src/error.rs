@@ -24,6 +24,9 @@ pub enum UpstreamErrorKind {
     HeaderTimeout,
     /// The connection broke, or the backend spoke broken HTTP, before a response head.
     Protocol,
+    /// A reused connection died before any response byte and the request could not be
+    /// retried (not idempotent, or its body cannot be replayed): it may have reached the backend.
+    StaleConnection,
     /// Every backend of the upstream is failing its health check.
     NoHealthyBackend,
 }
@@ -35,6 +38,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::ConnectTimeout => "connect_timeout",
             UpstreamErrorKind::HeaderTimeout => "header_timeout",
             UpstreamErrorKind::Protocol => "protocol",
+            UpstreamErrorKind::StaleConnection => "stale_connection",
             UpstreamErrorKind::NoHealthyBackend => "no_healthy_backend",
         }
     }
@@ -86,7 +90,9 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Upstream { kind, .. } => match kind {
-                UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol => StatusCode::BAD_GATEWAY,
+                UpstreamErrorKind::Connect
+                | UpstreamErrorKind::Protocol
+                | UpstreamErrorKind::StaleConnection => StatusCode::BAD_GATEWAY,
                 UpstreamErrorKind::ConnectTimeout | UpstreamErrorKind::HeaderTimeout => {
                     StatusCode::GATEWAY_TIMEOUT
                 }
@@ -196,6 +202,7 @@ mod tests {
         let cases = [
             (upstream(Connect), 502),
             (upstream(Protocol), 502),
+            (upstream(StaleConnection), 502),
             (upstream(ConnectTimeout), 504),
             (upstream(HeaderTimeout), 504),
             (upstream(NoHealthyBackend), 503),

@@ -13,7 +13,8 @@
 //! proxy.rs        the handler: probe → route → forward → respond
 //! routes.rs       host + path prefix → route (upstream, class, cache policy)
 //! headers.rs      hop-by-hop stripping, Via, X-Forwarded-*
-//! upstream/       pooled client per upstream, backends, balancing, health checks
+//! upstream/       connection pool (retry-once on stale reuse, connect backoff), backends,
+//!                 balancing, passive ejection, health checks
 //! body.rs         streamed body types; guards released when a body ends
 //! state.rs        the config generation in force, swapped atomically on reload
 //! error.rs        the proxy's errors and the one error → status table
@@ -31,7 +32,8 @@
 //!        ─▶ probe path? answered here, never forwarded
 //!        ─▶ route match (404 if none) ─▶ pick backend (least loaded of two healthy)
 //!        ─▶ first body frame read (400 if malformed) ─▶ hop-by-hop stripped, Via, X-Forwarded-*
-//!        ─▶ pooled upstream connection (connect / response-header timeouts: 502 / 504)
+//!        ─▶ pooled upstream connection (connect retries, one retry on a stale reused
+//!           connection; connect / response-header timeouts: 502 / 504)
 //!        ─▶ response: hop-by-hop stripped, Via, body streamed back with backpressure
 //!        ─▶ in-flight count and metrics released when the response body ends
 //! ```

@@ -18,6 +18,16 @@ pub const REQUEST_DURATION_SECONDS: &str = "loadgate_request_duration_seconds";
 pub const UPSTREAM_INFLIGHT: &str = "loadgate_upstream_inflight";
 /// Failed upstream exchanges, by `upstream` and `kind` (see [`ErrorKind`](crate::error::UpstreamErrorKind)).
 pub const UPSTREAM_ERRORS_TOTAL: &str = "loadgate_upstream_errors_total";
+/// Requests whose reused upstream connection died before any response byte, by
+/// `upstream` and `outcome` (`retried` on a fresh connection, `not_retryable`: answered 502).
+pub const UPSTREAM_STALE_REUSE_TOTAL: &str = "loadgate_upstream_stale_reuse_total";
+/// Connect attempts after a failed one (each waits an exponential backoff), by `upstream`.
+pub const UPSTREAM_CONNECT_RETRIES_TOTAL: &str = "loadgate_upstream_connect_retries_total";
+/// Pooled upstream connection events, by `upstream` and `event` (`opened`, `reused`,
+/// `retired_idle`, `retired_max`, `closed_by_backend`, `discarded`).
+pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "loadgate_upstream_connections_total";
+/// Backends taken out of rotation after consecutive connect failures, by `upstream` and `backend`.
+pub const BACKEND_EJECTIONS_TOTAL: &str = "loadgate_backend_ejections_total";
 /// 1 when a backend is in rotation, 0 when its health check fails, by `upstream` and `backend`.
 pub const BACKEND_HEALTHY: &str = "loadgate_backend_healthy";
 /// Probe requests answered by the proxy itself on the data port.
@@ -49,6 +59,7 @@ pub const LABEL_KIND: &str = "kind";
 pub const LABEL_RESULT: &str = "result";
 pub const LABEL_SOURCE: &str = "source";
 pub const LABEL_OUTCOME: &str = "outcome";
+pub const LABEL_EVENT: &str = "event";
 
 /// Buckets for the request duration histogram, in seconds (1 ms … 30 s).
 const DURATION_BUCKETS: &[f64] = &[
@@ -100,6 +111,22 @@ fn describe() {
     describe_counter!(
         UPSTREAM_ERRORS_TOTAL,
         "Failed upstream exchanges, by upstream and kind."
+    );
+    describe_counter!(
+        UPSTREAM_STALE_REUSE_TOTAL,
+        "Reused upstream connections that died before a response, by outcome (retried, not_retryable)."
+    );
+    describe_counter!(
+        UPSTREAM_CONNECT_RETRIES_TOTAL,
+        "Upstream connect attempts made after a failed one."
+    );
+    describe_counter!(
+        UPSTREAM_CONNECTIONS_TOTAL,
+        "Pooled upstream connection events: opened, reused, retired_idle, retired_max, closed_by_backend, discarded."
+    );
+    describe_counter!(
+        BACKEND_EJECTIONS_TOTAL,
+        "Backends taken out of rotation after consecutive connect failures."
     );
     describe_gauge!(
         BACKEND_HEALTHY,

@@ -300,6 +300,5 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::append_via(&mut parts.headers, Version::HTTP_11);
-    let body: ProxyBody = body.map_err(BoxError::from).boxed_unsync();
     Ok((Response::from_parts(parts, body), Some(inflight)))
 }

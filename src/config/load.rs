@@ -53,6 +53,18 @@ pub(super) struct RawUpstream {
     pub(super) shedding: Option<RawShedding>,
     pub(super) actuator: Option<RawActuator>,
     pub(super) adaptive: Option<RawAdaptive>,
+    pub(super) retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetry {
+    pub(super) connect_attempts: Option<u32>,
+    pub(super) backoff_base_ms: Option<u64>,
+    pub(super) backoff_cap_ms: Option<u64>,
+    pub(super) idempotent_methods: Option<Vec<String>>,
+    pub(super) eject_after_connect_failures: Option<u32>,
+    pub(super) eject_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -36,6 +36,13 @@ mod defaults {
     pub const IDLE_TIMEOUT_MS: u64 = 4_000;
     pub const MAX_IDLE_PER_BACKEND: usize = 256;
 
+    pub const CONNECT_ATTEMPTS: u32 = 3;
+    pub const BACKOFF_BASE_MS: u64 = 100;
+    pub const BACKOFF_CAP_MS: u64 = 1_000;
+    pub const IDEMPOTENT_METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
+    pub const EJECT_AFTER_CONNECT_FAILURES: u32 = 5;
+    pub const EJECT_MS: u64 = 10_000;
+
     pub const HEALTH_ENABLED: bool = true;
     pub const HEALTH_PATH: &str = "/actuator/health";
     pub const HEALTH_INTERVAL_MS: u64 = 2_000;
@@ -100,6 +107,44 @@ pub struct UpstreamConfig {
     pub actuator: ActuatorSettings,
     /// The `[upstream.adaptive]` table; `Some` when enabled (backends with no fixed pool).
     pub adaptive: Option<AdaptiveSettings>,
+    /// The `[upstream.retry]` table: connect retries, retry-once on a stale connection,
+    /// passive ejection.
+    pub retry: RetryConfig,
+}
+
+/// What the upstream pool retries, and when it takes a backend out of rotation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Connect attempts per request, the first included. Key `connect_attempts`, default 3.
+    pub connect_attempts: u32,
+    /// Backoff before the second attempt; doubles each time. Key `backoff_base_ms`, default 100.
+    pub backoff_base: Duration,
+    /// Longest backoff between two attempts. Key `backoff_cap_ms`, default 1000.
+    pub backoff_cap: Duration,
+    /// Methods retried once on a fresh connection when a reused one dies before any
+    /// response byte. Default GET, HEAD, OPTIONS, PUT, DELETE.
+    pub idempotent_methods: Vec<http::Method>,
+    /// Consecutive failed connect attempts that take a backend out of rotation; 0 never.
+    /// Default 5.
+    pub eject_after_connect_failures: u32,
+    /// How long a passively ejected backend stays out. Key `eject_ms`, default 10000.
+    pub eject_duration: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            connect_attempts: defaults::CONNECT_ATTEMPTS,
+            backoff_base: Duration::from_millis(defaults::BACKOFF_BASE_MS),
+            backoff_cap: Duration::from_millis(defaults::BACKOFF_CAP_MS),
+            idempotent_methods: defaults::IDEMPOTENT_METHODS
+                .iter()
+                .map(|m| http::Method::from_bytes(m.as_bytes()).expect("a valid method"))
+                .collect(),
+            eject_after_connect_failures: defaults::EJECT_AFTER_CONNECT_FAILURES,
+            eject_duration: Duration::from_millis(defaults::EJECT_MS),
+        }
+    }
 }
 
 /// What admission does with its decisions, per upstream.

@@ -594,3 +594,55 @@ fn the_demo_loads() {
     assert_eq!(c.upstream("app").map(|u| u.max_workers), Some(20));
     assert!(c.sim.is_some());
 }
+
+#[test]
+fn retry_table_defaults_and_overrides() {
+    let u = parse(BASE).upstream("app").unwrap().clone();
+    assert_eq!(u.retry, RetryConfig::default());
+    assert_eq!(u.retry.connect_attempts, 3);
+    assert_eq!(u.retry.backoff_base, Duration::from_millis(100));
+    assert_eq!(u.retry.backoff_cap, Duration::from_secs(1));
+    assert_eq!(u.retry.idempotent_methods.len(), 5);
+
+    let c = parse(&doc(
+        "[upstream.retry]\nconnect_attempts = 1\nbackoff_base_ms = 50\nbackoff_cap_ms = 400\n\
+         idempotent_methods = [\"GET\", \"PROPFIND\"]\neject_after_connect_failures = 0\neject_ms = 2000\n",
+    ));
+    let r = &c.upstream("app").unwrap().retry;
+    assert_eq!(r.connect_attempts, 1);
+    assert_eq!(r.backoff_base, Duration::from_millis(50));
+    assert_eq!(r.backoff_cap, Duration::from_millis(400));
+    assert_eq!(
+        r.idempotent_methods,
+        vec![
+            http::Method::GET,
+            http::Method::from_bytes(b"PROPFIND").unwrap()
+        ]
+    );
+    assert_eq!(r.eject_after_connect_failures, 0);
+    assert_eq!(r.eject_duration, Duration::from_secs(2));
+}
+
+#[test]
+fn retry_table_errors() {
+    one_error(
+        &doc("[upstream.retry]\nconnect_attempts = 0\n"),
+        9,
+        "retry.connect_attempts must be at least 1",
+    );
+    one_error(
+        &doc("[upstream.retry]\nbackoff_base_ms = 500\nbackoff_cap_ms = 100\n"),
+        10,
+        "must not be less than retry.backoff_base_ms (500)",
+    );
+    one_error(
+        &doc("retry.idempotent_methods = [\"GET\", \"NOT A METHOD\"]\n"),
+        8,
+        "retry.idempotent_methods[1] \"NOT A METHOD\" is not an HTTP method",
+    );
+    one_error(
+        &doc("[upstream.retry]\neject_ms = 0\n"),
+        9,
+        "retry.eject_ms must be greater than 0",
+    );
+}

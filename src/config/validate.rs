@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::load::{
-    RawActuator, RawAdaptive, RawAdmin, RawRoute, RawServer, RawShedding, RawUpstream,
+    RawActuator, RawAdaptive, RawAdmin, RawRetry, RawRoute, RawServer, RawShedding, RawUpstream,
 };
 use super::section::{Errors, Section};
 use super::{
     defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, HealthConfig,
-    RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds, UpstreamConfig,
+    RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds, UpstreamConfig,
 };
 use crate::sim::SimConfig;
 
@@ -328,6 +328,7 @@ pub(super) fn build_upstream(section: &mut Section, errs: &mut Errors) -> Option
     let shedding = build_shedding(s, raw.shedding.unwrap_or_default(), errs);
     let actuator = build_actuator(s, raw.actuator.unwrap_or_default(), errs);
     let adaptive = build_adaptive(s, raw.adaptive.unwrap_or_default(), errs);
+    let retry = build_retry(s, raw.retry.unwrap_or_default(), errs);
 
     Some(UpstreamConfig {
         name,
@@ -358,6 +359,7 @@ pub(super) fn build_upstream(section: &mut Section, errs: &mut Errors) -> Option
         shedding,
         actuator,
         adaptive,
+        retry,
     })
 }
 
@@ -431,6 +433,75 @@ fn build_actuator(s: &Section, raw: RawActuator, errs: &mut Errors) -> ActuatorS
         errs.push(s.line(&["actuator"]), s.say(problem));
     }
     settings
+}
+
+fn build_retry(s: &Section, raw: RawRetry, errs: &mut Errors) -> RetryConfig {
+    let default = RetryConfig::default();
+    let connect_attempts = raw.connect_attempts.unwrap_or(default.connect_attempts);
+    if connect_attempts == 0 {
+        errs.push(
+            s.line(&["retry", "connect_attempts"]),
+            s.say("retry.connect_attempts must be at least 1 (the first attempt counts)"),
+        );
+    }
+    let ms = |d: Duration| d.as_millis() as u64;
+    let backoff_base = s.millis(
+        errs,
+        &["retry", "backoff_base_ms"],
+        raw.backoff_base_ms,
+        ms(default.backoff_base),
+    );
+    let backoff_cap = s.millis(
+        errs,
+        &["retry", "backoff_cap_ms"],
+        raw.backoff_cap_ms,
+        ms(default.backoff_cap),
+    );
+    if backoff_cap < backoff_base && !backoff_base.is_zero() && !backoff_cap.is_zero() {
+        errs.push(
+            s.line(&["retry", "backoff_cap_ms"]),
+            s.say(format!(
+                "retry.backoff_cap_ms ({}) must not be less than retry.backoff_base_ms ({})",
+                backoff_cap.as_millis(),
+                backoff_base.as_millis()
+            )),
+        );
+    }
+    let idempotent_methods = match raw.idempotent_methods {
+        None => default.idempotent_methods,
+        Some(names) => names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let method = http::Method::from_bytes(name.trim().as_bytes()).ok();
+                if method.is_none() || name.trim().is_empty() {
+                    errs.push(
+                        s.line(&["retry", "idempotent_methods"]),
+                        s.say(format!(
+                            "retry.idempotent_methods[{i}] {name:?} is not an HTTP method"
+                        )),
+                    );
+                }
+                method
+            })
+            .collect(),
+    };
+    let eject_duration = s.millis(
+        errs,
+        &["retry", "eject_ms"],
+        raw.eject_ms,
+        ms(default.eject_duration),
+    );
+    RetryConfig {
+        connect_attempts,
+        backoff_base,
+        backoff_cap,
+        idempotent_methods,
+        eject_after_connect_failures: raw
+            .eject_after_connect_failures
+            .unwrap_or(default.eject_after_connect_failures),
+        eject_duration,
+    }
 }
 
 fn build_adaptive(s: &Section, raw: RawAdaptive, errs: &mut Errors) -> Option<AdaptiveSettings> {

@@ -1,30 +1,31 @@
-//! Upstreams: the pooled HTTP client per upstream, its backends, balancing and
-//! the in-flight count the utilisation signal is built on.
+//! Upstreams: the connection pool per upstream, its backends, balancing, passive
+//! ejection after connect failures, and the in-flight count the utilisation signal
+//! is built on.
 //!
 //! Not here: deciding whether to forward (admission) or what to do with the
 //! response (caching, header rewriting); see `proxy.rs`.
 
 mod health;
+mod pool;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
+use tokio::time::Instant;
 
 use crate::admission::poller::spawn_poller;
 use crate::admission::{Admission, Slots};
 use crate::body::ProxyBody;
-use crate::config::{ActuatorSettings, ShedMode, UpstreamConfig};
+use crate::config::{ActuatorSettings, RetryConfig, ShedMode, UpstreamConfig};
 use crate::error::UpstreamErrorKind;
 use crate::metrics as m;
 
 pub use health::spawn_health_checks;
+pub use pool::PoolStats;
+use pool::{Pool, PoolSettings};
 
 /// One backend address of an upstream, with its live state.
 #[derive(Debug)]
@@ -36,6 +37,12 @@ pub struct Backend {
     /// At least one health check has passed since start.
     confirmed: AtomicBool,
     health_gauge: metrics::Gauge,
+    /// Failed connect attempts since the last successful one.
+    connect_failures: AtomicU32,
+    /// Out of rotation until then, after too many connect failures in a row.
+    ejected_until: Mutex<Option<Instant>>,
+    ejections: metrics::Counter,
+    upstream: String,
 }
 
 impl Backend {
@@ -43,6 +50,8 @@ impl Backend {
         let health_gauge = metrics::gauge!(m::BACKEND_HEALTHY,
             m::LABEL_UPSTREAM => upstream.to_string(), m::LABEL_BACKEND => authority.to_string());
         health_gauge.set(1.0);
+        let ejections = metrics::counter!(m::BACKEND_EJECTIONS_TOTAL,
+            m::LABEL_UPSTREAM => upstream.to_string(), m::LABEL_BACKEND => authority.to_string());
         Backend {
             authority: authority.to_string(),
             inflight: AtomicUsize::new(0),
@@ -50,6 +59,40 @@ impl Backend {
             healthy: AtomicBool::new(true),
             confirmed: AtomicBool::new(false),
             health_gauge,
+            connect_failures: AtomicU32::new(0),
+            ejected_until: Mutex::new(None),
+            ejections,
+            upstream: upstream.to_string(),
+        }
+    }
+
+    /// Taken out of rotation by consecutive connect failures, for a while.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn connect_succeeded(&self) {
+        self.connect_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Counts a failed connect attempt; the `eject_after_connect_failures`-th in a row
+    /// takes the backend out of rotation for `eject_duration`.
+    fn connect_failed(&self, retry: &RetryConfig) {
+        let failures = self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let threshold = retry.eject_after_connect_failures;
+        if threshold == 0 || failures < threshold {
+            return;
+        }
+        self.connect_failures.store(0, Ordering::Relaxed);
+        let mut until = self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
+        let was_ejected = until.is_some_and(|t| Instant::now() < t);
+        *until = Some(Instant::now() + retry.eject_duration);
+        if !was_ejected {
+            self.ejections.increment(1);
+            tracing::warn!(upstream = %self.upstream, backend = %self.authority,
+                "{failures} connect attempts in a row failed; out of rotation for {}",
+                fmt_duration(retry.eject_duration));
         }
     }
 
@@ -77,7 +120,7 @@ pub struct Upstream {
     pub name: String,
     pub config: UpstreamConfig,
     backends: Vec<Arc<Backend>>,
-    client: Client<HttpConnector, ProxyBody>,
+    pool: Pool,
     inflight: Arc<AtomicUsize>,
     inflight_gauge: metrics::Gauge,
     /// Shedding state: the utilisation signal and the decision.
@@ -115,6 +158,8 @@ impl Upstream {
     /// Builds the upstream and starts its health checks on the current runtime.
     pub fn start(config: &UpstreamConfig) -> Arc<Upstream> {
         let mut upstream = Upstream::build(config);
+        let sweeper = upstream.pool.spawn_sweeper();
+        upstream._tasks.push(AbortOnDrop(sweeper));
         if config.health.enabled {
             let task = spawn_health_checks(
                 upstream.name.clone(),
@@ -149,26 +194,24 @@ impl Upstream {
     }
 
     fn build(config: &UpstreamConfig) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_max_idle_per_host(config.max_idle_per_backend)
-            .build(connector);
         let inflight_gauge =
             metrics::gauge!(m::UPSTREAM_INFLIGHT, m::LABEL_UPSTREAM => config.name.clone());
+        let backends: Vec<Arc<Backend>> = config
+            .backends
+            .iter()
+            .map(|b| Arc::new(Backend::new(&config.name, b)))
+            .collect();
+        let settings = PoolSettings {
+            idle_timeout: config.idle_timeout,
+            max_idle: config.max_idle_per_backend,
+            connect_timeout: config.connect_timeout,
+            retry: config.retry.clone(),
+        };
         Upstream {
             name: config.name.clone(),
             config: config.clone(),
-            backends: config
-                .backends
-                .iter()
-                .map(|b| Arc::new(Backend::new(&config.name, b)))
-                .collect(),
-            client,
+            pool: Pool::new(&config.name, settings, &backends),
+            backends,
             inflight: Arc::new(AtomicUsize::new(0)),
             inflight_gauge,
             admission: Admission::new(config),
@@ -201,6 +244,7 @@ impl Upstream {
                 ..Default::default()
             },
             adaptive: None,
+            retry: Default::default(),
         };
         Upstream::build(&config)
     }
@@ -227,9 +271,28 @@ impl Upstream {
         self.backends.iter().any(|b| b.is_confirmed_healthy())
     }
 
-    /// Picks a backend: the less loaded of two random healthy ones.
+    /// What the connection pool has done: connections opened and reused, stale reuses, retries.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Idle pooled connections held right now.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// Picks a backend: the less loaded of two random healthy ones. Ejected backends
+    /// (connect failures) are skipped unless every healthy one is ejected: then
+    /// ejection is ignored, so it never empties the rotation by itself.
     pub fn pick(&self) -> Option<Arc<Backend>> {
-        let healthy: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| b.is_healthy()).collect();
+        let mut healthy: Vec<&Arc<Backend>> = self
+            .backends
+            .iter()
+            .filter(|b| b.is_healthy() && !b.is_ejected())
+            .collect();
+        if healthy.is_empty() {
+            healthy = self.backends.iter().filter(|b| b.is_healthy()).collect();
+        }
         match healthy.len() {
             0 => None,
             1 => Some(healthy[0].clone()),
@@ -244,12 +307,14 @@ impl Upstream {
     }
 
     /// Sends `req` (its URI already pointing at `backend`) and waits for the response
-    /// head, bounded by the response-header timeout.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
+    /// head, bounded by the response-header timeout (connect retries and a retry after
+    /// a stale pooled connection included). The body streams; its connection returns
+    /// to the pool when it has been read to the end.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, SendError> {
         let timeout = self.config.response_header_timeout;
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(classify(&error, self.config.connect_timeout)),
+        match tokio::time::timeout(timeout, self.pool.send(req)).await {
+            Ok(Ok((response, _reused))) => Ok(response),
+            Ok(Err(error)) => Err(error),
             Err(_) => Err(SendError {
                 kind: UpstreamErrorKind::HeaderTimeout,
                 detail: format!("no response head within {}", fmt_duration(timeout)),
@@ -333,37 +398,6 @@ fn fmt_duration(d: Duration) -> String {
         format!("{} ms", d.as_millis())
     } else {
         format!("{:.1} s", d.as_secs_f64())
-    }
-}
-
-/// Maps a client error to what the user needs to know about it.
-fn classify(error: &hyper_util::client::legacy::Error, connect_timeout: Duration) -> SendError {
-    let io_kind = find_source::<std::io::Error>(error).map(|e| e.kind());
-    if error.is_connect() {
-        if io_kind == Some(std::io::ErrorKind::TimedOut) {
-            return SendError {
-                kind: UpstreamErrorKind::ConnectTimeout,
-                detail: format!("connect timed out after {}", fmt_duration(connect_timeout)),
-            };
-        }
-        let cause = find_source::<std::io::Error>(error)
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| error.to_string());
-        return SendError {
-            kind: UpstreamErrorKind::Connect,
-            detail: format!("cannot connect: {cause}"),
-        };
-    }
-    let detail = match find_source::<hyper::Error>(error) {
-        Some(e) if e.is_incomplete_message() => {
-            "connection closed by the backend before a complete response".to_string()
-        }
-        Some(e) => format!("upstream exchange failed: {e}"),
-        None => format!("upstream exchange failed: {error}"),
-    };
-    SendError {
-        kind: UpstreamErrorKind::Protocol,
-        detail,
     }
 }
 

@@ -122,6 +122,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
                 ..ActuatorSettings::default()
             },
             adaptive: None,
+            retry: Default::default(),
         }],
         routes: vec![
             route("checkout", "/api/checkout", RouteClass::Critical),
