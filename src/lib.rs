@@ -19,6 +19,7 @@
 //! state.rs        the config generation in force, swapped atomically on reload
 //! error.rs        the proxy's errors and the one error → status table
 //! metrics.rs      metric names and labels, declared in one place
+//! cache/          shared HTTP cache per route: key, policy, conditionals, store, fill
 //! admission/      utilisation signal (local, actuator, adaptive) and the shedding decision
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
@@ -43,6 +44,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod framing;

@@ -50,6 +50,15 @@ pub const ADMISSION_DECISIONS_TOTAL: &str = "loadgate_admission_decisions_total"
 /// Requests shed with 429.
 pub const SHED_TOTAL: &str = "loadgate_shed_total";
 
+/// Cache lookups, by `route` and `result` (hit, miss, stale, revalidated, not_modified, uncacheable).
+pub const CACHE_LOOKUPS_TOTAL: &str = "loadgate_cache_lookups_total";
+/// Bytes held by a route's cache (1 KiB granularity), by `route`.
+pub const CACHE_STORED_BYTES: &str = "loadgate_cache_stored_bytes";
+/// Objects held by a route's cache, by `route`.
+pub const CACHE_STORED_OBJECTS: &str = "loadgate_cache_stored_objects";
+/// Objects evicted from a route's cache to stay within its byte bound, by `route`.
+pub const CACHE_EVICTIONS_TOTAL: &str = "loadgate_cache_evictions_total";
+
 /// Label names.
 pub const LABEL_CLASS: &str = "class";
 pub const LABEL_STATUS: &str = "status";
@@ -60,6 +69,8 @@ pub const LABEL_RESULT: &str = "result";
 pub const LABEL_SOURCE: &str = "source";
 pub const LABEL_OUTCOME: &str = "outcome";
 pub const LABEL_EVENT: &str = "event";
+/// A route name from the config.
+pub const LABEL_ROUTE: &str = "route";
 
 /// Buckets for the request duration histogram, in seconds (1 ms … 30 s).
 const DURATION_BUCKETS: &[f64] = &[
@@ -141,6 +152,17 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_TOTAL,
         "Client connections accepted on the data port."
+    );
+    describe_counter!(CACHE_LOOKUPS_TOTAL, "Cache lookups, by route and result.");
+    describe_gauge!(
+        CACHE_STORED_BYTES,
+        Unit::Bytes,
+        "Bytes held by each route's cache."
+    );
+    describe_gauge!(CACHE_STORED_OBJECTS, "Objects held by each route's cache.");
+    describe_counter!(
+        CACHE_EVICTIONS_TOTAL,
+        "Objects evicted from each route's cache to stay within its byte bound."
     );
     describe_gauge!(
         CONNECTIONS_OPEN,

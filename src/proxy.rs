@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 
 use crate::admission::Rejection;
 use crate::body::{full, BoxError, OnEnd, Prepend, ProxyBody, WatchedBody};
+use crate::cache::Lookup;
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::framing::{FramingVerdicts, Verdict};
 use crate::headers;
@@ -115,11 +116,34 @@ async fn route_and_forward(
     let route = route.clone();
     drop(runtime);
     let class = ClassLabel::Route(route.class);
+    let mut req = req;
+    let mut pending = None;
+    if let Some(cache) = &route.http_cache {
+        match cache.lookup(&req, &host).await {
+            Lookup::Respond(response) => return (class, Ok((response, None))),
+            Lookup::Forward(mut p) => {
+                p.prepare(req.headers_mut());
+                pending = Some(p);
+            }
+        }
+    }
     let reservation = match admit(&route).await {
         Ok(reservation) => reservation,
-        Err(error) => return (class, Err(error)),
+        Err(error) => {
+            let stale = matches!(error, ProxyError::Shed { .. })
+                .then(|| pending.as_ref().and_then(|p| p.stale_on_shed()))
+                .flatten();
+            return match stale {
+                Some(response) => (class, Ok((response, None))),
+                None => (class, Err(error)),
+            };
+        }
     };
-    (class, forward(&route, reservation, conn, req, host).await)
+    let result = forward(&route, reservation, conn, req, host).await;
+    match (result, pending) {
+        (Ok((response, inflight)), Some(p)) => (class, Ok((p.finish(response), inflight))),
+        (result, _) => (class, result),
+    }
 }
 
 /// Admission: shed (429) or queue (critical) by the upstream's utilisation.

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use crate::admission::RouteCounters;
+use crate::cache::Cache;
 use crate::config::{CachePolicy, RouteClass, RouteConfig};
 use crate::upstream::Upstream;
 
@@ -16,6 +17,8 @@ pub struct Route {
     pub name: String,
     pub class: RouteClass,
     pub cache: CachePolicy,
+    /// The route's shared HTTP cache, when `cache = "on"`.
+    pub http_cache: Option<Cache>,
     pub upstream: Arc<Upstream>,
     /// Overrides the upstream's threshold for this route's class.
     pub threshold: Option<f64>,
@@ -91,6 +94,8 @@ impl RouteTable {
                     name: c.name.clone(),
                     class: c.class,
                     cache: c.cache,
+                    http_cache: (c.cache == CachePolicy::On)
+                        .then(|| Cache::new(&c.name, c.cache_settings)),
                     upstream: upstream_of(&c.upstream),
                     threshold: c.threshold,
                     counters: RouteCounters::default(),
@@ -150,6 +155,7 @@ mod tests {
             upstream: "app".into(),
             class: RouteClass::Normal,
             cache: CachePolicy::Off,
+            cache_settings: Default::default(),
             threshold: None,
         }
     }

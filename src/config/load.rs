@@ -132,6 +132,12 @@ pub(super) struct RawRoute {
     pub(super) upstream: Option<String>,
     pub(super) class: Option<RawClass>,
     pub(super) cache: Option<RawCache>,
+    pub(super) cache_max_bytes: Option<usize>,
+    pub(super) cache_max_object_bytes: Option<usize>,
+    pub(super) cache_generate_etag: Option<bool>,
+    pub(super) cache_stale_on_shed_ms: Option<u64>,
+    pub(super) cache_store_set_cookie: Option<bool>,
+    pub(super) cache_coalesce_timeout_ms: Option<u64>,
     pub(super) threshold: Option<f64>,
 }
 

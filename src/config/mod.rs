@@ -268,6 +268,10 @@ pub struct RouteConfig {
     pub class: RouteClass,
     /// Default `off`.
     pub cache: CachePolicy,
+    /// Keys `cache_max_bytes`, `cache_max_object_bytes`, `cache_generate_etag`,
+    /// `cache_stale_on_shed_ms`, `cache_store_set_cookie`, `cache_coalesce_timeout_ms`;
+    /// defaults in [`CacheSettings::default`](crate::cache::CacheSettings).
+    pub cache_settings: crate::cache::CacheSettings,
     /// Overrides the upstream's threshold for this route's class.
     pub threshold: Option<f64>,
 }

@@ -13,6 +13,7 @@ use super::{
     defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, HealthConfig,
     RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds, UpstreamConfig,
 };
+use crate::cache::CacheSettings;
 use crate::sim::SimConfig;
 
 pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> ServerConfig {
@@ -533,6 +534,7 @@ pub(super) fn build_route(
 ) -> Option<RouteConfig> {
     let raw = section.deserialize::<RawRoute>(errs)?;
     let s = &*section;
+    let cache_settings = cache_settings(s, errs, &raw);
 
     let name = raw.name.unwrap_or_default();
     if !s.has("name") {
@@ -590,10 +592,41 @@ pub(super) fn build_route(
         upstream,
         class: raw.class.map_or(RouteClass::Normal, Into::into),
         cache: raw.cache.map_or(CachePolicy::Off, Into::into),
+        cache_settings,
         threshold: raw
             .threshold
             .inspect(|t| check_ratio(s, errs, &["threshold"], *t)),
     })
+}
+
+fn cache_settings(s: &Section, errs: &mut Errors, raw: &RawRoute) -> CacheSettings {
+    let d = CacheSettings::default();
+    let settings = CacheSettings {
+        max_bytes: raw.cache_max_bytes.unwrap_or(d.max_bytes),
+        max_object_bytes: raw.cache_max_object_bytes.unwrap_or(d.max_object_bytes),
+        generate_etag: raw.cache_generate_etag.unwrap_or(d.generate_etag),
+        stale_on_shed: raw.cache_stale_on_shed_ms.map(Duration::from_millis),
+        store_set_cookie: raw.cache_store_set_cookie.unwrap_or(d.store_set_cookie),
+        coalesce_timeout: raw
+            .cache_coalesce_timeout_ms
+            .map_or(d.coalesce_timeout, Duration::from_millis),
+    };
+    if settings.max_object_bytes > crate::cache::store::MAX_OBJECT_BYTES {
+        errs.push(
+            s.line(&["cache_max_object_bytes"]),
+            s.say(format!(
+                "cache_max_object_bytes must be at most {}",
+                crate::cache::store::MAX_OBJECT_BYTES
+            )),
+        );
+    }
+    if settings.max_object_bytes > settings.max_bytes {
+        errs.push(
+            s.line(&["cache_max_object_bytes"]),
+            s.say("cache_max_object_bytes must not exceed cache_max_bytes"),
+        );
+    }
+    settings
 }
 
 fn known_list(known: &[&str]) -> String {

@@ -86,6 +86,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
         upstream: "app".to_string(),
         class,
         cache: CachePolicy::Off,
+        cache_settings: Default::default(),
         threshold: None,
     };
     Config {

@@ -1,0 +1,167 @@
+//! The bounded in-memory store: TinyUFO (TinyLFU admission, S3-FIFO eviction)
+//! weighted by bytes, an object-size limit, and the counters behind the metrics.
+//!
+//! It knows nothing of HTTP: values are opaque, each put says how many bytes it
+//! costs. TinyUFO weights are `u16`, so bytes are counted in 1 KiB units rounded
+//! up: the bound is never exceeded by rounding, only approached more slowly.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tinyufo::TinyUfo;
+
+/// Bytes per unit of TinyUFO weight.
+pub const UNIT: usize = 1024;
+/// The largest object TinyUFO can weigh.
+pub const MAX_OBJECT_BYTES: usize = u16::MAX as usize * UNIT;
+
+/// Counters of one store.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bytes held, in weight units × UNIT.
+    pub bytes: AtomicI64,
+    pub objects: AtomicI64,
+    pub evictions: AtomicU64,
+}
+
+struct Slot<T> {
+    key: Arc<str>,
+    value: T,
+    weight: u16,
+}
+
+impl<T: Clone> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Slot {
+            key: self.key.clone(),
+            value: self.value.clone(),
+            weight: self.weight,
+        }
+    }
+}
+
+/// A store of `T` by string key, bounded by total bytes and by object size.
+pub struct Store<T> {
+    ufo: TinyUfo<Arc<str>, Slot<T>>,
+    max_object: usize,
+    pub stats: Stats,
+}
+
+impl<T: Clone + Send + Sync + 'static> Store<T> {
+    /// `max_bytes` total, `max_object` per object (at most [`MAX_OBJECT_BYTES`]).
+    pub fn new(max_bytes: usize, max_object: usize) -> Store<T> {
+        let units = (max_bytes / UNIT).max(1);
+        // TinyUFO sizes its frequency sketch for this many objects; assume ~4 KiB each.
+        let estimated = (max_bytes / (4 * UNIT)).clamp(256, 1 << 20);
+        Store {
+            ufo: TinyUfo::new(units, estimated),
+            max_object: max_object.min(MAX_OBJECT_BYTES).min(max_bytes),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn max_object(&self) -> usize {
+        self.max_object
+    }
+
+    pub fn get(&self, key: &str) -> Option<T> {
+        let key: Arc<str> = Arc::from(key);
+        let slot = self.ufo.get(&key)?;
+        // TinyUFO keeps only a hash of the key: confirm it is ours.
+        (slot.key == key).then_some(slot.value)
+    }
+
+    /// Stores `value` costing `bytes`; false when it is over the object limit.
+    pub fn put(&self, key: &str, value: T, bytes: usize) -> bool {
+        if bytes > self.max_object {
+            return false;
+        }
+        let weight = bytes.div_ceil(UNIT).clamp(1, u16::MAX as usize) as u16;
+        let key: Arc<str> = Arc::from(key);
+        if let Some(old) = self.ufo.get(&key) {
+            self.account(-1, -i64::from(old.weight));
+        }
+        let slot = Slot {
+            key: key.clone(),
+            value,
+            weight,
+        };
+        self.account(1, i64::from(weight));
+        for evicted in self.ufo.put(key.clone(), slot, weight) {
+            self.account(-1, -i64::from(evicted.weight));
+            if !Arc::ptr_eq(&evicted.data.key, &key) {
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    pub fn remove(&self, key: &str) -> Option<T> {
+        let key: Arc<str> = Arc::from(key);
+        let slot = self.ufo.remove(&key)?;
+        self.account(-1, -i64::from(slot.weight));
+        (slot.key == key).then_some(slot.value)
+    }
+
+    fn account(&self, objects: i64, units: i64) {
+        self.stats.objects.fetch_add(objects, Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_add(units * UNIT as i64, Ordering::Relaxed);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.stats.bytes.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    pub fn objects(&self) -> u64 {
+        self.stats.objects.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.stats.evictions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_put_remove() {
+        let store: Store<u32> = Store::new(1 << 20, 1 << 16);
+        assert!(store.put("a", 1, 100));
+        assert_eq!(store.get("a"), Some(1));
+        assert_eq!(store.get("b"), None);
+        assert_eq!(store.objects(), 1);
+        assert_eq!(store.bytes(), 1024);
+        assert!(store.put("a", 2, 3000));
+        assert_eq!(store.get("a"), Some(2));
+        assert_eq!(store.objects(), 1);
+        assert_eq!(store.bytes(), 3072);
+        assert_eq!(store.remove("a"), Some(2));
+        assert_eq!(store.get("a"), None);
+        assert_eq!(store.objects(), 0);
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn refuses_objects_over_the_limit() {
+        let store: Store<u32> = Store::new(1 << 20, 10_000);
+        assert!(!store.put("big", 1, 10_001));
+        assert!(store.put("ok", 1, 10_000));
+        assert_eq!(store.get("big"), None);
+    }
+
+    #[test]
+    fn byte_bound_holds_after_many_keys() {
+        let max = 256 * 1024;
+        let store: Store<u32> = Store::new(max, 8 * 1024);
+        for i in 0..5_000u32 {
+            store.put(&format!("key-{i}"), i, 1 + (i as usize * 37) % 6000);
+            assert!(store.bytes() as usize <= max, "bound broken at {i}");
+        }
+        assert!(store.evictions() > 0);
+        assert!(store.objects() > 0);
+    }
+}

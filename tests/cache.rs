@@ -1,0 +1,598 @@
+//! The shared HTTP cache end to end: the real proxy in front of the simulated
+//! backend or a tiny scripted origin, asserting what a client sees and how many
+//! requests reach the origin.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use loadgate::body::empty;
+use loadgate::cache::{CacheSettings, CacheStats};
+use loadgate::config::{CachePolicy, Config};
+use loadgate::server::Proxy;
+use loadgate::sim::{SimBackend, SimConfig};
+use support::*;
+
+/// A path, the request headers to send, and the origin requests two GETs cause.
+type Case<'a> = (&'a str, &'a [(&'static str, &'a str)], usize);
+
+type Script = dyn Fn(&http::request::Parts, usize) -> Response<Full<Bytes>> + Send + Sync;
+
+/// A scripted origin: answers with `script(request, n)` (n = 1 for the first
+/// request) after `delay`, counting requests and keeping their headers.
+struct Origin {
+    addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+}
+
+impl Origin {
+    async fn start(
+        delay: Duration,
+        script: impl Fn(&http::request::Parts, usize) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    ) -> Origin {
+        let listener = tokio::net::TcpListener::bind(LOCAL0).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let script: Arc<Script> = Arc::new(script);
+        let (c, s) = (count.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (c, s, script) = (c.clone(), s.clone(), script.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (c, s, script) = (c.clone(), s.clone(), script.clone());
+                        async move {
+                            let (parts, _) = req.into_parts();
+                            let n = if parts.uri.path() == "/actuator/health" {
+                                0
+                            } else {
+                                s.lock().unwrap().push(parts.headers.clone());
+                                c.fetch_add(1, Ordering::SeqCst) + 1
+                            };
+                            if n > 0 {
+                                tokio::time::sleep(delay).await;
+                            }
+                            Ok::<_, Infallible>(script(&parts, n))
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Origin { addr, count, seen }
+    }
+
+    fn requests(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn last_headers(&self) -> HeaderMap {
+        self.seen.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+fn respond(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    for (n, v) in headers {
+        r.headers_mut().append(
+            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    r
+}
+
+fn cached_config(backend: SocketAddr, settings: CacheSettings) -> Config {
+    let mut config = proxy_config(backend);
+    for route in &mut config.routes {
+        route.cache = CachePolicy::On;
+        route.cache_settings = settings;
+    }
+    config
+}
+
+fn stats(proxy: &Proxy, route: &str) -> CacheStats {
+    let runtime = proxy.shared().runtime.load();
+    let route = runtime.routes.iter().find(|r| r.name == route).unwrap();
+    route.http_cache.as_ref().unwrap().stats()
+}
+
+async fn get_with(client: &TestClient, url: &str, headers: &[(&'static str, &str)]) -> Got {
+    let mut req = Request::get(url);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    send(client, req.body(empty()).unwrap()).await
+}
+
+async fn sim_with_cache_control(cache_control: &str) -> SimBackend {
+    SimBackend::start(SimConfig {
+        listen: LOCAL0.parse().unwrap(),
+        workers: 16,
+        service_time_ms: 0.0,
+        cache_control: Some(cache_control.to_string()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn fresh_hit_answers_304_and_the_backend_count_does_not_move() {
+    let sim = sim_with_cache_control("max-age=60").await;
+    let proxy = start_proxy(cached_config(sim.addr(), CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/catalog/1", proxy.addr());
+
+    let first = get(&client, &url).await;
+    assert_eq!(first.status, 200);
+    let etag = first.header("etag").expect("sim sends an ETag").to_string();
+    assert!(first.header("cache-status").unwrap().contains("fwd=miss"));
+    assert_eq!(sim.stats().requests("/api/catalog/1"), 1);
+
+    let hit = get(&client, &url).await;
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.body, first.body);
+    assert!(hit.header("age").is_some());
+    assert!(hit
+        .header("cache-status")
+        .unwrap()
+        .starts_with("loadgate; hit"));
+
+    let not_modified = get_with(&client, &url, &[("if-none-match", &etag)]).await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.body.is_empty());
+    assert_eq!(not_modified.header("etag"), Some(etag.as_str()));
+    assert_eq!(not_modified.header("cache-control"), Some("max-age=60"));
+    assert!(not_modified.header("age").is_some());
+    assert!(not_modified.header("date").is_some());
+
+    // Weak, list and `*` forms match too; a different tag gets the stored 200.
+    let weak = format!("W/{etag}");
+    let list = format!("\"nope\", {etag}");
+    for inm in [weak.as_str(), list.as_str(), "*"] {
+        let got = get_with(&client, &url, &[("if-none-match", inm)]).await;
+        assert_eq!(got.status, 304, "If-None-Match: {inm}");
+    }
+    let other = get_with(&client, &url, &[("if-none-match", "\"other\"")]).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.body, first.body);
+    assert!(other.header("age").is_some());
+
+    assert_eq!(
+        sim.stats().requests("/api/catalog/1"),
+        1,
+        "all answered from the cache"
+    );
+}
+
+#[tokio::test]
+async fn if_none_match_takes_precedence_over_if_modified_since() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(
+            200,
+            &[
+                ("cache-control", "max-age=60"),
+                ("etag", "\"v1\""),
+                ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ],
+            "body",
+        )
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/p", proxy.addr());
+    assert_eq!(get(&client, &url).await.status, 200);
+    let later = "Tue, 01 Jan 2030 00:00:00 GMT";
+    let earlier = "Sun, 01 Jan 2023 00:00:00 GMT";
+    let ims_only = get_with(&client, &url, &[("if-modified-since", later)]).await;
+    assert_eq!(ims_only.status, 304);
+    let ims_old = get_with(&client, &url, &[("if-modified-since", earlier)]).await;
+    assert_eq!(ims_old.status, 200);
+    let both = get_with(
+        &client,
+        &url,
+        &[("if-none-match", "\"v2\""), ("if-modified-since", later)],
+    )
+    .await;
+    assert_eq!(
+        both.status, 200,
+        "a failed If-None-Match wins over If-Modified-Since"
+    );
+    let both = get_with(
+        &client,
+        &url,
+        &[("if-none-match", "\"v1\""), ("if-modified-since", earlier)],
+    )
+    .await;
+    assert_eq!(both.status, 304);
+    assert_eq!(origin.requests(), 1);
+}
+
+#[tokio::test]
+async fn stale_entry_is_revalidated_and_updated_from_the_304() {
+    let origin = Origin::start(Duration::ZERO, |req, n| {
+        if req
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"")
+        {
+            respond(
+                304,
+                &[
+                    ("etag", "\"v1\""),
+                    ("cache-control", "max-age=60"),
+                    ("x-version", "2"),
+                ],
+                "",
+            )
+        } else {
+            let _ = n;
+            respond(
+                200,
+                &[
+                    ("etag", "\"v1\""),
+                    ("cache-control", "max-age=0"),
+                    ("x-version", "1"),
+                ],
+                "the body",
+            )
+        }
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/r", proxy.addr());
+
+    let first = get(&client, &url).await;
+    assert_eq!((first.status, first.header("x-version")), (200, Some("1")));
+
+    let second = get(&client, &url).await;
+    assert_eq!(origin.requests(), 2, "stale: revalidated with the origin");
+    assert_eq!(
+        origin.last_headers().get("if-none-match").unwrap(),
+        "\"v1\"",
+        "the origin saw a conditional request"
+    );
+    assert_eq!(second.status, 200);
+    assert_eq!(second.text(), "the body");
+    assert_eq!(
+        second.header("x-version"),
+        Some("2"),
+        "headers updated from the 304"
+    );
+    assert_eq!(second.header("cache-control"), Some("max-age=60"));
+    assert!(second
+        .header("cache-status")
+        .unwrap()
+        .contains("fwd=stale; fwd-status=304"));
+    assert!(second.header("age").is_some());
+
+    let third = get(&client, &url).await;
+    assert_eq!(third.header("x-version"), Some("2"));
+    assert_eq!(third.text(), "the body");
+    assert_eq!(origin.requests(), 2, "fresh again after the 304");
+
+    // A conditional client request on a stale entry gets its own 304.
+    let stale_proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let url = format!("http://{}/api/r", stale_proxy.addr());
+    let _ = get(&client, &url).await;
+    let cond = get_with(&client, &url, &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(cond.status, 304);
+    assert_eq!(
+        cond.header("x-version"),
+        None,
+        "304 carries only the listed fields"
+    );
+}
+
+#[tokio::test]
+async fn origin_200_replaces_a_stale_entry() {
+    let origin = Origin::start(Duration::ZERO, |_, n| {
+        respond(
+            200,
+            &[
+                ("cache-control", "max-age=0"),
+                ("etag", &format!("\"{n}\"")),
+            ],
+            format!("v{n}"),
+        )
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/x", proxy.addr());
+    assert_eq!(get(&client, &url).await.text(), "v1");
+    assert_eq!(get(&client, &url).await.text(), "v2");
+    assert_eq!(origin.last_headers().get("if-none-match").unwrap(), "\"1\"");
+}
+
+#[tokio::test]
+async fn vary_keys_variants_by_the_named_request_headers() {
+    let origin = Origin::start(Duration::ZERO, |req, _| {
+        let accept = req
+            .headers
+            .get("accept")
+            .map_or("none", |v| v.to_str().unwrap())
+            .to_string();
+        respond(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "Accept")],
+            accept,
+        )
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/v", proxy.addr());
+    assert_eq!(
+        get_with(&client, &url, &[("accept", "text/a")])
+            .await
+            .text(),
+        "text/a"
+    );
+    assert_eq!(
+        get_with(&client, &url, &[("accept", "text/b")])
+            .await
+            .text(),
+        "text/b"
+    );
+    assert_eq!(origin.requests(), 2);
+    assert_eq!(
+        get_with(&client, &url, &[("accept", "text/a")])
+            .await
+            .text(),
+        "text/a"
+    );
+    assert_eq!(
+        get_with(&client, &url, &[("accept", "text/b")])
+            .await
+            .text(),
+        "text/b"
+    );
+    assert_eq!(
+        origin.requests(),
+        2,
+        "both variants answered from the cache"
+    );
+    assert_eq!(get(&client, &url).await.text(), "none");
+    assert_eq!(origin.requests(), 3, "an absent header is its own variant");
+}
+
+#[tokio::test]
+async fn vary_star_never_matches() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(200, &[("cache-control", "max-age=60"), ("vary", "*")], "x")
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/star", proxy.addr());
+    get(&client, &url).await;
+    get(&client, &url).await;
+    assert_eq!(origin.requests(), 2);
+}
+
+#[tokio::test]
+async fn private_responses_are_not_shared() {
+    let origin = Origin::start(Duration::ZERO, |req, _| {
+        let cc = match req.uri.path() {
+            "/api/private" => "private, max-age=60",
+            "/api/no-store" => "no-store",
+            "/api/auth-public" => "public, max-age=60",
+            _ => "max-age=60",
+        };
+        let mut headers = vec![("cache-control", cc)];
+        if req.uri.path() == "/api/cookie" {
+            headers.push(("set-cookie", "session=1"));
+        }
+        respond(200, &headers, "x")
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let base = format!("http://{}", proxy.addr());
+    let auth = [("authorization", "Bearer secret")];
+    let cases: [Case; 5] = [
+        ("/api/private", &[], 2),
+        ("/api/no-store", &[], 2),
+        ("/api/cookie", &[], 2),
+        ("/api/auth", &auth, 2),
+        ("/api/auth-public", &auth, 1),
+    ];
+    for (path, headers, expected) in cases {
+        let before = origin.requests();
+        for _ in 0..2 {
+            let got = get_with(&client, &format!("{base}{path}"), headers).await;
+            assert_eq!(got.status, 200);
+        }
+        assert_eq!(origin.requests() - before, expected, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn unsafe_methods_invalidate_the_target_and_location() {
+    let origin = Origin::start(Duration::ZERO, |req, n| {
+        if req.method == http::Method::POST {
+            respond(201, &[("location", "/api/items/7")], "")
+        } else {
+            respond(200, &[("cache-control", "max-age=60")], format!("{n}"))
+        }
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let list = format!("http://{}/api/items", proxy.addr());
+    let item = format!("http://{}/api/items/7", proxy.addr());
+    get(&client, &list).await;
+    get(&client, &item).await;
+    get(&client, &list).await;
+    get(&client, &item).await;
+    assert_eq!(origin.requests(), 2);
+    let post = send(&client, Request::post(&list).body(body("new")).unwrap()).await;
+    assert_eq!(post.status, 201);
+    assert_eq!(origin.requests(), 3);
+    get(&client, &list).await;
+    get(&client, &item).await;
+    assert_eq!(
+        origin.requests(),
+        5,
+        "both the target and Location were invalidated"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_misses_send_one_request_to_the_origin() {
+    let origin = Origin::start(Duration::from_millis(300), |_, n| {
+        respond(
+            200,
+            &[("cache-control", "max-age=60")],
+            format!("response {n}"),
+        )
+    })
+    .await;
+    let mut config = cached_config(origin.addr, CacheSettings::default());
+    config.upstreams[0].max_idle_per_backend = 200;
+    config.upstreams[0].max_workers = 1000;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = format!("http://{}/api/hot", proxy.addr());
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    for task in tasks {
+        let got = task.await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "response 1");
+    }
+    assert_eq!(origin.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_response_over_the_object_limit_streams_through_uncached() {
+    let sim = sim_with_cache_control("max-age=60").await;
+    let settings = CacheSettings {
+        max_object_bytes: 16 * 1024,
+        ..CacheSettings::default()
+    };
+    let proxy = start_proxy(cached_config(sim.addr(), settings)).await;
+    let client = client();
+    let url = format!("http://{}/api/big?size=200000", proxy.addr());
+    let first = get(&client, &url).await;
+    assert_eq!(first.status, 200);
+    assert!(first.body.len() >= 200_000);
+    let second = get(&client, &url).await;
+    assert_eq!(second.body, first.body);
+    assert_eq!(sim.stats().requests("/api/big"), 2);
+    assert_eq!(stats(&proxy, "api").objects, 0);
+
+    let small = format!("http://{}/api/small?size=1000", proxy.addr());
+    get(&client, &small).await;
+    get(&client, &small).await;
+    assert_eq!(
+        sim.stats().requests("/api/small"),
+        1,
+        "small responses are still stored"
+    );
+}
+
+#[tokio::test]
+async fn the_byte_bound_holds_after_thousands_of_keys() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(200, &[("cache-control", "max-age=60")], vec![b'x'; 700])
+    })
+    .await;
+    let max_bytes = 128 * 1024;
+    let settings = CacheSettings {
+        max_bytes,
+        max_object_bytes: 8 * 1024,
+        ..CacheSettings::default()
+    };
+    let proxy = start_proxy(cached_config(origin.addr, settings)).await;
+    let client = client();
+    for i in 0..3000 {
+        let got = get(&client, &format!("http://{}/api/k/{i}", proxy.addr())).await;
+        assert_eq!(got.status, 200);
+    }
+    let s = stats(&proxy, "api");
+    assert!(s.bytes as usize <= max_bytes, "{s:?}");
+    assert!(s.objects > 10, "{s:?}");
+    assert!(s.evictions > 0, "{s:?}");
+}
+
+#[tokio::test]
+async fn head_is_answered_from_a_stored_get() {
+    let sim = sim_with_cache_control("max-age=60").await;
+    let proxy = start_proxy(cached_config(sim.addr(), CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/h", proxy.addr());
+    let got = get(&client, &url).await;
+    let head = send(&client, Request::head(&url).body(empty()).unwrap()).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-length").unwrap(),
+        got.body.len().to_string()
+    );
+    assert!(head.header("age").is_some());
+    assert_eq!(sim.stats().requests("/api/h"), 1);
+}
+
+#[tokio::test]
+async fn a_strong_etag_is_generated_when_the_origin_sends_none() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(200, &[("cache-control", "max-age=60")], "hello")
+    })
+    .await;
+    let settings = CacheSettings {
+        generate_etag: true,
+        ..CacheSettings::default()
+    };
+    let proxy = start_proxy(cached_config(origin.addr, settings)).await;
+    let client = client();
+    let url = format!("http://{}/api/e", proxy.addr());
+    get(&client, &url).await;
+    let hit = get(&client, &url).await;
+    let etag = hit.header("etag").expect("generated").to_string();
+    assert_eq!(
+        etag, "\"5d41402abc4b2a76b9719d911017c592\"",
+        "md5 of the body"
+    );
+    let cond = get_with(&client, &url, &[("if-none-match", &etag)]).await;
+    assert_eq!(cond.status, 304);
+    assert_eq!(origin.requests(), 1);
+}
+
+#[tokio::test]
+async fn cache_off_routes_are_untouched() {
+    let sim = sim_with_cache_control("max-age=60").await;
+    let proxy = start_proxy(proxy_config(sim.addr())).await;
+    let client = client();
+    let url = format!("http://{}/api/off", proxy.addr());
+    let got = get(&client, &url).await;
+    assert!(got.header("cache-status").is_none());
+    get(&client, &url).await;
+    assert_eq!(sim.stats().requests("/api/off"), 2);
+}
