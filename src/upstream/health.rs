@@ -11,7 +11,7 @@ use http::{header, Request};
 use http_body_util::Empty;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 
 use super::Backend;
 use crate::config::HealthConfig;
@@ -25,10 +25,10 @@ pub fn spawn_health_checks(
 ) -> tokio::task::JoinHandle<()> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.timeout));
+    // A new connection per check, on purpose: a check then also proves the backend
+    // still accepts connections, which a pooled connection would not.
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.interval / 2)
-        .pool_max_idle_per_host(1)
+        .pool_max_idle_per_host(0)
         .build(connector);
     tokio::spawn(async move {
         let mut streaks = vec![Streak::default(); backends.len()];
@@ -69,6 +69,9 @@ impl Streak {
                 if !backend.is_healthy() && self.successes >= config.rise {
                     tracing::info!(upstream, backend = %backend.authority, "backend healthy again, back in rotation");
                     backend.set_healthy(true);
+                    // Connect failures while it was down ejected it passively too;
+                    // `rise` passing checks are better evidence than that timer.
+                    backend.clear_ejection();
                 }
             }
             Err(why) => {

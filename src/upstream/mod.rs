@@ -72,6 +72,12 @@ impl Backend {
         until.is_some_and(|t| Instant::now() < t)
     }
 
+    /// Ends a passive ejection early: an active health check saw the backend recover.
+    fn clear_ejection(&self) {
+        self.connect_failures.store(0, Ordering::Relaxed);
+        *self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn connect_succeeded(&self) {
         self.connect_failures.store(0, Ordering::Relaxed);
     }
