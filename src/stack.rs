@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
 use http::{HeaderValue, Request};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
 use tower_http::request_id::{
@@ -44,6 +45,14 @@ fn request_ids() -> RequestIds {
     .clone()
 }
 
+/// Boxes a response body into the proxy's one body type.
+fn boxed_body<B>(response: http::Response<B>) -> http::Response<crate::body::ProxyBody>
+where
+    B: http_body::Body<Data = bytes::Bytes, Error = crate::body::BoxError> + Send + 'static,
+{
+    response.map(|body| body.boxed_unsync())
+}
+
 /// Builds the service for one client connection and adapts it for hyper.
 pub fn connection_service(
     shared: Arc<Shared>,
@@ -62,21 +71,30 @@ pub fn connection_service(
         + Send
         + 'static,
 > {
+    // Per-request spans cost a few microseconds even when nothing listens, so the
+    // trace layers are built only when DEBUG tracing is on for them (decided per
+    // connection, so turning logging up takes effect for new connections).
+    let trace = tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG).then(|| {
+        ServiceBuilder::new()
+            // Outermost: both branches must answer with the same body type.
+            .map_response(boxed_body)
+            // Before tracing, so credentials and cookies never reach a log.
+            .layer(SetSensitiveRequestHeadersLayer::new([
+                AUTHORIZATION,
+                PROXY_AUTHORIZATION,
+                COOKIE,
+            ]))
+            .layer(SetSensitiveResponseHeadersLayer::new([SET_COOKIE]))
+            .layer(TraceLayer::new_for_http())
+            .into_inner()
+    });
     let stack = ServiceBuilder::new()
         // First, so the id is in the request the backend receives and in every log line below.
         // A client-supplied X-Request-Id is kept.
         .layer(SetRequestIdLayer::x_request_id(request_ids()))
         // The client gets the same id back, to quote in bug reports.
         .layer(PropagateRequestIdLayer::x_request_id())
-        // Before tracing, so credentials and cookies never reach a log.
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            AUTHORIZATION,
-            PROXY_AUTHORIZATION,
-            COOKIE,
-        ]))
-        .layer(SetSensitiveResponseHeadersLayer::new([SET_COOKIE]))
-        // Spans per request at DEBUG; off in production unless asked for.
-        .layer(TraceLayer::new_for_http())
+        .option_layer(trace)
         .service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
             let conn = conn.clone();
