@@ -31,6 +31,8 @@ use crate::upstream::{InflightGuard, Reservation};
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub verdicts: FramingVerdicts,
+    /// `max_body_bytes` when the connection was accepted.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// Records the request's metrics when dropped, i.e. when its response body is done.
@@ -98,6 +100,15 @@ async fn route_and_forward(
                 Err(ProxyError::BadRequest(why.to_string())),
             );
         }
+    }
+    // A declared length over the limit is refused before anything is read or forwarded.
+    let declared = req.body().size_hint().lower();
+    if let Some(limit) = conn.max_body_bytes.filter(|limit| declared > *limit) {
+        let declared = Some(declared);
+        return (
+            ClassLabel::None,
+            Err(ProxyError::PayloadTooLarge { limit, declared }),
+        );
     }
     let runtime = shared.runtime.load();
     let path = req.uri().path();
@@ -247,7 +258,7 @@ async fn forward(
             .map_err(BoxError::from)
             .boxed_unsync()
     };
-    let (body, client_body_failed) = WatchedBody::new(body);
+    let (body, client_body) = WatchedBody::new(body, conn.max_body_bytes);
 
     let path_and_query = parts
         .uri
@@ -288,13 +299,12 @@ async fn forward(
         .on_response(sent.elapsed(), inflight_at_start, dropped);
     let response = match result {
         Ok(response) => response,
-        Err(error) if client_body_failed.load(Ordering::Relaxed) => {
-            return Err(ProxyError::BadRequest(format!(
-                "request body broke off while forwarding: {}",
-                error.detail
-            )));
+        Err(error) => {
+            return Err(match client_body.fault() {
+                Some(fault) => ProxyError::from_client_body(fault, &error.detail),
+                None => upstream_error(&backend.authority, error.kind, error.detail),
+            });
         }
-        Err(error) => return Err(upstream_error(&backend.authority, error.kind, error.detail)),
     };
 
     let (mut parts, body) = response.into_parts();

@@ -17,6 +17,8 @@ use tower_http::sensitive_headers::{
 };
 use tower_http::trace::TraceLayer;
 
+use crate::activity::Activity;
+use crate::body::OnEnd;
 use crate::proxy::{handle, ConnInfo};
 use crate::state::Shared;
 
@@ -44,10 +46,13 @@ fn request_ids() -> RequestIds {
     .clone()
 }
 
-/// Builds the service for one client connection and adapts it for hyper.
+/// Builds the service for one client connection and adapts it for hyper. Each request is
+/// marked in flight on the connection's `activity` until its response body ends, so the
+/// idle and header timeouts never cut off a request being answered.
 pub fn connection_service(
     shared: Arc<Shared>,
     conn: ConnInfo,
+    activity: Arc<Activity>,
 ) -> hyper_util::service::TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,
@@ -80,7 +85,11 @@ pub fn connection_service(
         .service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handle(shared, conn, req).await) }
+            let in_flight = activity.request_started(req.version());
+            async move {
+                let response = handle(shared, conn, req).await;
+                Ok::<_, Infallible>(response.map(|body| OnEnd::new(body, in_flight)))
+            }
         });
     hyper_util::service::TowerToHyperService::new(stack)
 }
