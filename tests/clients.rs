@@ -333,3 +333,173 @@ async fn connections_over_max_connections_are_closed_at_accept_and_counted() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS line")
+}
+
+/// Kills the child on drop so a failed assertion leaves no process behind.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// 200 clients read a 10 MiB response at 64 KiB/s each through a proxy running as its own
+/// process. Reading all of it would take 160 s, so each client reads for 10 s (about
+/// 640 KiB) and then drops the connection; the proxy's RSS is sampled every second
+/// meanwhile. A proxy that buffered what its clients cannot take yet would hold most of
+/// the 2 GiB in flight within the first second (the backend sends at loopback speed), so
+/// a flat RSS far below that shows the backpressure reaches the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_readers_of_large_responses_do_not_grow_proxy_memory() {
+    const CLIENTS: usize = 200;
+    const SIZE: usize = 10 * 1024 * 1024;
+    const RATE: usize = 64 * 1024;
+    const READ_FOR: Duration = Duration::from_secs(10);
+
+    let backend = TestBackend::new().workers(CLIENTS + 16).start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loadgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+listen = ["127.0.0.1:0"]
+[admin]
+listen = "127.0.0.1:0"
+[[upstream]]
+name = "app"
+backends = ["{}"]
+max_workers = 1000
+[upstream.health]
+enabled = false
+[upstream.shedding]
+mode = "off"
+[[route]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+"#,
+            backend.addr()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_loadgate"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = Child(child);
+    let pid = child.0.id();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let addr: SocketAddr = loop {
+        let line = line_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("proxy logs its address within 20 s");
+        if let Some(rest) = line
+            .contains("proxy listening")
+            .then(|| line.split("addr=").nth(1))
+            .flatten()
+        {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+
+    // Warm up (first connection to the backend, the 10 MiB ETag digest), then measure idle.
+    let warm = get(&client(), &format!("http://{addr}/api/big?size={SIZE}")).await;
+    assert_eq!((warm.status, warm.body.len()), (200, SIZE));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kib(pid);
+
+    let request = format!("GET /api/big?size={SIZE} HTTP/1.1\r\nHost: a\r\n\r\n");
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                // A small receive buffer, so the client's kernel cannot absorb the response
+                // and what the proxy cannot send has to wait in the proxy or the backend.
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.set_recv_buffer_size(64 * 1024).unwrap();
+                let mut stream = socket.connect(addr).await.unwrap();
+                stream.write_all(request.as_bytes()).await.unwrap();
+                let mut buf = vec![0u8; RATE / 8];
+                let mut read = 0usize;
+                let mut tick = tokio::time::interval(Duration::from_millis(125));
+                let end = Instant::now() + READ_FOR;
+                while Instant::now() < end {
+                    tick.tick().await;
+                    let n = timeout(Duration::from_secs(5), stream.read(&mut buf))
+                        .await
+                        .expect("data within 5 s")
+                        .expect("reads");
+                    assert!(n > 0, "response ended early after {read} bytes");
+                    read += n;
+                }
+                read
+            })
+        })
+        .collect();
+
+    let mut samples = Vec::new();
+    while started.elapsed() < READ_FOR {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.push(rss_kib(pid).saturating_sub(idle) / 1024);
+    }
+    let mut total = 0;
+    for task in clients {
+        total += task.await.unwrap();
+    }
+    let peak = *samples.iter().max().unwrap();
+    println!(
+        "proxy RSS idle {} MiB; growth per second (MiB): {samples:?}; clients read {} MiB in all",
+        idle / 1024,
+        total >> 20
+    );
+    assert!(
+        total >= CLIENTS * RATE * 5,
+        "the clients were starved: {total} bytes"
+    );
+    assert!(
+        peak < 64,
+        "proxy RSS grew by {peak} MiB over idle with {CLIENTS} slow readers"
+    );
+    // Flat once every client is streaming: over the second half the clients take another
+    // 62 MiB between them, and RSS must not follow.
+    let second_half = &samples[samples.len() / 2..];
+    let (low, high) = (
+        *second_half.iter().min().unwrap(),
+        *second_half.iter().max().unwrap(),
+    );
+    assert!(
+        high <= low + 8,
+        "RSS kept growing while clients read: {samples:?}"
+    );
+}

@@ -26,6 +26,9 @@ use crate::metrics as m;
 
 pub use health::spawn_health_checks;
 
+/// Largest read from a backend connection, and so largest response chunk: see `build`.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// One backend address of an upstream, with its live state.
 #[derive(Debug)]
 pub struct Backend {
@@ -157,6 +160,11 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.idle_timeout)
             .pool_max_idle_per_host(config.max_idle_per_backend)
+            // Each read from a backend becomes one chunk of the response body, held until
+            // the client takes it. hyper's default (~400 KiB) would hold about 1 MiB per slow
+            // client (read buffer, chunk in hand, chunk queued); 64 KiB keeps it near 200 KiB
+            // and costs nothing in throughput.
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
             .build(connector);
         let inflight_gauge =
             metrics::gauge!(m::UPSTREAM_INFLIGHT, m::LABEL_UPSTREAM => config.name.clone());
