@@ -6,11 +6,11 @@
 //! stop reading from the other side (backpressure) rather than grow memory.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -76,31 +76,75 @@ impl<B: Body, G> Body for OnEnd<B, G> {
     }
 }
 
+/// How the client's side of a request body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    /// Bad chunk framing, a reset, a truncated body.
+    Broken,
+    /// More than `limit` bytes (`max_body_bytes`).
+    TooLarge { limit: u64 },
+}
+
+/// The error a [`WatchedBody`] yields once the body passes its size limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body is larger than the {limit}-byte limit")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// What a [`WatchedBody`] reports back to the handler.
+#[derive(Debug, Default)]
+pub struct BodyWatch {
+    /// 0: fine; 1: broken; 2: too large.
+    state: AtomicU8,
+    limit: AtomicU64,
+}
+
+impl BodyWatch {
+    pub fn fault(&self) -> Option<BodyFault> {
+        match self.state.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(BodyFault::Broken),
+            _ => Some(BodyFault::TooLarge {
+                limit: self.limit.load(Ordering::Relaxed),
+            }),
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A request body that remembers whether the client's side of it failed
-    /// (bad chunk framing, a reset), so a failed upstream exchange can be blamed
-    /// on the right party: 400 for the client, 502 for the backend.
+    /// A request body that enforces the body size limit as it streams, and remembers
+    /// whether and how the client's side of it failed, so a failed upstream exchange can
+    /// be blamed on the right party: 413 or 400 for the client, 502 for the backend.
     pub struct WatchedBody<B> {
         #[pin]
         inner: B,
-        failed: Arc<AtomicBool>,
+        seen: u64,
+        limit: Option<u64>,
+        watch: Arc<BodyWatch>,
     }
 }
 
 impl<B> WatchedBody<B> {
-    pub fn new(inner: B) -> (Self, Arc<AtomicBool>) {
-        let failed = Arc::new(AtomicBool::new(false));
+    pub fn new(inner: B, limit: Option<u64>) -> (Self, Arc<BodyWatch>) {
+        let watch = Arc::new(BodyWatch::default());
         (
             WatchedBody {
                 inner,
-                failed: failed.clone(),
+                seen: 0,
+                limit,
+                watch: watch.clone(),
             },
-            failed,
+            watch,
         )
     }
 }
 
-impl<B: Body> Body for WatchedBody<B> {
+impl<B> Body for WatchedBody<B>
+where
+    B: Body,
+    B::Error: From<BodyTooLarge>,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -109,9 +153,24 @@ impl<B: Body> Body for WatchedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
+        if this.watch.fault().is_some() {
+            return Poll::Ready(None);
+        }
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            this.failed.store(true, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.remaining() as u64);
+                *this.seen = this.seen.saturating_add(len);
+                if let Some(limit) = *this.limit {
+                    if *this.seen > limit {
+                        this.watch.limit.store(limit, Ordering::Relaxed);
+                        this.watch.state.store(2, Ordering::Release);
+                        return Poll::Ready(Some(Err(BodyTooLarge { limit }.into())));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.watch.state.store(1, Ordering::Release),
+            _ => {}
         }
         polled
     }
@@ -153,6 +212,44 @@ mod tests {
         assert_eq!(drops.load(Ordering::SeqCst), 0);
         drop(body);
         assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+
+    fn chunks(sizes: &[usize]) -> ProxyBody {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = sizes
+            .iter()
+            .map(|&n| Ok(Frame::data(Bytes::from(vec![b'x'; n]))))
+            .collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn watched_body_passes_a_body_at_the_limit() {
+        let (body, watch) = WatchedBody::new(chunks(&[4, 4, 2]), Some(10));
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 10);
+        assert_eq!(watch.fault(), None);
+    }
+
+    #[tokio::test]
+    async fn watched_body_fails_once_the_running_total_passes_the_limit() {
+        let (mut body, watch) = WatchedBody::new(chunks(&[4, 4, 4, 4]), Some(10));
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(body.frame().await.unwrap().is_ok());
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(error.is::<BodyTooLarge>(), "{error}");
+        assert_eq!(watch.fault(), Some(BodyFault::TooLarge { limit: 10 }));
+        assert!(body.frame().await.is_none(), "nothing after the failure");
+    }
+
+    #[tokio::test]
+    async fn watched_body_without_limit_records_a_broken_body() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("reset".into()),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let (body, watch) = WatchedBody::new(body, None);
+        assert!(body.collect().await.is_err());
+        assert_eq!(watch.fault(), Some(BodyFault::Broken));
     }
 }
 

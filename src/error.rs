@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::{full, ProxyBody};
+use crate::body::{full, BodyFault, ProxyBody};
 use crate::config::RouteClass;
 
 /// Why an upstream exchange failed; also the `kind` label of the upstream error metric.
@@ -60,6 +60,10 @@ pub enum ProxyError {
         detail: String,
     },
 
+    #[error("request body is larger than the {limit}-byte limit{}",
+        declared.map_or(String::new(), |n| format!(" (Content-Length: {n})")))]
+    PayloadTooLarge { limit: u64, declared: Option<u64> },
+
     #[error("the proxy is shutting down")]
     ShuttingDown,
 
@@ -84,11 +88,25 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The error to answer when forwarding failed because the client's body did.
+    pub fn from_client_body(fault: BodyFault, detail: &str) -> ProxyError {
+        match fault {
+            BodyFault::TooLarge { limit } => ProxyError::PayloadTooLarge {
+                limit,
+                declared: None,
+            },
+            BodyFault::Broken => {
+                ProxyError::BadRequest(format!("request body broke off while forwarding: {detail}"))
+            }
+        }
+    }
+
     /// The single error → status table.
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream { kind, .. } => match kind {
                 UpstreamErrorKind::Connect
                 | UpstreamErrorKind::Protocol
@@ -175,6 +193,10 @@ impl ProxyError {
             // The framing of this connection can no longer be trusted (RFC 9112 §6.3).
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if matches!(self, ProxyError::PayloadTooLarge { .. }) {
+            // The rest of the body is not read: close rather than drain it (RFC 9110 §15.5.14).
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -215,6 +237,18 @@ mod tests {
                 404,
             ),
             (ProxyError::ShuttingDown, 503),
+            (
+                ProxyError::PayloadTooLarge {
+                    limit: 10,
+                    declared: Some(11),
+                },
+                413,
+            ),
+            (
+                ProxyError::from_client_body(BodyFault::TooLarge { limit: 10 }, "x"),
+                413,
+            ),
+            (ProxyError::from_client_body(BodyFault::Broken, "x"), 400),
         ];
         for (error, status) in cases {
             assert_eq!(error.status().as_u16(), status, "{error}");
@@ -238,6 +272,17 @@ mod tests {
             response.headers()[header::CONTENT_TYPE],
             "application/problem+json"
         );
+    }
+
+    #[test]
+    fn payload_too_large_closes_the_connection() {
+        let response = ProxyError::PayloadTooLarge {
+            limit: 1024,
+            declared: Some(4096),
+        }
+        .into_response();
+        assert_eq!(response.status(), 413);
+        assert_eq!(response.headers()[header::CONNECTION], "close");
     }
 
     #[test]

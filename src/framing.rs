@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Largest request head scanned; equal to hyper's default maximum read buffer, so every
 /// head hyper accepts with default settings fits.
-const MAX_HEAD: usize = 8192 + 4096 * 100;
+pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Header slots for parsing a head; above hyper's default limit of 100.
 const MAX_HEADERS: usize = 256;
 

@@ -7,7 +7,8 @@
 //! main.rs         CLI (clap): run / demo / sim-backend / check-config
 //! app.rs          the long-running commands: signals, reload, drain
 //! config.rs       TOML → validated Config; every error reported with its line
-//! server.rs       listeners (HTTP/1.1 + h2c), accept loop, reload, graceful drain
+//! server.rs       listeners (HTTP/1.1 + h2c), accept loop, connection limits, reload, drain
+//! activity.rs     per-connection activity: header read and keep-alive idle timeouts
 //! framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
 //! stack.rs        the tower layers around the handler (request id, redaction, trace)
 //! proxy.rs        the handler: probe → route → forward → respond
@@ -28,7 +29,9 @@
 //! # Data path of one request
 //!
 //! ```text
-//! client ─▶ listener (hyper auto: h1 keep-alive + h2c) ─▶ framing verdict (400 if ambiguous)
+//! client ─▶ listener (max_connections; hyper auto: h1 keep-alive + h2c; header / idle timeouts)
+//!        ─▶ head over max_header_bytes: 431 from hyper ─▶ framing verdict (400 if ambiguous)
+//!        ─▶ Content-Length over max_body_bytes: 413
 //!        ─▶ tower stack: x-request-id, sensitive headers, trace
 //!        ─▶ probe path? answered here, never forwarded
 //!        ─▶ route match (404 if none) ─▶ pick backend (least loaded of two healthy)
@@ -40,6 +43,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod admin;
 pub mod admission;
 pub mod app;

@@ -40,6 +40,11 @@ pub const CONFIG_RELOADS_TOTAL: &str = "loadgate_config_reloads_total";
 pub const CONNECTIONS_TOTAL: &str = "loadgate_connections_total";
 /// Client connections open on the data port.
 pub const CONNECTIONS_OPEN: &str = "loadgate_connections_open";
+/// Client connections closed at accept because `max_connections` were already open.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "loadgate_connections_refused_total";
+/// Client connections closed by a timeout, by `kind`: `header` (a request head took longer
+/// than `header_read_timeout_ms`) or `idle` (keep-alive idle longer than `idle_timeout_ms`).
+pub const CONNECTIONS_TIMED_OUT_TOTAL: &str = "loadgate_connections_timed_out_total";
 
 /// Utilisation of an upstream, by `upstream` and `source` (`local`, `reported`, `in_force`).
 pub const UPSTREAM_UTILISATION: &str = "loadgate_upstream_utilisation";
@@ -167,5 +172,13 @@ fn describe() {
     describe_gauge!(
         CONNECTIONS_OPEN,
         "Client connections open on the data port."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Client connections closed at accept because max_connections were open."
+    );
+    describe_counter!(
+        CONNECTIONS_TIMED_OUT_TOTAL,
+        "Client connections closed by the header read (kind=header) or idle (kind=idle) timeout."
     );
 }

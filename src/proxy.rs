@@ -16,6 +16,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::activity::InFlight;
 use crate::admission::Rejection;
 use crate::body::{full, BoxError, OnEnd, Prepend, ProxyBody, WatchedBody};
 use crate::cache::Lookup;
@@ -32,6 +33,8 @@ use crate::upstream::{InflightGuard, Reservation};
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub verdicts: FramingVerdicts,
+    /// `max_body_bytes` when the connection was accepted.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// Records the request's metrics when dropped, i.e. when its response body is done.
@@ -41,6 +44,8 @@ struct RequestDone {
     status: StatusCode,
     started: Instant,
     _inflight: Option<InflightGuard>,
+    /// Keeps the client connection's idle and header timeouts off this request.
+    _on_connection: InFlight,
 }
 
 impl Drop for RequestDone {
@@ -51,11 +56,13 @@ impl Drop for RequestDone {
     }
 }
 
-/// Handles one request end to end.
+/// Handles one request end to end. `on_connection` marks it in flight on its client
+/// connection until the response body ends.
 pub async fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<Incoming>,
+    on_connection: InFlight,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let (class, result) = route_and_forward(&shared, &conn, req).await;
@@ -81,6 +88,7 @@ pub async fn handle(
         status: parts.status,
         started,
         _inflight: inflight,
+        _on_connection: on_connection,
     };
     Response::from_parts(parts, OnEnd::new(body, done).boxed_unsync())
 }
@@ -99,6 +107,15 @@ async fn route_and_forward(
                 Err(ProxyError::BadRequest(why.to_string())),
             );
         }
+    }
+    // A declared length over the limit is refused before anything is read or forwarded.
+    let declared = req.body().size_hint().lower();
+    if let Some(limit) = conn.max_body_bytes.filter(|limit| declared > *limit) {
+        let declared = Some(declared);
+        return (
+            ClassLabel::None,
+            Err(ProxyError::PayloadTooLarge { limit, declared }),
+        );
     }
     let runtime = shared.runtime.load();
     let path = req.uri().path();
@@ -271,7 +288,7 @@ async fn forward(
             .map_err(BoxError::from)
             .boxed_unsync()
     };
-    let (body, client_body_failed) = WatchedBody::new(body);
+    let (body, client_body) = WatchedBody::new(body, conn.max_body_bytes);
 
     let path_and_query = parts
         .uri
@@ -312,13 +329,12 @@ async fn forward(
         .on_response(sent.elapsed(), inflight_at_start, dropped);
     let response = match result {
         Ok(response) => response,
-        Err(error) if client_body_failed.load(Ordering::Relaxed) => {
-            return Err(ProxyError::BadRequest(format!(
-                "request body broke off while forwarding: {}",
-                error.detail
-            )));
+        Err(error) => {
+            return Err(match client_body.fault() {
+                Some(fault) => ProxyError::from_client_body(fault, &error.detail),
+                None => upstream_error(&backend.authority, error.kind, error.detail),
+            });
         }
-        Err(error) => return Err(upstream_error(&backend.authority, error.kind, error.detail)),
     };
 
     let (mut parts, body) = response.into_parts();

@@ -13,12 +13,17 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::sync::atomic::AtomicUsize;
 
-use crate::config::{Config, ConfigErrors};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::activity::{Activity, ActivityIo, ClientTimeouts, Expiry};
+use crate::config::{Config, ConfigErrors, ServerConfig, MIN_HEADER_BYTES};
 use crate::metrics as m;
 use crate::proxy::ConnInfo;
 use crate::stack::connection_service;
@@ -60,11 +65,13 @@ impl Proxy {
         let (shutdown, _) = watch::channel(false);
         let mut addrs = Vec::new();
         let mut listeners = Vec::new();
+        let slots = Slots::default();
         for listener in bound {
             addrs.push(listener.local_addr()?);
             listeners.push(tokio::spawn(serve(
                 listener,
                 shared.clone(),
+                slots.clone(),
                 shutdown.subscribe(),
             )));
         }
@@ -148,13 +155,75 @@ impl Proxy {
     }
 }
 
-/// Accepts connections on one listener until shutdown, then drains them.
-async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Client connections open on all data listeners, counted against `max_connections`.
+#[derive(Clone, Default)]
+struct Slots(Arc<AtomicUsize>);
+
+/// One open client connection; frees its slot when dropped.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+}
+
+impl Slots {
+    /// A slot, unless `max` connections are open already.
+    fn try_take(&self, max: usize) -> Option<Slot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()?;
+        let gauge = metrics::gauge!(m::CONNECTIONS_OPEN);
+        gauge.increment(1.0);
+        Some(Slot {
+            open: self.0.clone(),
+            gauge,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// The per-connection protocol settings, from the config in force at accept.
+fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let head_bytes = server.max_header_bytes.max(MIN_HEADER_BYTES);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        // hyper's own header timer also runs while a keep-alive connection waits for its
+        // next request, so it would cut idle connections at the header timeout; both
+        // timeouts are the connection watchdog's instead (`activity.rs`).
+        .header_read_timeout(None)
+        // The read buffer is where a head accumulates: a head still incomplete when it is
+        // full gets 431. It is also the most request body read ahead of the backend.
+        .max_buf_size(head_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Accepts connections on one listener until shutdown, then drains them.
+async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    slots: Slots,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (abort, _) = watch::channel(false);
+    // Each connection task holds a sender; `recv` returns `None` once all have ended.
+    let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
     let connections_total = metrics::counter!(m::CONNECTIONS_TOTAL);
+    let refused_total = metrics::counter!(m::CONNECTIONS_REFUSED_TOTAL);
+    let mut stop = shutdown.clone();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -166,31 +235,137 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            () = raised(&mut stop) => break,
+        };
+        let runtime = shared.runtime.load();
+        let server = &runtime.config.server;
+        // Over the limit, the connection is accepted and closed at once rather than left in
+        // the kernel's backlog: the client learns now instead of after a SYN timeout, and
+        // the refusal is counted.
+        let Some(slot) = slots.try_take(server.max_connections) else {
+            refused_total.increment(1);
+            tracing::debug!(%peer, max = server.max_connections, "connection refused: at max_connections");
+            drop(stream);
+            continue;
         };
         connections_total.increment(1);
         let _ = stream.set_nodelay(true);
-        let (io, verdicts) = crate::framing::wrap(stream);
-        let service = connection_service(shared.clone(), ConnInfo { peer, verdicts });
-        let connection = builder
+        let activity = Activity::new();
+        let (io, verdicts) = crate::framing::wrap(ActivityIo::new(stream, activity.clone()));
+        let info = ConnInfo {
+            peer,
+            verdicts,
+            max_body_bytes: server.max_body_bytes,
+        };
+        let service = connection_service(shared.clone(), info, activity.clone());
+        let connection = connection_builder(server)
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let timeouts = ClientTimeouts {
+            header_read: server.header_read_timeout,
+            idle: server.idle_timeout,
+        };
+        let stop = Stop {
+            shutdown: shutdown.clone(),
+            abort: abort.subscribe(),
+        };
+        let open = open_tx.clone();
         tokio::spawn(async move {
-            let open = metrics::gauge!(m::CONNECTIONS_OPEN);
-            open.increment(1.0);
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "client connection ended with an error");
-            }
-            open.decrement(1.0);
+            let graceful = auto::Connection::graceful_shutdown;
+            watch_connection(connection, graceful, &activity, timeouts, stop, peer).await;
+            drop((open, slot));
         });
     }
     drop(listener);
+    drop(open_tx);
     let deadline = shared.runtime.load().config.server.drain_timeout;
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = all_closed.recv() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(deadline) => {
             tracing::warn!(?deadline, "drain deadline passed, closing the remaining connections");
+            let _ = abort.send(true);
         }
+    }
+}
+
+/// The two signals a connection task obeys: finish gracefully, and stop now.
+struct Stop {
+    shutdown: watch::Receiver<bool>,
+    abort: watch::Receiver<bool>,
+}
+
+/// Serves one client connection until it ends, closing it when a timeout of `timeouts`
+/// passes (see [`Activity::client_expiry`]), gracefully on shutdown, at once on abort.
+async fn watch_connection<C, E>(
+    connection: C,
+    graceful_shutdown: impl Fn(Pin<&mut C>),
+    activity: &Activity,
+    timeouts: ClientTimeouts,
+    mut stop: Stop,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut connection = pin!(connection);
+    let expiry = activity.client_expiry(timeouts);
+    let mut expiry = pin!(expiry);
+    // Set once the connection has been asked to close: by then it has this long to finish.
+    let mut closing_by: Option<Instant> = None;
+    let grace = timeouts.header_read;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                }
+                return;
+            }
+            expired = &mut expiry, if closing_by.is_none() => {
+                metrics::counter!(m::CONNECTIONS_TIMED_OUT_TOTAL, m::LABEL_KIND => expired.as_str())
+                    .increment(1);
+                tracing::debug!(%peer, timeout = expired.as_str(), "closing client connection");
+                match expired {
+                    // Nothing was asked of us that could be answered: drop the socket.
+                    Expiry::Header => return,
+                    // Graceful, so an HTTP/2 client gets a GOAWAY rather than a reset.
+                    Expiry::Idle => {
+                        graceful_shutdown(connection.as_mut());
+                        closing_by = Some(Instant::now() + grace);
+                    }
+                }
+            }
+            () = raised(&mut stop.shutdown), if closing_by.is_none() => {
+                graceful_shutdown(connection.as_mut());
+                // Draining is bounded by the drain deadline (abort), not by the grace period.
+                closing_by = Some(Instant::now() + Duration::from_secs(86_400 * 365));
+            }
+            () = tokio::time::sleep_until(closing_by.unwrap_or_else(Instant::now)), if closing_by.is_some() => return,
+            () = raised(&mut stop.abort) => return,
+        }
+    }
+}
+
+/// Resolves once `flag` is true (or its sender is gone).
+async fn raised(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|raised| *raised).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_refuse_past_the_limit_and_free_on_drop() {
+        let slots = Slots::default();
+        let a = slots.try_take(2).expect("first");
+        let _b = slots.try_take(2).expect("second");
+        assert!(slots.try_take(2).is_none(), "third of two");
+        drop(a);
+        assert!(slots.try_take(2).is_some(), "a freed slot is taken again");
+        assert!(
+            slots.try_take(3).is_some(),
+            "a raised limit (reload) applies at once"
+        );
     }
 }

@@ -18,6 +18,7 @@ use tower_http::sensitive_headers::{
 };
 use tower_http::trace::TraceLayer;
 
+use crate::activity::Activity;
 use crate::proxy::{handle, ConnInfo};
 use crate::state::Shared;
 
@@ -53,10 +54,13 @@ where
     response.map(|body| body.boxed_unsync())
 }
 
-/// Builds the service for one client connection and adapts it for hyper.
+/// Builds the service for one client connection and adapts it for hyper. Each request is
+/// marked in flight on the connection's `activity` until its response body ends, so the
+/// idle and header timeouts never cut off a request being answered.
 pub fn connection_service(
     shared: Arc<Shared>,
     conn: ConnInfo,
+    activity: Arc<Activity>,
 ) -> hyper_util::service::TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,
@@ -98,7 +102,8 @@ pub fn connection_service(
         .service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handle(shared, conn, req).await) }
+            let in_flight = activity.request_started(req.version());
+            async move { Ok::<_, Infallible>(handle(shared, conn, req, in_flight).await) }
         });
     hyper_util::service::TowerToHyperService::new(stack)
 }

@@ -27,6 +27,11 @@ mod defaults {
     pub const SERVER_LISTEN: SocketAddr = loopback(8080);
     pub const PROBE_PATHS: &[&str] = &["/healthz"];
     pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
+    pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+    pub const CLIENT_IDLE_TIMEOUT_MS: u64 = 75_000;
+    pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+    pub const MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
+    pub const MAX_CONNECTIONS: usize = 10_000;
 
     pub const ADMIN_LISTEN: SocketAddr = loopback(9901);
 
@@ -73,6 +78,47 @@ pub struct ServerConfig {
     pub probe_paths: Vec<String>,
     /// How long in-flight requests may take to finish on shutdown. Key `drain_timeout_ms`, default 30000.
     pub drain_timeout: Duration,
+    /// From the first byte of a request head (or accept, for a connection's first request) to
+    /// its last. Key `header_read_timeout_ms`, default 10000.
+    pub header_read_timeout: Duration,
+    /// How long a client keep-alive connection may sit with nothing in flight. Key
+    /// `idle_timeout_ms`, default 75000.
+    pub idle_timeout: Duration,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2); larger ones get 431.
+    /// Default 65536; 8192 ..= [`MAX_HEADER_BYTES_LIMIT`].
+    pub max_header_bytes: usize,
+    /// Largest request body; larger ones get 413. Key `max_body_bytes`, default 100 MiB;
+    /// `None` (written 0) for no limit.
+    pub max_body_bytes: Option<u64>,
+    /// Client connections open at once on all data listeners; more are closed at accept.
+    /// Default 10000.
+    pub max_connections: usize,
+}
+
+/// The smallest `max_header_bytes`: hyper's HTTP/1 read buffer cannot be smaller.
+pub const MIN_HEADER_BYTES: usize = 8192;
+/// The largest `max_header_bytes`: hyper's size check can overshoot by one read, and every
+/// head it accepts must fit the framing scanner's window (`framing::MAX_HEAD`), or the
+/// ambiguous-framing check would be skipped for it.
+pub const MAX_HEADER_BYTES_LIMIT: usize = 128 * 1024;
+const _: () = assert!(2 * MAX_HEADER_BYTES_LIMIT <= crate::framing::MAX_HEAD);
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![defaults::SERVER_LISTEN],
+            probe_paths: defaults::PROBE_PATHS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            drain_timeout: Duration::from_millis(defaults::DRAIN_TIMEOUT_MS),
+            header_read_timeout: Duration::from_millis(defaults::HEADER_READ_TIMEOUT_MS),
+            idle_timeout: Duration::from_millis(defaults::CLIENT_IDLE_TIMEOUT_MS),
+            max_header_bytes: defaults::MAX_HEADER_BYTES,
+            max_body_bytes: Some(defaults::MAX_BODY_BYTES),
+            max_connections: defaults::MAX_CONNECTIONS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -46,6 +46,12 @@ fn defaults_are_applied() {
     assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
     assert_eq!(c.server.probe_paths, vec!["/healthz".to_string()]);
     assert_eq!(c.server.drain_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(75));
+    assert_eq!(c.server.max_header_bytes, 64 * 1024);
+    assert_eq!(c.server.max_body_bytes, Some(100 * 1024 * 1024));
+    assert_eq!(c.server.max_connections, 10_000);
+    assert_eq!(c.server, ServerConfig::default());
     assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
     assert!(c.sim.is_none());
 
@@ -81,6 +87,11 @@ fn every_key_is_read() {
 listen = ["0.0.0.0:80", "[::1]:80"]
 probe_paths = ["/healthz", "/livez"]
 drain_timeout_ms = 0
+header_read_timeout_ms = 2000
+idle_timeout_ms = 620000
+max_header_bytes = 16384
+max_body_bytes = 0
+max_connections = 5
 [admin]
 listen = "127.0.0.1:9000"
 [[upstream]]
@@ -112,6 +123,11 @@ workers = 3
     assert_eq!(c.server.listen.len(), 2);
     assert_eq!(c.server.probe_paths, vec!["/healthz", "/livez"]);
     assert_eq!(c.server.drain_timeout, Duration::ZERO);
+    assert_eq!(c.server.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(620));
+    assert_eq!(c.server.max_header_bytes, 16384);
+    assert_eq!(c.server.max_body_bytes, None, "0 is no limit");
+    assert_eq!(c.server.max_connections, 5);
     assert_eq!(c.admin.listen.port(), 9000);
     let u = &c.upstreams[0];
     assert_eq!(u.name, "shop_api-2");
@@ -644,5 +660,26 @@ fn retry_table_errors() {
         &doc("[upstream.retry]\neject_ms = 0\n"),
         9,
         "retry.eject_ms must be greater than 0",
+    );
+}
+
+#[test]
+fn client_protection_keys_are_checked_with_their_lines() {
+    let text = doc(
+        "[server]\nheader_read_timeout_ms = 0\nidle_timeout_ms = 0\nmax_header_bytes = 4096\nmax_connections = 0\n",
+    );
+    let errs = errors(&text);
+    let lines: Vec<usize> = errs.iter().map(|e| e.0).collect();
+    assert_eq!(lines, vec![9, 10, 11, 12], "{errs:#?}");
+    assert!(errs[0]
+        .1
+        .contains("header_read_timeout_ms must be greater than 0"));
+    assert!(errs[1].1.contains("idle_timeout_ms must be greater than 0"));
+    assert!(errs[2].1.contains("between 8192"), "{}", errs[2].1);
+    assert!(errs[3].1.contains("max_connections must be greater than 0"));
+    one_error(
+        &doc("[server]\nmax_header_bytes = 1048576\n"),
+        9,
+        "request-smuggling check",
     );
 }

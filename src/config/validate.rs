@@ -12,31 +12,68 @@ use super::section::{Errors, Section};
 use super::{
     defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, HealthConfig,
     RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds, UpstreamConfig,
+    MAX_HEADER_BYTES_LIMIT, MIN_HEADER_BYTES,
 };
 use crate::cache::CacheSettings;
 use crate::sim::SimConfig;
 
 pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> ServerConfig {
-    let raw = match section {
-        Some(s) => s.deserialize::<RawServer>(errs),
-        None => None,
+    let default = ServerConfig::default();
+    let Some(s) = section else {
+        return default;
     };
-    let raw = raw.unwrap_or(RawServer {
-        listen: None,
-        probe_paths: None,
-        drain_timeout_ms: None,
-    });
+    let Some(raw) = s.deserialize::<RawServer>(errs) else {
+        return default;
+    };
+    let s = &*s;
+    let header_read_timeout = s.millis(
+        errs,
+        &["header_read_timeout_ms"],
+        raw.header_read_timeout_ms,
+        defaults::HEADER_READ_TIMEOUT_MS,
+    );
+    let idle_timeout = s.millis(
+        errs,
+        &["idle_timeout_ms"],
+        raw.idle_timeout_ms,
+        defaults::CLIENT_IDLE_TIMEOUT_MS,
+    );
+    let max_header_bytes = raw.max_header_bytes.unwrap_or(default.max_header_bytes);
+    if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES_LIMIT).contains(&max_header_bytes) {
+        errs.push(
+            s.line(&["max_header_bytes"]),
+            s.say(format!(
+                "max_header_bytes = {max_header_bytes} must be between {MIN_HEADER_BYTES} \
+                 (hyper's smallest read buffer) and {MAX_HEADER_BYTES_LIMIT} (larger heads would \
+                 escape the request-smuggling check); the default is {}",
+                defaults::MAX_HEADER_BYTES
+            )),
+        );
+    }
+    let max_connections = raw.max_connections.unwrap_or(default.max_connections);
+    if max_connections == 0 {
+        errs.push(
+            s.line(&["max_connections"]),
+            s.say(
+                "max_connections must be greater than 0: with 0 every client connection is refused",
+            ),
+        );
+    }
     ServerConfig {
-        listen: raw.listen.unwrap_or_else(|| vec![defaults::SERVER_LISTEN]),
-        probe_paths: raw.probe_paths.unwrap_or_else(|| {
-            defaults::PROBE_PATHS
-                .iter()
-                .map(|p| p.to_string())
-                .collect()
-        }),
-        drain_timeout: Duration::from_millis(
-            raw.drain_timeout_ms.unwrap_or(defaults::DRAIN_TIMEOUT_MS),
-        ),
+        listen: raw.listen.unwrap_or(default.listen),
+        probe_paths: raw.probe_paths.unwrap_or(default.probe_paths),
+        drain_timeout: raw
+            .drain_timeout_ms
+            .map_or(default.drain_timeout, Duration::from_millis),
+        header_read_timeout,
+        idle_timeout,
+        max_header_bytes,
+        max_body_bytes: match raw.max_body_bytes {
+            Some(0) => None,
+            Some(limit) => Some(limit),
+            None => default.max_body_bytes,
+        },
+        max_connections,
     }
 }
 

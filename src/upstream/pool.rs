@@ -26,6 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// Largest read from a backend connection, and so the largest response chunk. Each
+/// read becomes one chunk of the response body, held until the client takes it;
+/// hyper's default (~400 KiB) would hold about 1 MiB per slow client (read buffer,
+/// chunk in hand, chunk queued); 64 KiB keeps it near 200 KiB at no cost in throughput.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
@@ -422,6 +428,7 @@ impl Inner {
                     host.backend.connect_succeeded();
                     let _ = stream.set_nodelay(true);
                     let (tx, connection) = http1::Builder::new()
+                        .max_buf_size(UPSTREAM_READ_BUFFER)
                         .handshake(TokioIo::new(stream))
                         .await
                         .map_err(|e| SendError {

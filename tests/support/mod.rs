@@ -94,6 +94,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
             listen: vec![LOCAL0.parse().unwrap()],
             probe_paths: vec!["/healthz".to_string()],
             drain_timeout: Duration::from_secs(5),
+            ..ServerConfig::default()
         },
         admin: AdminConfig {
             listen: LOCAL0.parse().unwrap(),

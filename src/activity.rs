@@ -1,0 +1,436 @@
+//! What one connection is doing: when bytes last moved, how many requests are in flight,
+//! and when the next request head started arriving; plus the waits built on that record.
+//!
+//! Shared by the proxy's client connections (`server.rs`: header read and keep-alive idle
+//! timeouts) and the simulated backend (`sim/conn.rs`: Tomcat's keepAliveTimeout). Closing
+//! the connection when a wait ends is the caller's business, not this module's.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Version;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// `head_started` when no byte has arrived since the connection went idle.
+const NONE: u64 = u64::MAX;
+
+/// The activity record of one connection. Times are nanoseconds after `opened`.
+#[derive(Debug)]
+pub struct Activity {
+    opened: Instant,
+    /// The last byte read or written, or the last response finished.
+    last_io: AtomicU64,
+    /// When the connection last went idle: the last response finished (0: opened).
+    idle_since: AtomicU64,
+    /// The first byte read since the connection went idle, i.e. the start of the next head.
+    head_started: AtomicU64,
+    /// Requests whose response body has not ended yet.
+    in_flight: AtomicUsize,
+    /// Requests started on this connection.
+    requests: AtomicU64,
+    /// A request on this connection was HTTP/2.
+    http2: AtomicBool,
+    /// Signalled when the connection goes idle and when a head starts arriving.
+    changed: Notify,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            opened: Instant::now(),
+            last_io: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(NONE),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
+            changed: Notify::new(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        let nanos = Instant::now().duration_since(self.opened).as_nanos();
+        u64::try_from(nanos).unwrap_or(NONE - 1)
+    }
+
+    fn at(&self, nanos: u64) -> Instant {
+        self.opened + Duration::from_nanos(nanos)
+    }
+
+    fn touch(&self) {
+        self.last_io.fetch_max(self.now(), Ordering::SeqCst);
+    }
+
+    fn bytes_read(&self) {
+        let now = self.now();
+        self.last_io.fetch_max(now, Ordering::SeqCst);
+        if self.in_flight.load(Ordering::SeqCst) == 0
+            && self
+                .head_started
+                .compare_exchange(NONE, now, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Marks a request in flight until the returned guard is dropped; attach the guard to
+    /// the response body so the request counts until its body has ended or been abandoned.
+    pub fn request_started(self: &Arc<Self>, version: Version) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        if version == Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        InFlight(Arc::clone(self))
+    }
+
+    /// Requests started on this connection so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let head = self.head_started.load(Ordering::SeqCst);
+        Snapshot {
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            requests: self.requests.load(Ordering::SeqCst),
+            http2: self.http2.load(Ordering::Relaxed),
+            idle_since: self.idle_since.load(Ordering::SeqCst),
+            head_started: (head != NONE).then_some(head),
+        }
+    }
+
+    /// Resolves once the connection has had no request in flight and no traffic for
+    /// `timeout` (the simulated Tomcat's keepAliveTimeout).
+    pub async fn quiet_for(&self, timeout: Duration) {
+        loop {
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
+                self.changed.notified().await;
+                continue;
+            }
+            let deadline = self.at(self.last_io.load(Ordering::SeqCst)) + timeout;
+            if Instant::now() >= deadline {
+                if self.in_flight.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                continue;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    /// Resolves when a client connection has outlived its header read or idle timeout;
+    /// see [`client_deadline`] for which applies when.
+    pub async fn client_expiry(&self, limits: ClientTimeouts) -> Expiry {
+        loop {
+            let Some((at, expiry)) = client_deadline(&self.snapshot(), limits) else {
+                self.changed.notified().await;
+                continue;
+            };
+            let deadline = self.at(at);
+            if Instant::now() >= deadline {
+                return expiry;
+            }
+            // Woken early when the connection goes idle or a head starts: both move the deadline.
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                () = self.changed.notified() => {}
+            }
+        }
+    }
+}
+
+/// Ends a request's in-flight mark on drop; see [`Activity::request_started`].
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let now = activity.now();
+        activity.last_io.fetch_max(now, Ordering::SeqCst);
+        if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            activity.idle_since.store(now, Ordering::SeqCst);
+            activity.head_started.store(NONE, Ordering::SeqCst);
+            activity.changed.notify_one();
+        }
+    }
+}
+
+/// The two client-side timeouts of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// For a request head, from its first byte (or, for the first request, from accept)
+    /// to its last.
+    pub header_read: Duration,
+    /// For a keep-alive connection with nothing in flight and no head started.
+    pub idle: Duration,
+}
+
+/// Which timeout ended a connection; the `kind` label of the timeout metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Header,
+    Idle,
+}
+
+impl Expiry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expiry::Header => "header",
+            Expiry::Idle => "idle",
+        }
+    }
+}
+
+/// The parts of [`Activity`] the deadline depends on. Times in nanoseconds after accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Snapshot {
+    in_flight: usize,
+    requests: u64,
+    http2: bool,
+    idle_since: u64,
+    head_started: Option<u64>,
+}
+
+/// When a client connection in state `s` must close, and why; `None` while a request is
+/// in flight (a slow response or a slow upload is not idle).
+///
+/// - Before its first request, a connection gets `header_read` from accept: opening a
+///   connection and sending nothing is the cheapest slowloris there is.
+/// - Between HTTP/1.1 requests it may sit idle for `idle`; the first byte of the next
+///   head starts the `header_read` clock, so a head trickled in a byte at a time is cut
+///   off even though bytes keep moving.
+/// - HTTP/2 frames between requests (PING, WINDOW_UPDATE) are not request heads, so an
+///   idle HTTP/2 connection gets `idle` from its last response, whatever it reads.
+fn client_deadline(s: &Snapshot, limits: ClientTimeouts) -> Option<(u64, Expiry)> {
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(NONE - 1);
+    if s.in_flight > 0 {
+        return None;
+    }
+    if s.requests == 0 {
+        return Some((nanos(limits.header_read), Expiry::Header));
+    }
+    match s.head_started {
+        Some(started) if !s.http2 => Some((
+            started.saturating_add(nanos(limits.header_read)),
+            Expiry::Header,
+        )),
+        _ => Some((
+            s.idle_since.saturating_add(nanos(limits.idle)),
+            Expiry::Idle,
+        )),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A socket that reports to its [`Activity`] when bytes move.
+    pub struct ActivityIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T> ActivityIo<T> {
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        ActivityIo { inner, activity }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.bytes_read();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ClientTimeouts = ClientTimeouts {
+        header_read: Duration::from_secs(10),
+        idle: Duration::from_secs(75),
+    };
+    const S: u64 = 1_000_000_000;
+
+    fn idle_h1(idle_since: u64, head_started: Option<u64>) -> Snapshot {
+        Snapshot {
+            in_flight: 0,
+            requests: 1,
+            http2: false,
+            idle_since,
+            head_started,
+        }
+    }
+
+    #[test]
+    fn deadlines_by_state() {
+        let fresh = Snapshot {
+            requests: 0,
+            head_started: Some(3 * S),
+            ..idle_h1(0, None)
+        };
+        assert_eq!(
+            client_deadline(&fresh, LIMITS),
+            Some((10 * S, Expiry::Header)),
+            "the first head is timed from accept"
+        );
+        let busy = Snapshot {
+            in_flight: 1,
+            ..idle_h1(0, Some(S))
+        };
+        assert_eq!(client_deadline(&busy, LIMITS), None);
+        assert_eq!(
+            client_deadline(&idle_h1(20 * S, None), LIMITS),
+            Some((95 * S, Expiry::Idle))
+        );
+        assert_eq!(
+            client_deadline(&idle_h1(20 * S, Some(50 * S)), LIMITS),
+            Some((60 * S, Expiry::Header)),
+            "a started head shortens the deadline"
+        );
+        let h2 = Snapshot {
+            http2: true,
+            ..idle_h1(20 * S, Some(50 * S))
+        };
+        assert_eq!(
+            client_deadline(&h2, LIMITS),
+            Some((95 * S, Expiry::Idle)),
+            "HTTP/2 control frames are not heads"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_for_waits_for_quiet_and_no_request() {
+        let activity = Activity::new();
+        let timeout = Duration::from_millis(200);
+        let start = Instant::now();
+
+        let guard = activity.request_started(Version::HTTP_11);
+        let waiter = tokio::spawn({
+            let activity = Arc::clone(&activity);
+            async move { activity.quiet_for(timeout).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !waiter.is_finished(),
+            "a request in flight keeps the connection"
+        );
+        drop(guard);
+        waiter.await.unwrap();
+        assert!(Instant::now() - start >= Duration::from_millis(700));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_pushes_the_quiet_deadline() {
+        let activity = Activity::new();
+        let timeout = Duration::from_millis(200);
+        let start = Instant::now();
+        let waiter = tokio::spawn({
+            let activity = Arc::clone(&activity);
+            async move { activity.quiet_for(timeout).await }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        activity.touch();
+        waiter.await.unwrap();
+        assert_eq!(Instant::now() - start, Duration::from_millis(350));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_head_wakes_the_idle_watchdog_early() {
+        let limits = ClientTimeouts {
+            header_read: Duration::from_secs(1),
+            idle: Duration::from_secs(60),
+        };
+        let activity = Activity::new();
+        let start = Instant::now();
+        drop(activity.request_started(Version::HTTP_11));
+        let waiter = tokio::spawn({
+            let activity = Arc::clone(&activity);
+            async move { activity.client_expiry(limits).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished(), "idle for 5 s of 60");
+        activity.bytes_read();
+        assert_eq!(waiter.await.unwrap(), Expiry::Header);
+        assert_eq!(Instant::now() - start, Duration::from_secs(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_expires_after_the_idle_timeout() {
+        let limits = ClientTimeouts {
+            header_read: Duration::from_secs(1),
+            idle: Duration::from_secs(60),
+        };
+        let activity = Activity::new();
+        let start = Instant::now();
+        let guard = activity.request_started(Version::HTTP_11);
+        let waiter = tokio::spawn({
+            let activity = Arc::clone(&activity);
+            async move { activity.client_expiry(limits).await }
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!waiter.is_finished(), "a request in flight is not idle");
+        drop(guard);
+        assert_eq!(waiter.await.unwrap(), Expiry::Idle);
+        assert_eq!(Instant::now() - start, Duration::from_secs(90));
+    }
+}
