@@ -222,6 +222,11 @@ impl Admission {
         let roll: f64 = rand::random();
         let mut outcome =
             decision::decide(class, threshold, self.config.band, signal.utilisation, roll);
+        // Critical requests waiting for a slot come first: while any wait, the other
+        // classes do not take the slots they are waiting for.
+        if outcome == Outcome::Admit && class != RouteClass::Critical && self.queued() > 0 {
+            outcome = Outcome::Shed;
+        }
         let mut reserved = None;
         if outcome == Outcome::Admit {
             reserved = slots.try_reserve(Some(self.hard_limit(backends)));
