@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod nginx;
+pub mod waves;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

@@ -637,6 +637,15 @@ fn retry_table_defaults_and_overrides() {
     );
     assert_eq!(r.eject_after_connect_failures, 0);
     assert_eq!(r.eject_duration, Duration::from_secs(2));
+
+    // An empty list is valid: it turns off the replay of written requests.
+    let c = parse(&doc("[upstream.retry]\nidempotent_methods = []\n"));
+    assert!(c
+        .upstream("app")
+        .unwrap()
+        .retry
+        .idempotent_methods
+        .is_empty());
 }
 
 #[test]

@@ -365,9 +365,9 @@ impl Pool {
         let Some(retry) = retry else {
             inner.counters.stale_not_retryable.inc();
             let why = if idempotent {
-                "its body cannot be replayed"
+                "its body cannot be replayed".to_string()
             } else {
-                "the method is not idempotent"
+                format!("{method} is not in retry.idempotent_methods")
             };
             return Err(SendError {
                 kind: UpstreamErrorKind::StaleConnection,
@@ -1010,6 +1010,30 @@ mod tests {
         assert!(error.detail.contains("not retried"), "{}", error.detail);
         assert_eq!(pool.stats().stale_not_retryable, 1);
         assert_eq!(seen.load(Ordering::SeqCst), 2, "the POST was sent once");
+    }
+
+    #[tokio::test]
+    async fn an_empty_idempotent_list_turns_the_stale_retry_off() {
+        let (addr, seen) = closing_backend(1).await;
+        let mut pool = pool_for(&addr);
+        let settings = &mut Arc::get_mut(&mut pool.inner).unwrap().settings;
+        settings.retry.idempotent_methods.clear();
+        send_ok(&pool, request("GET", &addr, "")).await;
+        let error = pool
+            .send(request("GET", &addr, ""))
+            .await
+            .expect_err("not retried");
+        assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
+        assert!(
+            error
+                .detail
+                .contains("GET is not in retry.idempotent_methods"),
+            "{}",
+            error.detail
+        );
+        assert_eq!(pool.stats().stale_not_retryable, 1);
+        assert_eq!(pool.stats().stale_retried, 0);
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "the GET was sent once");
     }
 
     #[tokio::test]
