@@ -26,7 +26,7 @@ pub mod policy;
 pub mod store;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -123,6 +123,18 @@ pub struct CacheStats {
     pub evictions: u64,
 }
 
+/// Lookups by result since the cache was made (the `result` label of
+/// `loadgate_cache_lookups_total`, for `/status` and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LookupCounts {
+    pub hit: u64,
+    pub not_modified: u64,
+    pub miss: u64,
+    pub stale: u64,
+    pub revalidated: u64,
+    pub uncacheable: u64,
+}
+
 /// Wall-clock time read through tokio's clock, so tests can pause and advance it.
 struct Clock {
     system: SystemTime,
@@ -167,6 +179,8 @@ struct Inner {
     buffering: AtomicUsize,
     buffer_budget: usize,
     clock: Clock,
+    /// Lookups by [`Outcome`], indexed by `Outcome as usize`.
+    lookups: [AtomicU64; Outcome::COUNT],
 }
 
 /// The result of a lookup.
@@ -190,6 +204,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const COUNT: usize = 6;
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
@@ -242,6 +258,7 @@ impl Cache {
                 buffering: AtomicUsize::new(0),
                 buffer_budget,
                 clock: Clock::new(),
+                lookups: Default::default(),
             }),
         }
     }
@@ -256,6 +273,18 @@ impl Cache {
             bytes: s.bytes(),
             objects: s.objects(),
             evictions: s.evictions(),
+        }
+    }
+
+    pub fn lookups(&self) -> LookupCounts {
+        let n = |o: Outcome| self.inner.lookups[o as usize].load(Ordering::Relaxed);
+        LookupCounts {
+            hit: n(Outcome::Hit),
+            not_modified: n(Outcome::NotModified),
+            miss: n(Outcome::Miss),
+            stale: n(Outcome::Stale),
+            revalidated: n(Outcome::Revalidated),
+            uncacheable: n(Outcome::Uncacheable),
         }
     }
 
@@ -353,6 +382,7 @@ impl Cache {
 
 impl Inner {
     fn count(&self, outcome: Outcome) {
+        self.lookups[outcome as usize].fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::CACHE_LOOKUPS_TOTAL,
             m::LABEL_ROUTE => self.route.clone(), m::LABEL_RESULT => outcome.as_str())
         .increment(1);
