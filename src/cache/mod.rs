@@ -181,6 +181,9 @@ struct Inner {
     clock: Clock,
     /// Lookups by [`Outcome`], indexed by `Outcome as usize`.
     lookups: [AtomicU64; Outcome::COUNT],
+    /// `loadgate_cache_lookups_total` for this route by outcome, registered once
+    /// (a lookup by name and label per request would cost more than the hit itself).
+    lookup_metrics: [metrics::Counter; Outcome::COUNT],
 }
 
 /// The result of a lookup.
@@ -205,6 +208,14 @@ pub enum Outcome {
 
 impl Outcome {
     const COUNT: usize = 6;
+    const ALL: [Outcome; Outcome::COUNT] = [
+        Outcome::Hit,
+        Outcome::NotModified,
+        Outcome::Miss,
+        Outcome::Stale,
+        Outcome::Revalidated,
+        Outcome::Uncacheable,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -259,6 +270,10 @@ impl Cache {
                 buffer_budget,
                 clock: Clock::new(),
                 lookups: Default::default(),
+                lookup_metrics: Outcome::ALL.map(|o| {
+                    metrics::counter!(m::CACHE_LOOKUPS_TOTAL,
+                        m::LABEL_ROUTE => route.to_string(), m::LABEL_RESULT => o.as_str())
+                }),
             }),
         }
     }
@@ -295,14 +310,25 @@ impl Cache {
         let method = req.method().clone();
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let key = key::primary(authority, path_and_query);
+        let headers = req.headers();
+        let rules = RequestRules::of(headers);
+        // The hot path first: a usable stored response, answered before anything is
+        // copied for a forward (request headers, URI) that will not happen.
+        let cacheable = method == Method::GET || method == Method::HEAD;
+        if cacheable && !needs_origin(headers) {
+            if let Some(entry) = inner.find(&key, headers) {
+                let now = inner.clock.now();
+                if policy::reusable(&entry.freshness, &rules, now) {
+                    return Lookup::Respond(inner.answer(&entry, &method, headers, now));
+                }
+            }
+        }
         let uri = Uri::builder()
             .scheme("http")
             .authority(authority)
             .path_and_query(path_and_query)
             .build()
             .unwrap_or_else(|_| req.uri().clone());
-        let headers = req.headers();
-        let rules = RequestRules::of(headers);
         let mut pending = Pending {
             inner: inner.clone(),
             mode: Mode::Bypass,
@@ -316,22 +342,13 @@ impl Cache {
             fill: None,
             request_time: inner.clock.now(),
         };
-        if !(method == Method::GET || method == Method::HEAD) {
+        if !cacheable {
             if !method.is_safe() {
                 pending.mode = Mode::Invalidate;
             }
             return Lookup::Forward(Box::new(pending));
         }
-        // Preconditions and ranges need the origin's answer.
-        let needs_origin = [
-            header::RANGE,
-            header::IF_MATCH,
-            header::IF_UNMODIFIED_SINCE,
-            header::IF_RANGE,
-        ]
-        .iter()
-        .any(|h| headers.contains_key(h));
-        if needs_origin {
+        if needs_origin(headers) {
             inner.count(Outcome::Uncacheable);
             return Lookup::Forward(Box::new(pending));
         }
@@ -380,12 +397,22 @@ impl Cache {
     }
 }
 
+/// Preconditions and ranges need the origin's answer.
+fn needs_origin(headers: &HeaderMap) -> bool {
+    [
+        header::RANGE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+    ]
+    .iter()
+    .any(|h| headers.contains_key(h))
+}
+
 impl Inner {
     fn count(&self, outcome: Outcome) {
         self.lookups[outcome as usize].fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(m::CACHE_LOOKUPS_TOTAL,
-            m::LABEL_ROUTE => self.route.clone(), m::LABEL_RESULT => outcome.as_str())
-        .increment(1);
+        self.lookup_metrics[outcome as usize].increment(1);
     }
 
     fn publish(&self) {
