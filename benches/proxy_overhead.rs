@@ -169,6 +169,7 @@ fn bench(s: &Settings) -> std::io::Result<()> {
     let load = |addr| Load {
         addr,
         path: PATH.to_string(),
+        headers: Vec::new(),
         connections: s.connections,
         warmup: Duration::from_secs_f64(s.warmup_secs),
         duration: Duration::from_secs_f64(s.secs),
@@ -282,6 +283,7 @@ fn check_serves(name: &str, addr: SocketAddr) -> std::io::Result<()> {
     let probe = Load {
         addr,
         path: PATH.to_string(),
+        headers: Vec::new(),
         connections: 1,
         warmup: Duration::ZERO,
         duration: Duration::from_millis(200),

@@ -424,6 +424,7 @@ fn load(s: &Settings, addr: SocketAddr, pause: (Duration, Duration)) -> (LoadRes
     let steady = Load {
         addr,
         path: PATH.to_string(),
+        headers: Vec::new(),
         connections: s.steady_connections,
         warmup,
         duration,

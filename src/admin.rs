@@ -112,6 +112,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "class": r.class.as_str(),
                 "threshold": r.threshold.unwrap_or_else(|| r.upstream.config.shedding.thresholds.for_class(r.class)),
                 "cache": matches!(r.cache, crate::config::CachePolicy::On),
+                "cache_stats": r.http_cache.as_ref().map(cache_status),
                 "admitted": c.admitted.load(Ordering::Relaxed),
                 "shed": c.shed.load(Ordering::Relaxed),
                 "would_shed": c.would_shed.load(Ordering::Relaxed),
@@ -171,6 +172,18 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "draining": shared.draining.load(Ordering::Relaxed),
         "routes": routes,
         "upstreams": upstreams,
+    })
+}
+
+/// A route cache's part of `/status`: its fill, evictions and lookups by result.
+fn cache_status(cache: &crate::cache::Cache) -> serde_json::Value {
+    let stats = cache.stats();
+    json!({
+        "bytes": stats.bytes,
+        "max_bytes": cache.settings().max_bytes,
+        "objects": stats.objects,
+        "evictions": stats.evictions,
+        "lookups": cache.lookups(),
     })
 }
 

@@ -29,11 +29,14 @@ type Case<'a> = (&'a str, &'a [(&'static str, &'a str)], usize);
 type Script = dyn Fn(&http::request::Parts, usize) -> Response<Full<Bytes>> + Send + Sync;
 
 /// A scripted origin: answers with `script(request, n)` (n = 1 for the first
-/// request) after `delay`, counting requests and keeping their headers.
+/// request) after `delay`, counting requests and keeping their headers. Requests
+/// to a path containing `/hold` wait until [`Origin::release`], so a test can keep
+/// requests in flight for as long as it needs, without depending on timing.
 struct Origin {
     addr: SocketAddr,
     count: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<HeaderMap>>>,
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 impl Origin {
@@ -46,6 +49,7 @@ impl Origin {
         let count = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
+        let (hold, released) = tokio::sync::watch::channel(false);
         let (c, s) = (count.clone(), seen.clone());
         tokio::spawn(async move {
             loop {
@@ -53,9 +57,11 @@ impl Origin {
                     return;
                 };
                 let (c, s, script) = (c.clone(), s.clone(), script.clone());
+                let released = released.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let (c, s, script) = (c.clone(), s.clone(), script.clone());
+                        let mut released = released.clone();
                         async move {
                             let (parts, _) = req.into_parts();
                             let n = if parts.uri.path() == "/actuator/health" {
@@ -67,6 +73,9 @@ impl Origin {
                             if n > 0 {
                                 tokio::time::sleep(delay).await;
                             }
+                            if parts.uri.path().contains("/hold") {
+                                let _ = released.wait_for(|r| *r).await;
+                            }
                             Ok::<_, Infallible>(script(&parts, n))
                         }
                     });
@@ -76,7 +85,17 @@ impl Origin {
                 });
             }
         });
-        Origin { addr, count, seen }
+        Origin {
+            addr,
+            count,
+            seen,
+            hold,
+        }
+    }
+
+    /// Lets every held request (and any later one) be answered.
+    fn release(&self) {
+        self.hold.send_replace(true);
     }
 
     fn requests(&self) -> usize {
@@ -595,4 +614,190 @@ async fn cache_off_routes_are_untouched() {
     assert!(got.header("cache-status").is_none());
     get(&client, &url).await;
     assert_eq!(sim.stats().requests("/api/off"), 2);
+}
+
+#[tokio::test]
+async fn status_shows_each_cached_routes_fill_and_lookups() {
+    let sim = sim_with_cache_control("max-age=60").await;
+    let proxy = start_proxy(cached_config(sim.addr(), CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/s", proxy.addr());
+    let first = get(&client, &url).await;
+    let etag = first.header("etag").unwrap().to_string();
+    get(&client, &url).await;
+    let cond = get_with(&client, &url, &[("if-none-match", &etag)]).await;
+    assert_eq!(cond.status, 304);
+
+    let status = get(&client, &format!("http://{}/status", proxy.admin_addr()))
+        .await
+        .json();
+    let routes = status["routes"].as_array().unwrap();
+    let api = routes.iter().find(|r| r["name"] == "api").unwrap();
+    let cache = &api["cache_stats"];
+    assert_eq!(cache["objects"], 1, "{cache:#}");
+    assert!(cache["bytes"].as_u64().unwrap() >= first.body.len() as u64);
+    assert_eq!(cache["max_bytes"], CacheSettings::default().max_bytes);
+    assert_eq!(cache["evictions"], 0);
+    let lookups = &cache["lookups"];
+    assert_eq!(
+        (&lookups["miss"], &lookups["hit"], &lookups["not_modified"]),
+        (&1.into(), &1.into(), &1.into()),
+        "{lookups:#}"
+    );
+    assert_eq!(lookups["stale"], 0);
+
+    // A route without the cache has no cache stats.
+    let plain = start_proxy(proxy_config(sim.addr())).await;
+    let status = get(&client, &format!("http://{}/status", plain.admin_addr()))
+        .await
+        .json();
+    assert!(status["routes"][0]["cache_stats"].is_null(), "{status:#}");
+}
+
+/// Shedding is about to reject a GET whose stored copy went stale: the client gets
+/// that copy (within `cache_stale_on_shed_ms` past its freshness) and the backend sees
+/// nothing; past the limit, or with nothing stored, the client gets the 429.
+#[tokio::test]
+async fn a_stale_copy_is_served_instead_of_a_429_while_shedding() {
+    let origin = Origin::start(Duration::ZERO, |req, n| match req.uri.path() {
+        // Stale as soon as stored.
+        "/api/reports/recent" => respond(
+            200,
+            &[("cache-control", "max-age=0"), ("etag", "\"r1\"")],
+            "recent report",
+        ),
+        // Already 90 s past its freshness when it arrives (Age 100 > max-age 10).
+        "/api/reports/old" => respond(
+            200,
+            &[("cache-control", "max-age=10"), ("age", "100")],
+            "old report",
+        ),
+        _ => respond(200, &[("cache-control", "no-store")], format!("{n}")),
+    })
+    .await;
+    let settings = CacheSettings {
+        stale_on_shed: Some(Duration::from_secs(30)),
+        ..CacheSettings::default()
+    };
+    let mut config = cached_config(origin.addr, settings);
+    // The sheddable route sheds everything from 3 of 16 workers busy (0.05 + band 0.10 <
+    // 3/16), so a few held requests are enough to make the decision certain.
+    config.routes[1].threshold = Some(0.05);
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let base = format!("http://{}", proxy.addr());
+
+    let recent = get(&client, &format!("{base}/api/reports/recent")).await;
+    assert_eq!(recent.status, 200);
+    assert_eq!(
+        get(&client, &format!("{base}/api/reports/old"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(origin.requests(), 2);
+    assert_eq!(stats(&proxy, "reports").objects, 2);
+
+    // Four critical requests held in flight at the origin: utilisation 4/16.
+    let held: Vec<_> = (0..4)
+        .map(|i| {
+            let (client, url) = (client.clone(), format!("{base}/api/checkout/hold?i={i}"));
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || origin.requests() == 6).await,
+        "the held requests reached the origin"
+    );
+    let upstream = proxy.shared().runtime.load().upstreams["app"].clone();
+    assert_eq!(upstream.inflight(), 4);
+
+    let got = get(&client, &format!("{base}/api/reports/recent")).await;
+    assert_eq!(got.status, 200, "the stale copy instead of a 429");
+    assert_eq!(got.text(), "recent report");
+    assert_eq!(got.header("etag"), Some("\"r1\""));
+    assert!(got.header("age").is_some(), "an Age header");
+    let cache_status = got.header("cache-status").unwrap();
+    assert!(
+        cache_status.starts_with("loadgate; hit") && cache_status.contains("detail=stale-on-shed"),
+        "{cache_status}"
+    );
+    // A conditional request is answered from the stale copy too.
+    let cond = get_with(
+        &client,
+        &format!("{base}/api/reports/recent"),
+        &[("if-none-match", "\"r1\"")],
+    )
+    .await;
+    assert_eq!(cond.status, 304);
+    assert!(cond
+        .header("cache-status")
+        .unwrap()
+        .contains("detail=stale-on-shed"));
+    assert_eq!(origin.requests(), 6, "the backend count did not move");
+
+    // Past the limit (90 s stale > 30 s), and with nothing stored: the 429.
+    let old = get(&client, &format!("{base}/api/reports/old")).await;
+    assert_eq!(old.status, 429, "beyond cache_stale_on_shed_ms");
+    let none = get(&client, &format!("{base}/api/reports/never-stored")).await;
+    assert_eq!(none.status, 429);
+    // A request that asks for a fresh answer is not given a stale one.
+    let no_cache = get_with(
+        &client,
+        &format!("{base}/api/reports/recent"),
+        &[("cache-control", "no-cache")],
+    )
+    .await;
+    assert_eq!(no_cache.status, 429);
+    assert_eq!(origin.requests(), 6);
+    assert_eq!(stats(&proxy, "reports").objects, 2);
+
+    origin.release();
+    for task in held {
+        assert_eq!(task.await.unwrap().status, 200);
+    }
+    let lookups = proxy
+        .shared()
+        .runtime
+        .load()
+        .routes
+        .iter()
+        .find(|r| r.name == "reports")
+        .unwrap()
+        .http_cache
+        .as_ref()
+        .unwrap()
+        .lookups();
+    assert_eq!(lookups.stale, 2, "{lookups:?}");
+}
+
+/// Without `cache_stale_on_shed_ms` a shed GET gets its 429 even with a copy stored.
+#[tokio::test]
+async fn without_stale_on_shed_the_429_stands() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(200, &[("cache-control", "max-age=0")], "report")
+    })
+    .await;
+    let mut config = cached_config(origin.addr, CacheSettings::default());
+    config.routes[1].threshold = Some(0.05);
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let base = format!("http://{}", proxy.addr());
+    assert_eq!(
+        get(&client, &format!("{base}/api/reports/r")).await.status,
+        200
+    );
+    let held: Vec<_> = (0..4)
+        .map(|i| {
+            let (client, url) = (client.clone(), format!("{base}/api/checkout/hold?i={i}"));
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || origin.requests() == 5).await);
+    let got = get(&client, &format!("{base}/api/reports/r")).await;
+    assert_eq!(got.status, 429);
+    origin.release();
+    for task in held {
+        assert_eq!(task.await.unwrap().status, 200);
+    }
 }

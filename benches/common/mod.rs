@@ -47,13 +47,15 @@ pub fn cores() -> usize {
 // ---------------------------------------------------------------------------
 
 /// One closed-loop run: `connections` HTTP/1.1 keep-alive connections, each sending
-/// `GET path`, reading the whole response, and sending the next, for
+/// `GET path` (with `headers`), reading the whole response, and sending the next, for
 /// `warmup + duration`. Only requests sent after the warm-up and finished before
 /// the end are measured.
 #[derive(Debug, Clone)]
 pub struct Load {
     pub addr: SocketAddr,
     pub path: String,
+    /// Extra request header fields sent with every request, e.g. `If-None-Match`.
+    pub headers: Vec<(header::HeaderName, header::HeaderValue)>,
     pub connections: usize,
     pub warmup: Duration,
     pub duration: Duration,
@@ -65,9 +67,11 @@ pub struct Load {
 /// What one closed-loop run measured.
 #[derive(Debug, Clone, Default)]
 pub struct LoadResult {
-    /// Latency of every measured 2xx response, in microseconds, sorted.
+    /// Latency of every measured 2xx or 304 response, in microseconds, sorted.
     pub latencies_us: Vec<u32>,
-    /// Transport errors, timeouts and non-2xx responses in the measured window.
+    /// How many of those were 304 Not Modified (the answer to a conditional GET).
+    pub not_modified: u64,
+    /// Transport errors, timeouts and other responses in the measured window.
     pub errors: u64,
     pub duration: Duration,
     /// CPU time the watched processes used in the measured window (see
@@ -171,6 +175,7 @@ impl Load {
             match tokio::time::timeout_at(bound, task).await {
                 Ok(Ok(one)) => {
                     result.latencies_us.extend_from_slice(&one.latencies_us);
+                    result.not_modified += one.not_modified;
                     result.errors += one.errors;
                 }
                 _ => result.errors += 1,
@@ -213,10 +218,13 @@ impl Load {
                 if sent >= end {
                     return out;
                 }
-                let request = Request::get(self.path.as_str())
+                let mut request = Request::get(self.path.as_str())
                     .header(header::HOST, host)
                     .body(Empty::new())
                     .expect("valid request");
+                for (name, value) in &self.headers {
+                    request.headers_mut().append(name, value.clone());
+                }
                 let exchange = async {
                     let response = sender.send_request(request).await?;
                     let status = response.status();
@@ -237,10 +245,15 @@ impl Load {
                 };
                 let done = Instant::now();
                 match outcome {
-                    Some(Ok(status)) if status.is_success() => {
+                    Some(Ok(status))
+                        if status.is_success() || status == StatusCode::NOT_MODIFIED =>
+                    {
                         if sent >= measure_from && done <= end {
                             let us = done.duration_since(sent).as_micros();
                             out.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                            if status == StatusCode::NOT_MODIFIED {
+                                out.not_modified += 1;
+                            }
                         }
                     }
                     Some(Ok(_)) => count_error(&mut out),

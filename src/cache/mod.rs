@@ -26,7 +26,7 @@ pub mod policy;
 pub mod store;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -123,6 +123,18 @@ pub struct CacheStats {
     pub evictions: u64,
 }
 
+/// Lookups by result since the cache was made (the `result` label of
+/// `loadgate_cache_lookups_total`, for `/status` and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LookupCounts {
+    pub hit: u64,
+    pub not_modified: u64,
+    pub miss: u64,
+    pub stale: u64,
+    pub revalidated: u64,
+    pub uncacheable: u64,
+}
+
 /// Wall-clock time read through tokio's clock, so tests can pause and advance it.
 struct Clock {
     system: SystemTime,
@@ -167,6 +179,11 @@ struct Inner {
     buffering: AtomicUsize,
     buffer_budget: usize,
     clock: Clock,
+    /// Lookups by [`Outcome`], indexed by `Outcome as usize`.
+    lookups: [AtomicU64; Outcome::COUNT],
+    /// `loadgate_cache_lookups_total` for this route by outcome, registered once
+    /// (a lookup by name and label per request would cost more than the hit itself).
+    lookup_metrics: [metrics::Counter; Outcome::COUNT],
 }
 
 /// The result of a lookup.
@@ -190,6 +207,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const COUNT: usize = 6;
+    const ALL: [Outcome; Outcome::COUNT] = [
+        Outcome::Hit,
+        Outcome::NotModified,
+        Outcome::Miss,
+        Outcome::Stale,
+        Outcome::Revalidated,
+        Outcome::Uncacheable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
@@ -242,6 +269,11 @@ impl Cache {
                 buffering: AtomicUsize::new(0),
                 buffer_budget,
                 clock: Clock::new(),
+                lookups: Default::default(),
+                lookup_metrics: Outcome::ALL.map(|o| {
+                    metrics::counter!(m::CACHE_LOOKUPS_TOTAL,
+                        m::LABEL_ROUTE => route.to_string(), m::LABEL_RESULT => o.as_str())
+                }),
             }),
         }
     }
@@ -259,6 +291,18 @@ impl Cache {
         }
     }
 
+    pub fn lookups(&self) -> LookupCounts {
+        let n = |o: Outcome| self.inner.lookups[o as usize].load(Ordering::Relaxed);
+        LookupCounts {
+            hit: n(Outcome::Hit),
+            not_modified: n(Outcome::NotModified),
+            miss: n(Outcome::Miss),
+            stale: n(Outcome::Stale),
+            revalidated: n(Outcome::Revalidated),
+            uncacheable: n(Outcome::Uncacheable),
+        }
+    }
+
     /// Looks the request up. `authority` is the request's host (the `Host` header
     /// or the URI authority).
     pub async fn lookup<B>(&self, req: &Request<B>, authority: &str) -> Lookup {
@@ -266,14 +310,25 @@ impl Cache {
         let method = req.method().clone();
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let key = key::primary(authority, path_and_query);
+        let headers = req.headers();
+        let rules = RequestRules::of(headers);
+        // The hot path first: a usable stored response, answered before anything is
+        // copied for a forward (request headers, URI) that will not happen.
+        let cacheable = method == Method::GET || method == Method::HEAD;
+        if cacheable && !needs_origin(headers) {
+            if let Some(entry) = inner.find(&key, headers) {
+                let now = inner.clock.now();
+                if policy::reusable(&entry.freshness, &rules, now) {
+                    return Lookup::Respond(inner.answer(&entry, &method, headers, now));
+                }
+            }
+        }
         let uri = Uri::builder()
             .scheme("http")
             .authority(authority)
             .path_and_query(path_and_query)
             .build()
             .unwrap_or_else(|_| req.uri().clone());
-        let headers = req.headers();
-        let rules = RequestRules::of(headers);
         let mut pending = Pending {
             inner: inner.clone(),
             mode: Mode::Bypass,
@@ -287,22 +342,13 @@ impl Cache {
             fill: None,
             request_time: inner.clock.now(),
         };
-        if !(method == Method::GET || method == Method::HEAD) {
+        if !cacheable {
             if !method.is_safe() {
                 pending.mode = Mode::Invalidate;
             }
             return Lookup::Forward(Box::new(pending));
         }
-        // Preconditions and ranges need the origin's answer.
-        let needs_origin = [
-            header::RANGE,
-            header::IF_MATCH,
-            header::IF_UNMODIFIED_SINCE,
-            header::IF_RANGE,
-        ]
-        .iter()
-        .any(|h| headers.contains_key(h));
-        if needs_origin {
+        if needs_origin(headers) {
             inner.count(Outcome::Uncacheable);
             return Lookup::Forward(Box::new(pending));
         }
@@ -351,11 +397,22 @@ impl Cache {
     }
 }
 
+/// Preconditions and ranges need the origin's answer.
+fn needs_origin(headers: &HeaderMap) -> bool {
+    [
+        header::RANGE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+    ]
+    .iter()
+    .any(|h| headers.contains_key(h))
+}
+
 impl Inner {
     fn count(&self, outcome: Outcome) {
-        metrics::counter!(m::CACHE_LOOKUPS_TOTAL,
-            m::LABEL_ROUTE => self.route.clone(), m::LABEL_RESULT => outcome.as_str())
-        .increment(1);
+        self.lookups[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.lookup_metrics[outcome as usize].increment(1);
     }
 
     fn publish(&self) {

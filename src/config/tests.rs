@@ -692,3 +692,100 @@ fn client_protection_keys_are_checked_with_their_lines() {
         "request-smuggling check",
     );
 }
+
+#[test]
+fn cache_keys_defaults_and_overrides() {
+    let r = &parse(BASE).routes[0];
+    assert_eq!(r.cache_settings, crate::cache::CacheSettings::default());
+    let s = &r.cache_settings;
+    assert_eq!(s.max_bytes, 64 << 20);
+    assert_eq!(s.max_object_bytes, 1 << 20);
+    assert!(!s.generate_etag);
+    assert_eq!(s.stale_on_shed, None);
+    assert!(!s.store_set_cookie);
+    assert_eq!(s.coalesce_timeout, Duration::from_secs(5));
+
+    let c = parse(&doc(
+        "[[route]]\nname = \"c\"\npath_prefix = \"/c\"\nupstream = \"app\"\ncache = \"on\"\n\
+         cache_max_bytes = 1000000\ncache_max_object_bytes = 2048\ncache_generate_etag = true\n\
+         cache_stale_on_shed_ms = 30000\ncache_store_set_cookie = true\ncache_coalesce_timeout_ms = 0\n",
+    ));
+    let r = c.routes.iter().find(|r| r.name == "c").unwrap();
+    assert_eq!(r.cache, CachePolicy::On);
+    let s = &r.cache_settings;
+    assert_eq!(s.max_bytes, 1_000_000);
+    assert_eq!(s.max_object_bytes, 2048);
+    assert!(s.generate_etag);
+    assert_eq!(s.stale_on_shed, Some(Duration::from_secs(30)));
+    assert!(s.store_set_cookie);
+    assert_eq!(s.coalesce_timeout, Duration::ZERO, "0 turns coalescing off");
+
+    // Left out, the object limit follows a cache smaller than its default down.
+    let c = parse(&doc(
+        "[[route]]\nname = \"c\"\npath_prefix = \"/c\"\nupstream = \"app\"\ncache_max_bytes = 4096\n",
+    ));
+    let s = &c
+        .routes
+        .iter()
+        .find(|r| r.name == "c")
+        .unwrap()
+        .cache_settings;
+    assert_eq!((s.max_bytes, s.max_object_bytes), (4096, 4096));
+}
+
+#[test]
+fn cache_key_errors() {
+    let route = |keys: &str| {
+        doc(&format!(
+            "[[route]]\nname = \"c\"\npath_prefix = \"/c\"\nupstream = \"app\"\ncache = \"on\"\n{keys}"
+        ))
+    };
+    // The route's keys start at line 13.
+    one_error(
+        &route("cache_max_bytes = 0\n"),
+        13,
+        "route \"c\": cache_max_bytes must be greater than 0",
+    );
+    one_error(
+        &route("cache_max_bytes = 1000000\ncache_max_object_bytes = 2000000\n"),
+        14,
+        "cache_max_object_bytes (2000000) must not exceed cache_max_bytes (1000000)",
+    );
+    one_error(
+        &route("cache_max_bytes = 1000000000\ncache_max_object_bytes = 100000000\n"),
+        14,
+        "cache_max_object_bytes must be at most 67107840",
+    );
+    one_error(
+        &route("cache_max_bytes = -1\n"),
+        13,
+        "cache_max_bytes: invalid value",
+    );
+    one_error(
+        &route("cache_stale_on_shed_ms = \"1m\"\n"),
+        13,
+        "cache_stale_on_shed_ms: invalid type",
+    );
+    one_error(
+        &route("cache_generate_etag = \"yes\"\n"),
+        13,
+        "cache_generate_etag: invalid type",
+    );
+    one_error(
+        &route("cache_store_set_cookie = 1\n"),
+        13,
+        "cache_store_set_cookie: invalid type",
+    );
+    one_error(
+        &route("cache_coalesce_timeout_ms = 1.5\n"),
+        13,
+        "cache_coalesce_timeout_ms: invalid type",
+    );
+    one_error(&route("cache_size = 1\n"), 13, "unknown key `cache_size`");
+    // Every error at once, each at its line.
+    let errs = errors(&route(
+        "cache_max_bytes = 0\ncache_generate_etag = 2\ncache_coalesce_timeout_ms = -5\n",
+    ));
+    let lines: Vec<usize> = errs.iter().map(|e| e.0).collect();
+    assert_eq!(lines, vec![13, 14, 15], "{errs:#?}");
+}

@@ -638,9 +638,13 @@ pub(super) fn build_route(
 
 fn cache_settings(s: &Section, errs: &mut Errors, raw: &RawRoute) -> CacheSettings {
     let d = CacheSettings::default();
+    let max_bytes = raw.cache_max_bytes.unwrap_or(d.max_bytes);
     let settings = CacheSettings {
-        max_bytes: raw.cache_max_bytes.unwrap_or(d.max_bytes),
-        max_object_bytes: raw.cache_max_object_bytes.unwrap_or(d.max_object_bytes),
+        max_bytes,
+        // Left out, the object limit follows a small cache_max_bytes down.
+        max_object_bytes: raw
+            .cache_max_object_bytes
+            .unwrap_or(d.max_object_bytes.min(max_bytes)),
         generate_etag: raw.cache_generate_etag.unwrap_or(d.generate_etag),
         stale_on_shed: raw.cache_stale_on_shed_ms.map(Duration::from_millis),
         store_set_cookie: raw.cache_store_set_cookie.unwrap_or(d.store_set_cookie),
@@ -648,6 +652,12 @@ fn cache_settings(s: &Section, errs: &mut Errors, raw: &RawRoute) -> CacheSettin
             .cache_coalesce_timeout_ms
             .map_or(d.coalesce_timeout, Duration::from_millis),
     };
+    if settings.max_bytes == 0 {
+        errs.push(
+            s.line(&["cache_max_bytes"]),
+            s.say("cache_max_bytes must be greater than 0"),
+        );
+    }
     if settings.max_object_bytes > crate::cache::store::MAX_OBJECT_BYTES {
         errs.push(
             s.line(&["cache_max_object_bytes"]),
@@ -656,11 +666,13 @@ fn cache_settings(s: &Section, errs: &mut Errors, raw: &RawRoute) -> CacheSettin
                 crate::cache::store::MAX_OBJECT_BYTES
             )),
         );
-    }
-    if settings.max_object_bytes > settings.max_bytes {
+    } else if settings.max_object_bytes > settings.max_bytes && settings.max_bytes > 0 {
         errs.push(
             s.line(&["cache_max_object_bytes"]),
-            s.say("cache_max_object_bytes must not exceed cache_max_bytes"),
+            s.say(format!(
+                "cache_max_object_bytes ({}) must not exceed cache_max_bytes ({})",
+                settings.max_object_bytes, settings.max_bytes
+            )),
         );
     }
     settings
