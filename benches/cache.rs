@@ -46,7 +46,6 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use loadgate::config::Config;
 use loadgate::server::Proxy;
 use loadgate::sim::{SimBackend, SimConfig, SimRoute, SimStats};
 
@@ -163,24 +162,9 @@ fn bench(s: &Settings) -> std::io::Result<()> {
             backend_addr.to_string(),
         ],
     )?;
-    let nginx = match common::nginx::find() {
-        Ok(path) => match common::nginx::Nginx::start_with_conf(&path, |dir, listen| {
-            nginx_cache_conf(dir, s.workers, listen, backend_addr)
-        }) {
-            Ok(nginx) => Some(nginx),
-            Err(why) => {
-                println!(
-                    "nginx rows skipped: {} failed to start: {why}",
-                    path.display()
-                );
-                None
-            }
-        },
-        Err(why) => {
-            println!("nginx rows skipped: {why}");
-            None
-        }
-    };
+    let nginx = common::nginx::start_or_skip(|dir, listen| {
+        nginx_cache_conf(dir, s.workers, listen, backend_addr)
+    });
 
     // Fill each cache with one request, and check that it then answers from it.
     let mut proxies = vec![("loadgate", loadgate_addr, loadgate.id())];
@@ -524,38 +508,14 @@ fn helper_main(args: &[String]) {
         .build()
         .expect("helper runtime");
     let proxy = runtime
-        .block_on(Proxy::start(loadgate_config(backend)))
+        .block_on(Proxy::start(common::loadgate_config(
+            backend,
+            "127.0.0.1:0".parse().expect("address"),
+            "idle_timeout_ms = 60000",
+            "cache = \"on\"",
+        )))
         .expect("loadgate starts");
     common::announce_and_wait_for_parent(proxy.addr());
     runtime.block_on(proxy.shutdown());
     runtime.shutdown_timeout(Duration::from_secs(1));
-}
-
-/// One upstream, one cached route for `/`, health checks and the actuator poller off
-/// (they would add backend requests nginx does not make). Admission stays on, as in
-/// production, though a hit is answered before it.
-fn loadgate_config(backend: SocketAddr) -> Config {
-    let text = format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[admin]
-listen = "127.0.0.1:0"
-[[upstream]]
-name = "app"
-backends = ["{backend}"]
-max_workers = 1024
-idle_timeout_ms = 60000
-[upstream.health]
-enabled = false
-[upstream.actuator]
-enabled = false
-[[route]]
-name = "all"
-path_prefix = "/"
-upstream = "app"
-cache = "on"
-"#
-    );
-    Config::parse(&text, "cache bench").expect("bench config is valid")
 }

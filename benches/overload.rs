@@ -89,14 +89,11 @@ fn main() {
                     .expect("proxy starts");
                 (proxy.addr(), Box::new(proxy))
             }
-            None => match common::nginx::find()
-                .and_then(|path| common::nginx::Nginx::start(&path, 2, backend.addr()))
-            {
-                Ok(nginx) => (nginx.addr, Box::new(nginx)),
-                Err(why) => {
-                    println!("nginx row skipped: {why}");
-                    continue;
-                }
+            None => match common::nginx::start_or_skip(|dir, listen| {
+                common::nginx::proxy_conf(dir, 2, listen, backend.addr())
+            }) {
+                Some(nginx) => (nginx.addr, Box::new(nginx)),
+                None => continue,
             },
         };
         let load_rt = runtime(1);

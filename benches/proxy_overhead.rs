@@ -32,7 +32,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{env_or, fmt_us, median, print_table, Load, Process, Runs};
-use loadgate::config::Config;
 use loadgate::server::Proxy;
 use loadgate::sim::{SimBackend, SimConfig};
 
@@ -122,22 +121,9 @@ fn bench(s: &Settings) -> std::io::Result<()> {
             backend_addr.to_string(),
         ],
     )?;
-    let nginx = match common::nginx::find() {
-        Ok(path) => match common::nginx::Nginx::start(&path, s.workers, backend_addr) {
-            Ok(nginx) => Some(nginx),
-            Err(why) => {
-                println!(
-                    "nginx row skipped: {} failed to start: {why}",
-                    path.display()
-                );
-                None
-            }
-        },
-        Err(why) => {
-            println!("nginx row skipped: {why}");
-            None
-        }
-    };
+    let nginx = common::nginx::start_or_skip(|dir, listen| {
+        common::nginx::proxy_conf(dir, s.workers, listen, backend_addr)
+    });
 
     let mut targets = vec![
         Target {
@@ -336,7 +322,12 @@ fn helper_main(args: &[String]) {
         "loadgate" => {
             let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
             let proxy = runtime
-                .block_on(Proxy::start(loadgate_config(backend)))
+                .block_on(Proxy::start(common::loadgate_config(
+                    backend,
+                    "127.0.0.1:0".parse().expect("address"),
+                    "idle_timeout_ms = 60000",
+                    "",
+                )))
                 .expect("loadgate starts");
             common::announce_and_wait_for_parent(proxy.addr());
             runtime.block_on(proxy.shutdown());
@@ -344,32 +335,4 @@ fn helper_main(args: &[String]) {
         other => panic!("unknown helper role {other:?}"),
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
-}
-
-/// One upstream, one route for `/`, health checks and the actuator poller off (the
-/// backend is known to be up, and a poller would add traffic nginx does not have).
-/// Admission stays on, as in production: its cost is part of the request path.
-fn loadgate_config(backend: SocketAddr) -> Config {
-    let text = format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[admin]
-listen = "127.0.0.1:0"
-[[upstream]]
-name = "app"
-backends = ["{backend}"]
-max_workers = 1024
-idle_timeout_ms = 60000
-[upstream.health]
-enabled = false
-[upstream.actuator]
-enabled = false
-[[route]]
-name = "all"
-path_prefix = "/"
-upstream = "app"
-"#
-    );
-    Config::parse(&text, "proxy_overhead bench").expect("bench config is valid")
 }

@@ -269,22 +269,9 @@ fn bench(s: &Settings) -> std::io::Result<()> {
         };
     let (_on, on_addr, on_admin) = start_loadgate("loadgate retry on", true)?;
     let (_off, off_addr, off_admin) = start_loadgate("loadgate retry off", false)?;
-    let nginx = match common::nginx::find() {
-        Ok(path) => match common::nginx::Nginx::start(&path, s.workers, backend_addr) {
-            Ok(nginx) => Some(nginx),
-            Err(why) => {
-                println!(
-                    "nginx row skipped: {} failed to start: {why}",
-                    path.display()
-                );
-                None
-            }
-        },
-        Err(why) => {
-            println!("nginx row skipped: {why}");
-            None
-        }
-    };
+    let nginx = common::nginx::start_or_skip(|dir, listen| {
+        common::nginx::proxy_conf(dir, s.workers, listen, backend_addr)
+    });
 
     let mut targets = vec![
         Target {
@@ -550,33 +537,16 @@ fn helper_main(args: &[String]) {
 /// written on a connection that then dies is answered 502, whatever its method (one
 /// never written is still retried; it cannot have reached the backend).
 fn loadgate_config(backend: SocketAddr, admin: SocketAddr, retry: bool) -> Config {
+    // An empty list turns the replay of written requests off.
     let methods = if retry {
         r#"["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]"#
     } else {
         "[]"
     };
-    let text = format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[admin]
-listen = "{admin}"
-[[upstream]]
-name = "app"
-backends = ["{backend}"]
-max_workers = 1024
-idle_timeout_ms = {LOADGATE_IDLE_MS}
-[upstream.health]
-enabled = false
-[upstream.actuator]
-enabled = false
-[upstream.retry]
-idempotent_methods = {methods}
-[[route]]
-name = "all"
-path_prefix = "/"
-upstream = "app"
-"#
-    );
-    Config::parse(&text, "upstream bench").expect("bench config is valid")
+    common::loadgate_config(
+        backend,
+        admin,
+        &format!("idle_timeout_ms = {LOADGATE_IDLE_MS}\nretry.idempotent_methods = {methods}"),
+        "",
+    )
 }

@@ -566,3 +566,37 @@ pub fn free_local_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
+
+/// The loadgate config the comparison benches run: one upstream `app` on `backend`,
+/// health checks and the actuator poller off (they would add backend requests nginx
+/// does not make), admission on as in production, and one route for `/`.
+/// `upstream_extra` and `route_extra` are TOML lines added to the upstream and route
+/// tables (dotted keys such as `retry.idempotent_methods = []` work in the former).
+pub fn loadgate_config(
+    backend: SocketAddr,
+    admin: SocketAddr,
+    upstream_extra: &str,
+    route_extra: &str,
+) -> loadgate::config::Config {
+    let text = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[admin]
+listen = "{admin}"
+[[upstream]]
+name = "app"
+backends = ["{backend}"]
+max_workers = 1024
+health.enabled = false
+actuator.enabled = false
+{upstream_extra}
+[[route]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+{route_extra}
+"#
+    );
+    loadgate::config::Config::parse(&text, "bench config").expect("bench config is valid")
+}

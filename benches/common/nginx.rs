@@ -47,13 +47,6 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// nginx proxying to `backend` as loadgate does (see [`proxy_conf`]).
-    pub fn start(nginx: &Path, workers: usize, backend: SocketAddr) -> Result<Nginx, String> {
-        Nginx::start_with_conf(nginx, |dir, listen| {
-            proxy_conf(dir, workers, listen, backend)
-        })
-    }
-
     /// nginx with the config `conf(dir, listen)` returns: `dir` is the temp dir (for
     /// pid, logs, temp and cache paths), `listen` the address it must listen on.
     /// The config must keep nginx in the foreground (`daemon off;`).
@@ -171,4 +164,24 @@ http {{
 }}
 "#
     )
+}
+
+/// nginx for a comparison row from the config `conf` builds, or `None` after
+/// printing why the row is skipped (not installed, `LOADGATE_BENCH_NGINX=off`, or it
+/// failed to start).
+pub fn start_or_skip(conf: impl FnOnce(&Path, SocketAddr) -> String) -> Option<Nginx> {
+    let path = match find() {
+        Ok(path) => path,
+        Err(why) => {
+            println!("nginx skipped: {why}");
+            return None;
+        }
+    };
+    match Nginx::start_with_conf(&path, conf) {
+        Ok(nginx) => Some(nginx),
+        Err(why) => {
+            println!("nginx skipped: {} failed to start: {why}", path.display());
+            None
+        }
+    }
 }
