@@ -492,21 +492,11 @@ async fn fetch(
 // ---------------------------------------------------------------------------
 
 fn helper_main(args: &[String]) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     let arg = |i: usize| -> &str { args.get(i).map_or("", String::as_str) };
     assert_eq!(arg(0), "loadgate", "unknown helper role");
     let threads: usize = arg(1).parse().expect("helper: thread count");
     let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("helper runtime");
+    let runtime = common::helper_runtime(threads, "warn");
     let proxy = runtime
         .block_on(Proxy::start(common::loadgate_config(
             backend,

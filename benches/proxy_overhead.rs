@@ -290,19 +290,9 @@ fn check_serves(name: &str, addr: SocketAddr) -> std::io::Result<()> {
 // ---------------------------------------------------------------------------
 
 fn helper_main(args: &[String]) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     let arg = |i: usize| -> &str { args.get(i).map_or("", String::as_str) };
     let threads: usize = arg(1).parse().expect("helper: thread count");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("helper runtime");
+    let runtime = common::helper_runtime(threads, "warn");
     match arg(0) {
         "backend" => {
             let backend = runtime

@@ -487,19 +487,9 @@ fn stale_counts(admin: SocketAddr) -> Option<(u64, u64)> {
 // ---------------------------------------------------------------------------
 
 fn helper_main(args: &[String]) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
-        )
-        .init();
     let arg = |i: usize| -> &str { args.get(i).map_or("", String::as_str) };
     let threads: usize = arg(1).parse().expect("helper: thread count");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("helper runtime");
+    let runtime = common::helper_runtime(threads, "off");
     match arg(0) {
         "backend" => {
             let keep_alive_ms: u64 = arg(2).parse().expect("helper: keep-alive ms");

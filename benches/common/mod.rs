@@ -600,3 +600,19 @@ upstream = "app"
     );
     loadgate::config::Config::parse(&text, "bench config").expect("bench config is valid")
 }
+
+/// Sets up a helper process: logs to stderr at `default_filter` unless `RUST_LOG`
+/// says otherwise, and returns a multi-thread runtime with `threads` workers.
+pub fn helper_runtime(threads: usize, default_filter: &str) -> tokio::runtime::Runtime {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("helper runtime")
+}
