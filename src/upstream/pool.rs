@@ -20,6 +20,7 @@
 //! is full. An idle entry older than the idle limit is discarded, never reused; a
 //! closed one is discarded when found (checkout or sweep).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -196,13 +197,43 @@ struct Idle {
     since: Instant,
 }
 
-/// One HTTP/1.1 connection; its task runs on its own.
+/// hyper's side of one upstream connection: the future that reads and writes it.
+type ConnIo = http1::Connection<TokioIo<TcpStream>, ProxyBody>;
+
+/// One HTTP/1.1 connection. Its I/O future is not spawned: the request using the
+/// connection drives it from its own task (while waiting for the response head, then
+/// from the response body's `poll_frame` until the body ends), so an exchange never
+/// hops between tasks or worker threads. An idle connection is not polled at all; a
+/// backend close is seen when it is next checked out (or by the sweep).
 struct Conn {
     tx: http1::SendRequest<ProxyBody>,
+    /// `None` once the connection has ended (dropping it also fails a request still
+    /// queued on `tx`, handing the request back unsent).
+    io: Option<Pin<Box<ConnIo>>>,
     /// Requests sent on it so far.
     served: u32,
     /// Further requests the backend allows, from `Keep-Alive: max=N`.
     allowed: Option<u32>,
+}
+
+impl Conn {
+    /// Drives the connection's I/O; `Ready` once it has ended (closed by either side,
+    /// or failed).
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(());
+        };
+        let result = std::task::ready!(io.as_mut().poll(cx));
+        if let Err(error) = result {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+        self.io = None;
+        Poll::Ready(())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.io.is_none() || self.tx.is_closed()
+    }
 }
 
 impl Host {
@@ -281,10 +312,14 @@ impl Pool {
         for host in &inner.hosts {
             let limit = host.idle_limit(inner.settings.idle_timeout);
             let mut dropped = Vec::new();
-            lock(&host.idle).retain(|entry| {
+            // Idle connections are not polled by anyone; one poll here reads a close
+            // from the backend. The waker is a no-op: whoever reuses the connection
+            // polls it again with its own.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            lock(&host.idle).retain_mut(|entry| {
                 let event = if now.duration_since(entry.since) >= limit {
                     Some(Event::RetiredIdle)
-                } else if entry.conn.tx.is_closed() {
+                } else if entry.conn.poll_io(&mut cx).is_ready() || entry.conn.is_closed() {
                     Some(Event::ClosedByBackend)
                 } else {
                     None
@@ -404,9 +439,16 @@ impl Inner {
                 self.counters.event(Event::RetiredIdle);
                 continue;
             }
-            // The connection task may still be finishing the previous exchange;
-            // `ready` waits for it, and fails if the backend closed the connection.
-            if conn.tx.is_closed() || conn.tx.ready().await.is_err() {
+            // The connection may still be finishing the previous exchange (nobody
+            // polled it since); driving it until `tx` is ready does that, and ends when
+            // the backend has closed the connection meanwhile.
+            let usable = std::future::poll_fn(|cx| {
+                if conn.poll_io(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                conn.tx.poll_ready(cx).map(|ready| ready.is_ok())
+            });
+            if !usable.await || conn.is_closed() {
                 self.counters.event(Event::ClosedByBackend);
                 continue;
             }
@@ -435,14 +477,10 @@ impl Inner {
                             kind: UpstreamErrorKind::Protocol,
                             detail: format!("HTTP/1.1 handshake failed: {e}"),
                         })?;
-                    tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%error, "upstream connection ended with an error");
-                        }
-                    });
                     self.counters.event(Event::Opened);
                     return Ok(Conn {
                         tx,
+                        io: Some(Box::pin(connection)),
                         served: 0,
                         allowed: None,
                     });
@@ -541,7 +579,7 @@ impl CheckIn {
             counters.event(event);
             return;
         }
-        if conn.tx.is_closed() {
+        if conn.is_closed() {
             counters.event(Event::ClosedByBackend);
             return;
         }
@@ -585,6 +623,10 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        // The connection's I/O is driven from here until the body ends (see `Conn`).
+        if let Some(conn) = this.checkin.as_mut().and_then(|c| c.conn.as_mut()) {
+            let _ = conn.poll_io(cx);
+        }
         let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         let ended = match &polled {
             None => true,
@@ -625,7 +667,16 @@ async fn exchange(
     req: Request<ProxyBody>,
 ) -> Result<(Response<Incoming>, Conn), Failed> {
     conn.served += 1;
-    match conn.tx.try_send_request(req).await {
+    let mut response = std::pin::pin!(conn.tx.try_send_request(req));
+    // Drive the connection in this task while waiting for the response head. When
+    // the connection ends first, dropping it fails the response future (or hands the
+    // request back unsent), so this always finishes.
+    let result = std::future::poll_fn(|cx| {
+        let _ = conn.poll_io(cx);
+        response.as_mut().poll(cx)
+    })
+    .await;
+    match result {
         Ok(response) => Ok((response, conn)),
         Err(mut error) => {
             let unsent = error.take_message();
