@@ -34,7 +34,7 @@ use std::time::Duration;
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -349,30 +349,34 @@ impl Pool {
         })
     }
 
-    /// Sends `req` (its URI absolute, naming one of the pool's backends) and returns the
-    /// response, its body streaming, and whether the request went out on a reused
-    /// connection. A reused connection that dies before any response byte is retried
-    /// once, on a new connection, if nothing was written yet or the request is
-    /// idempotent with an empty body; otherwise the answer is a
-    /// [`UpstreamErrorKind::StaleConnection`] error.
+    /// Sends `req` to `backend` (one of the pool's) and returns the response, its body
+    /// streaming, and whether the request went out on a reused connection. The URI is
+    /// sent as it is, so it should be in origin form (`/path?query`); without a `Host`
+    /// header, the backend's authority is added as one. A reused connection that dies
+    /// before any response byte is retried once, on a new connection, if nothing was
+    /// written yet or the request is idempotent with an empty body; otherwise the answer
+    /// is a [`UpstreamErrorKind::StaleConnection`] error.
     pub(crate) async fn send(
         &self,
+        backend: &Arc<Backend>,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<ProxyBody>, bool), SendError> {
         let inner = &self.inner;
-        let authority = req.uri().authority().map(|a| a.as_str().to_string());
         let Some(host) = inner
             .hosts
             .iter()
-            .find(|h| Some(h.backend.authority.as_str()) == authority.as_deref())
-            .cloned()
+            .find(|h| Arc::ptr_eq(&h.backend, backend))
         else {
             return Err(SendError {
                 kind: UpstreamErrorKind::Protocol,
-                detail: format!("{authority:?} is not a backend of this upstream"),
+                detail: format!("{} is not a backend of this upstream", backend.authority),
             });
         };
-        to_origin_form(&mut req, &host.backend.authority);
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(value) = &backend.host_header {
+                req.headers_mut().insert(header::HOST, value.clone());
+            }
+        }
         let idempotent = inner
             .settings
             .retry
@@ -381,9 +385,9 @@ impl Pool {
         let replay = Replay::of(&req);
         let method = req.method().clone();
 
-        let (conn, reused) = inner.checkout(&host).await?;
+        let (conn, reused) = inner.checkout(host).await?;
         let failed = match exchange(conn, req).await {
-            Ok((response, conn)) => return Ok((inner.finish(&host, conn, response), reused)),
+            Ok((response, conn)) => return Ok((inner.finish(host, conn, response), reused)),
             Err(failed) => failed,
         };
         if !reused || !failed.stale {
@@ -416,9 +420,9 @@ impl Pool {
         inner.counters.stale_retried.inc();
         tracing::debug!(backend = %host.backend.authority, %method, error = %failed.error,
             "reused connection died before a response; retrying once on a new connection");
-        let conn = inner.connect(&host).await?;
+        let conn = inner.connect(host).await?;
         match exchange(conn, retry).await {
-            Ok((response, conn)) => Ok((inner.finish(&host, conn, response), false)),
+            Ok((response, conn)) => Ok((inner.finish(host, conn, response), false)),
             Err(failed) => Err(exchange_error(
                 &failed.error,
                 " (on a new connection, after a reused one had failed)",
@@ -723,22 +727,6 @@ impl Replay {
     }
 }
 
-/// HTTP/1.1 to an origin wants `/path?query` on the request line and the authority in `Host`.
-fn to_origin_form(req: &mut Request<ProxyBody>, authority: &str) {
-    if !req.headers().contains_key(header::HOST) {
-        if let Ok(host) = HeaderValue::from_str(authority) {
-            req.headers_mut().insert(header::HOST, host);
-        }
-    }
-    let origin = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    *req.uri_mut() = origin;
-}
-
 /// True for errors that mean the connection itself is gone: closed, reset, cut short.
 fn is_broken_connection(error: &hyper::Error) -> bool {
     if error.is_user() || error.is_parse() {
@@ -853,6 +841,7 @@ pub(crate) fn wants_close(headers: &HeaderMap) -> bool {
 mod tests {
     use super::*;
     use crate::config::UpstreamConfig;
+    use http::header::HeaderValue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -1008,8 +997,27 @@ mod tests {
             .unwrap()
     }
 
+    impl Pool {
+        /// Sends `req`, its URI absolute, to the backend it names, in origin form.
+        async fn send_absolute(
+            &self,
+            mut req: Request<ProxyBody>,
+        ) -> Result<(Response<ProxyBody>, bool), SendError> {
+            let authority = req.uri().authority().unwrap().as_str().to_string();
+            let backend = self
+                .inner
+                .hosts
+                .iter()
+                .find(|h| h.backend.authority == authority)
+                .map(|h| h.backend.clone())
+                .unwrap();
+            *req.uri_mut() = Uri::from(req.uri().path_and_query().unwrap().clone());
+            self.send(&backend, req).await
+        }
+    }
+
     async fn send_ok(pool: &Pool, req: Request<ProxyBody>) -> bool {
-        let (response, reused) = pool.send(req).await.expect("an answer");
+        let (response, reused) = pool.send_absolute(req).await.expect("an answer");
         assert_eq!(response.status(), 200);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "ok");
@@ -1049,7 +1057,7 @@ mod tests {
         let pool = pool_for(&addr);
         send_ok(&pool, request("GET", &addr, "")).await;
         let error = pool
-            .send(request("POST", &addr, "order"))
+            .send_absolute(request("POST", &addr, "order"))
             .await
             .expect_err("not retried");
         assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
@@ -1071,7 +1079,7 @@ mod tests {
         settings.retry.idempotent_methods.clear();
         send_ok(&pool, request("GET", &addr, "")).await;
         let error = pool
-            .send(request("GET", &addr, ""))
+            .send_absolute(request("GET", &addr, ""))
             .await
             .expect_err("not retried");
         assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
@@ -1092,7 +1100,10 @@ mod tests {
         let (addr, _) = closing_backend(1).await;
         let pool = pool_for(&addr);
         send_ok(&pool, request("GET", &addr, "")).await;
-        let error = pool.send(request("PUT", &addr, "doc")).await.unwrap_err();
+        let error = pool
+            .send_absolute(request("PUT", &addr, "doc"))
+            .await
+            .unwrap_err();
         assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
         assert!(
             error.detail.contains("cannot be replayed"),
