@@ -37,42 +37,54 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The `Via` protocol token for a message version (RFC 9110 §7.6.3).
-fn via_protocol(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
-    }
-}
-
-/// Appends this proxy to the `Via` header, keeping earlier hops.
+/// Appends this proxy to the `Via` header, keeping earlier hops. The protocol token
+/// names the version the message was received in (RFC 9110 §7.6.3).
 pub fn append_via(headers: &mut HeaderMap, received: Version) {
-    let ours = format!("{} {VIA_NAME}", via_protocol(received));
-    append_list(headers, header::VIA, &ours);
+    let ours = match received {
+        Version::HTTP_09 => "0.9 loadgate",
+        Version::HTTP_10 => "1.0 loadgate",
+        Version::HTTP_2 => "2 loadgate",
+        Version::HTTP_3 => "3 loadgate",
+        _ => "1.1 loadgate",
+    };
+    debug_assert!(ours.ends_with(VIA_NAME));
+    if headers.contains_key(header::VIA) {
+        append_list(headers, header::VIA, ours);
+    } else {
+        headers.insert(header::VIA, HeaderValue::from_static(ours));
+    }
 }
 
 /// Adds `X-Forwarded-For` (appended to any earlier list), `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` for a request received from `client` for `host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>) {
-    append_list(
-        headers,
-        HeaderName::from_static("x-forwarded-for"),
-        &client.to_string(),
-    );
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<HeaderValue>) {
+    // An address is at most 45 bytes (an IPv6 address with an embedded IPv4 one).
+    let mut buf = [0u8; 64];
+    let len = {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        let _ = write!(cursor, "{client}");
+        cursor.position() as usize
+    };
+    let client = std::str::from_utf8(&buf[..len]).unwrap_or_default();
+    append_list(headers, HeaderName::from_static("x-forwarded-for"), client);
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static("http"),
     );
-    if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    if let Some(value) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), value);
     }
 }
 
 /// Joins all existing values of `name` and `item` into one comma-separated value.
 fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+    if !headers.contains_key(&name) {
+        if let Ok(value) = HeaderValue::from_str(item) {
+            headers.insert(name, value);
+        }
+        return;
+    }
     let mut joined = String::new();
     for value in headers.get_all(&name).iter() {
         if let Ok(v) = value.to_str() {
@@ -132,7 +144,7 @@ mod tests {
         add_forwarded(
             &mut h,
             "127.0.0.1".parse().unwrap(),
-            Some("shop.example:8080"),
+            Some(HeaderValue::from_static("shop.example:8080")),
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");

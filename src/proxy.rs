@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -270,9 +271,10 @@ async fn forward(
     let received = parts.version;
 
     // Read the first body frame before anything is sent upstream, so a request with
-    // broken chunk framing gets a 400 and the backend never sees it.
-    let body = if body.is_end_stream() {
-        crate::body::empty()
+    // broken chunk framing gets a 400 and the backend never sees it. A request without
+    // a body needs none of this, nor the watch: there is nothing to go wrong.
+    let (body, client_body) = if body.is_end_stream() {
+        (crate::body::empty(), None)
     } else {
         let mut body = body;
         let first = match body.frame().await {
@@ -284,45 +286,45 @@ async fn forward(
             }
             None => None,
         };
-        Prepend::new(first, body)
-            .map_err(BoxError::from)
-            .boxed_unsync()
+        let body = Prepend::new(first, body).map_err(BoxError::from);
+        let (body, watch) = WatchedBody::new(body, conn.max_body_bytes);
+        (body.boxed_unsync(), Some(watch))
     };
-    let (body, client_body) = WatchedBody::new(body, conn.max_body_bytes);
 
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_string();
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(backend.authority.as_str())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))?;
+    // `host` came from the `Host` header unless the request target carried an
+    // authority: then the header's value is reused as it is, without a copy.
+    let host_value = match parts.uri.authority() {
+        None => parts.headers.get(header::HOST).cloned(),
+        Some(_) => HeaderValue::from_str(&host).ok(),
+    };
+    // HTTP/1.1 to an origin: `/path?query` on the request line.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path_and_query);
+    }
     parts.version = Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers);
     // The client's body is already on its way; a 100-continue handshake with the
     // backend would only add a round trip.
     parts.headers.remove(header::EXPECT);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(value) = HeaderValue::from_str(&host) {
-            parts.headers.insert(header::HOST, value);
+    let host_value = host_value.filter(|_| !host.is_empty());
+    if let Some(value) = &host_value {
+        if !parts.headers.contains_key(header::HOST) {
+            parts.headers.insert(header::HOST, value.clone());
         }
     }
-    headers::add_forwarded(
-        &mut parts.headers,
-        conn.peer.ip(),
-        Some(&host).filter(|h| !h.is_empty()).map(String::as_str),
-    );
+    headers::add_forwarded(&mut parts.headers, conn.peer.ip(), host_value);
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();
     let inflight = reservation.bind(&backend);
-    let request = Request::from_parts(parts, body.boxed_unsync());
+    let request = Request::from_parts(parts, body);
     let sent = Instant::now();
-    let result = upstream.send(request).await;
+    let result = upstream.send(&backend, request).await;
     let dropped = matches!(&result, Err(e) if e.kind == UpstreamErrorKind::HeaderTimeout);
     upstream
         .admission
@@ -330,7 +332,7 @@ async fn forward(
     let response = match result {
         Ok(response) => response,
         Err(error) => {
-            return Err(match client_body.fault() {
+            return Err(match client_body.and_then(|watch| watch.fault()) {
                 Some(fault) => ProxyError::from_client_body(fault, &error.detail),
                 None => upstream_error(&backend.authority, error.kind, error.detail),
             });

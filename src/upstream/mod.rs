@@ -32,6 +32,8 @@ use pool::{Pool, PoolSettings};
 pub struct Backend {
     /// `host:port`.
     pub authority: String,
+    /// `authority` as a `Host` header value, for requests that arrive without one.
+    host_header: Option<http::HeaderValue>,
     inflight: AtomicUsize,
     healthy: AtomicBool,
     /// At least one health check has passed since start.
@@ -54,6 +56,7 @@ impl Backend {
             m::LABEL_UPSTREAM => upstream.to_string(), m::LABEL_BACKEND => authority.to_string());
         Backend {
             authority: authority.to_string(),
+            host_header: http::HeaderValue::from_str(authority).ok(),
             inflight: AtomicUsize::new(0),
             // Optimistic until a health check says otherwise, so a fresh proxy serves at once.
             healthy: AtomicBool::new(true),
@@ -291,6 +294,10 @@ impl Upstream {
     /// (connect failures) are skipped unless every healthy one is ejected: then
     /// ejection is ignored, so it never empties the rotation by itself.
     pub fn pick(&self) -> Option<Arc<Backend>> {
+        // One backend: ejection never empties the rotation, so only health counts.
+        if let [only] = self.backends.as_slice() {
+            return only.is_healthy().then(|| only.clone());
+        }
         let mut healthy: Vec<&Arc<Backend>> = self
             .backends
             .iter()
@@ -312,13 +319,18 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` (its URI already pointing at `backend`) and waits for the response
-    /// head, bounded by the response-header timeout (connect retries and a retry after
-    /// a stale pooled connection included). The body streams; its connection returns
-    /// to the pool when it has been read to the end.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, SendError> {
+    /// Sends `req` (its URI in origin form, `/path?query`) to `backend`, one of this
+    /// upstream's, and waits for the response head, bounded by the response-header
+    /// timeout (connect retries and a retry after a stale pooled connection included).
+    /// The body streams; its connection returns to the pool when it has been read to
+    /// the end.
+    pub async fn send(
+        &self,
+        backend: &Arc<Backend>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, SendError> {
         let timeout = self.config.response_header_timeout;
-        match tokio::time::timeout(timeout, self.pool.send(req)).await {
+        match tokio::time::timeout(timeout, self.pool.send(backend, req)).await {
             Ok(Ok((response, _reused))) => Ok(response),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(SendError {

@@ -20,6 +20,7 @@
 //! is full. An idle entry older than the idle limit is discarded, never reused; a
 //! closed one is discarded when found (checkout or sweep).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,7 @@ use std::time::Duration;
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -196,13 +197,43 @@ struct Idle {
     since: Instant,
 }
 
-/// One HTTP/1.1 connection; its task runs on its own.
+/// hyper's side of one upstream connection: the future that reads and writes it.
+type ConnIo = http1::Connection<TokioIo<TcpStream>, ProxyBody>;
+
+/// One HTTP/1.1 connection. Its I/O future is not spawned: the request using the
+/// connection drives it from its own task (while waiting for the response head, then
+/// from the response body's `poll_frame` until the body ends), so an exchange never
+/// hops between tasks or worker threads. An idle connection is not polled at all; a
+/// backend close is seen when it is next checked out (or by the sweep).
 struct Conn {
     tx: http1::SendRequest<ProxyBody>,
+    /// `None` once the connection has ended (dropping it also fails a request still
+    /// queued on `tx`, handing the request back unsent).
+    io: Option<Pin<Box<ConnIo>>>,
     /// Requests sent on it so far.
     served: u32,
     /// Further requests the backend allows, from `Keep-Alive: max=N`.
     allowed: Option<u32>,
+}
+
+impl Conn {
+    /// Drives the connection's I/O; `Ready` once it has ended (closed by either side,
+    /// or failed).
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(());
+        };
+        let result = std::task::ready!(io.as_mut().poll(cx));
+        if let Err(error) = result {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+        self.io = None;
+        Poll::Ready(())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.io.is_none() || self.tx.is_closed()
+    }
 }
 
 impl Host {
@@ -281,10 +312,14 @@ impl Pool {
         for host in &inner.hosts {
             let limit = host.idle_limit(inner.settings.idle_timeout);
             let mut dropped = Vec::new();
-            lock(&host.idle).retain(|entry| {
+            // Idle connections are not polled by anyone; one poll here reads a close
+            // from the backend. The waker is a no-op: whoever reuses the connection
+            // polls it again with its own.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            lock(&host.idle).retain_mut(|entry| {
                 let event = if now.duration_since(entry.since) >= limit {
                     Some(Event::RetiredIdle)
-                } else if entry.conn.tx.is_closed() {
+                } else if entry.conn.poll_io(&mut cx).is_ready() || entry.conn.is_closed() {
                     Some(Event::ClosedByBackend)
                 } else {
                     None
@@ -314,30 +349,34 @@ impl Pool {
         })
     }
 
-    /// Sends `req` (its URI absolute, naming one of the pool's backends) and returns the
-    /// response, its body streaming, and whether the request went out on a reused
-    /// connection. A reused connection that dies before any response byte is retried
-    /// once, on a new connection, if nothing was written yet or the request is
-    /// idempotent with an empty body; otherwise the answer is a
-    /// [`UpstreamErrorKind::StaleConnection`] error.
+    /// Sends `req` to `backend` (one of the pool's) and returns the response, its body
+    /// streaming, and whether the request went out on a reused connection. The URI is
+    /// sent as it is, so it should be in origin form (`/path?query`); without a `Host`
+    /// header, the backend's authority is added as one. A reused connection that dies
+    /// before any response byte is retried once, on a new connection, if nothing was
+    /// written yet or the request is idempotent with an empty body; otherwise the answer
+    /// is a [`UpstreamErrorKind::StaleConnection`] error.
     pub(crate) async fn send(
         &self,
+        backend: &Arc<Backend>,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<ProxyBody>, bool), SendError> {
         let inner = &self.inner;
-        let authority = req.uri().authority().map(|a| a.as_str().to_string());
         let Some(host) = inner
             .hosts
             .iter()
-            .find(|h| Some(h.backend.authority.as_str()) == authority.as_deref())
-            .cloned()
+            .find(|h| Arc::ptr_eq(&h.backend, backend))
         else {
             return Err(SendError {
                 kind: UpstreamErrorKind::Protocol,
-                detail: format!("{authority:?} is not a backend of this upstream"),
+                detail: format!("{} is not a backend of this upstream", backend.authority),
             });
         };
-        to_origin_form(&mut req, &host.backend.authority);
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(value) = &backend.host_header {
+                req.headers_mut().insert(header::HOST, value.clone());
+            }
+        }
         let idempotent = inner
             .settings
             .retry
@@ -346,9 +385,9 @@ impl Pool {
         let replay = Replay::of(&req);
         let method = req.method().clone();
 
-        let (conn, reused) = inner.checkout(&host).await?;
+        let (conn, reused) = inner.checkout(host).await?;
         let failed = match exchange(conn, req).await {
-            Ok((response, conn)) => return Ok((inner.finish(&host, conn, response), reused)),
+            Ok((response, conn)) => return Ok((inner.finish(host, conn, response), reused)),
             Err(failed) => failed,
         };
         if !reused || !failed.stale {
@@ -381,9 +420,9 @@ impl Pool {
         inner.counters.stale_retried.inc();
         tracing::debug!(backend = %host.backend.authority, %method, error = %failed.error,
             "reused connection died before a response; retrying once on a new connection");
-        let conn = inner.connect(&host).await?;
+        let conn = inner.connect(host).await?;
         match exchange(conn, retry).await {
-            Ok((response, conn)) => Ok((inner.finish(&host, conn, response), false)),
+            Ok((response, conn)) => Ok((inner.finish(host, conn, response), false)),
             Err(failed) => Err(exchange_error(
                 &failed.error,
                 " (on a new connection, after a reused one had failed)",
@@ -404,9 +443,16 @@ impl Inner {
                 self.counters.event(Event::RetiredIdle);
                 continue;
             }
-            // The connection task may still be finishing the previous exchange;
-            // `ready` waits for it, and fails if the backend closed the connection.
-            if conn.tx.is_closed() || conn.tx.ready().await.is_err() {
+            // The connection may still be finishing the previous exchange (nobody
+            // polled it since); driving it until `tx` is ready does that, and ends when
+            // the backend has closed the connection meanwhile.
+            let usable = std::future::poll_fn(|cx| {
+                if conn.poll_io(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                conn.tx.poll_ready(cx).map(|ready| ready.is_ok())
+            });
+            if !usable.await || conn.is_closed() {
                 self.counters.event(Event::ClosedByBackend);
                 continue;
             }
@@ -435,14 +481,10 @@ impl Inner {
                             kind: UpstreamErrorKind::Protocol,
                             detail: format!("HTTP/1.1 handshake failed: {e}"),
                         })?;
-                    tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%error, "upstream connection ended with an error");
-                        }
-                    });
                     self.counters.event(Event::Opened);
                     return Ok(Conn {
                         tx,
+                        io: Some(Box::pin(connection)),
                         served: 0,
                         allowed: None,
                     });
@@ -541,7 +583,7 @@ impl CheckIn {
             counters.event(event);
             return;
         }
-        if conn.tx.is_closed() {
+        if conn.is_closed() {
             counters.event(Event::ClosedByBackend);
             return;
         }
@@ -585,6 +627,10 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        // The connection's I/O is driven from here until the body ends (see `Conn`).
+        if let Some(conn) = this.checkin.as_mut().and_then(|c| c.conn.as_mut()) {
+            let _ = conn.poll_io(cx);
+        }
         let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         let ended = match &polled {
             None => true,
@@ -625,7 +671,16 @@ async fn exchange(
     req: Request<ProxyBody>,
 ) -> Result<(Response<Incoming>, Conn), Failed> {
     conn.served += 1;
-    match conn.tx.try_send_request(req).await {
+    let mut response = std::pin::pin!(conn.tx.try_send_request(req));
+    // Drive the connection in this task while waiting for the response head. When
+    // the connection ends first, dropping it fails the response future (or hands the
+    // request back unsent), so this always finishes.
+    let result = std::future::poll_fn(|cx| {
+        let _ = conn.poll_io(cx);
+        response.as_mut().poll(cx)
+    })
+    .await;
+    match result {
         Ok(response) => Ok((response, conn)),
         Err(mut error) => {
             let unsent = error.take_message();
@@ -670,22 +725,6 @@ impl Replay {
         *req.headers_mut() = self.headers;
         req
     }
-}
-
-/// HTTP/1.1 to an origin wants `/path?query` on the request line and the authority in `Host`.
-fn to_origin_form(req: &mut Request<ProxyBody>, authority: &str) {
-    if !req.headers().contains_key(header::HOST) {
-        if let Ok(host) = HeaderValue::from_str(authority) {
-            req.headers_mut().insert(header::HOST, host);
-        }
-    }
-    let origin = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    *req.uri_mut() = origin;
 }
 
 /// True for errors that mean the connection itself is gone: closed, reset, cut short.
@@ -802,6 +841,7 @@ pub(crate) fn wants_close(headers: &HeaderMap) -> bool {
 mod tests {
     use super::*;
     use crate::config::UpstreamConfig;
+    use http::header::HeaderValue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -957,8 +997,27 @@ mod tests {
             .unwrap()
     }
 
+    impl Pool {
+        /// Sends `req`, its URI absolute, to the backend it names, in origin form.
+        async fn send_absolute(
+            &self,
+            mut req: Request<ProxyBody>,
+        ) -> Result<(Response<ProxyBody>, bool), SendError> {
+            let authority = req.uri().authority().unwrap().as_str().to_string();
+            let backend = self
+                .inner
+                .hosts
+                .iter()
+                .find(|h| h.backend.authority == authority)
+                .map(|h| h.backend.clone())
+                .unwrap();
+            *req.uri_mut() = Uri::from(req.uri().path_and_query().unwrap().clone());
+            self.send(&backend, req).await
+        }
+    }
+
     async fn send_ok(pool: &Pool, req: Request<ProxyBody>) -> bool {
-        let (response, reused) = pool.send(req).await.expect("an answer");
+        let (response, reused) = pool.send_absolute(req).await.expect("an answer");
         assert_eq!(response.status(), 200);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "ok");
@@ -998,7 +1057,7 @@ mod tests {
         let pool = pool_for(&addr);
         send_ok(&pool, request("GET", &addr, "")).await;
         let error = pool
-            .send(request("POST", &addr, "order"))
+            .send_absolute(request("POST", &addr, "order"))
             .await
             .expect_err("not retried");
         assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
@@ -1020,7 +1079,7 @@ mod tests {
         settings.retry.idempotent_methods.clear();
         send_ok(&pool, request("GET", &addr, "")).await;
         let error = pool
-            .send(request("GET", &addr, ""))
+            .send_absolute(request("GET", &addr, ""))
             .await
             .expect_err("not retried");
         assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
@@ -1041,7 +1100,10 @@ mod tests {
         let (addr, _) = closing_backend(1).await;
         let pool = pool_for(&addr);
         send_ok(&pool, request("GET", &addr, "")).await;
-        let error = pool.send(request("PUT", &addr, "doc")).await.unwrap_err();
+        let error = pool
+            .send_absolute(request("PUT", &addr, "doc"))
+            .await
+            .unwrap_err();
         assert_eq!(error.kind, UpstreamErrorKind::StaleConnection);
         assert!(
             error.detail.contains("cannot be replayed"),
