@@ -493,13 +493,11 @@ upstream = "app"
     );
     // Flat once every client is streaming: over the second half the clients take another
     // 62 MiB between them, and RSS must not follow.
+    // (It may fall at the end, as the first clients finish and close.)
     let second_half = &samples[samples.len() / 2..];
-    let (low, high) = (
-        *second_half.iter().min().unwrap(),
-        *second_half.iter().max().unwrap(),
-    );
+    let high = *second_half.iter().max().unwrap();
     assert!(
-        high <= low + 8,
+        high <= second_half[0] + 8,
         "RSS kept growing while clients read: {samples:?}"
     );
 }
