@@ -38,7 +38,7 @@ pub struct ConnInfo {
 }
 
 /// Records the request's metrics when dropped, i.e. when its response body is done.
-struct RequestDone {
+pub struct RequestDone {
     shared: Arc<Shared>,
     class: ClassLabel,
     status: StatusCode,
@@ -56,6 +56,10 @@ impl Drop for RequestDone {
     }
 }
 
+/// The body of every response [`handle`] gives: the response's own body, carrying the
+/// request's [`RequestDone`] until it ends (no second boxing per response).
+pub type HandledBody = OnEnd<ProxyBody, RequestDone>;
+
 /// Handles one request end to end. `on_connection` marks it in flight on its client
 /// connection until the response body ends.
 pub async fn handle(
@@ -63,7 +67,7 @@ pub async fn handle(
     conn: ConnInfo,
     req: Request<Incoming>,
     on_connection: InFlight,
-) -> Response<ProxyBody> {
+) -> Response<HandledBody> {
     let started = Instant::now();
     let (class, result) = route_and_forward(&shared, &conn, req).await;
     let (response, inflight) = match result {
@@ -90,7 +94,7 @@ pub async fn handle(
         _inflight: inflight,
         _on_connection: on_connection,
     };
-    Response::from_parts(parts, OnEnd::new(body, done).boxed_unsync())
+    Response::from_parts(parts, OnEnd::new(body, done))
 }
 
 type Forwarded = (Response<ProxyBody>, Option<InflightGuard>);
