@@ -127,9 +127,9 @@ async fn route_and_forward(
         return (ClassLabel::None, Ok((probe(shared), None)));
     }
     let host = request_host(&req).unwrap_or_default();
-    let Some(route) = runtime.routes.find(&host, path) else {
+    let Some(route) = runtime.routes.find(host, path) else {
         let error = ProxyError::NoRoute {
-            host,
+            host: host.to_string(),
             path: path.to_string(),
         };
         return (ClassLabel::None, Err(error));
@@ -137,16 +137,18 @@ async fn route_and_forward(
     let route = route.clone();
     drop(runtime);
     let class = ClassLabel::Route(route.class);
-    let mut req = req;
     let mut pending = None;
     if let Some(cache) = &route.http_cache {
-        match cache.lookup(&req, &host).await {
+        match cache.lookup(&req, host).await {
             Lookup::Respond(response) => return (class, Ok((response, None))),
-            Lookup::Forward(mut p) => {
-                p.prepare(req.headers_mut());
-                pending = Some(p);
-            }
+            Lookup::Forward(p) => pending = Some(p),
         }
+    }
+    // Owned only now: a hit above needed no copy of it.
+    let host = host.to_string();
+    let mut req = req;
+    if let Some(p) = &mut pending {
+        p.prepare(req.headers_mut());
     }
     let reservation = match admit(&route).await {
         Ok(reservation) => reservation,
@@ -235,16 +237,12 @@ fn probe(shared: &Shared) -> Response<ProxyBody> {
 }
 
 /// The request's host: the `Host` header (HTTP/1) or the URI authority (HTTP/2).
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
 async fn forward(
