@@ -176,8 +176,16 @@ impl Scanner {
                 .unwrap_or(bytes.len());
         }
         let mut end = None;
-        for (i, &b) in bytes.iter().enumerate().skip(used) {
-            eol = match (b, eol) {
+        let mut i = used;
+        while i < bytes.len() {
+            if eol == 0 {
+                // Only a line feed can start an end of head: skip to the next one.
+                match bytes[i..].iter().position(|&b| b == b'\n') {
+                    Some(at) => i += at,
+                    None => break,
+                }
+            }
+            eol = match (bytes[i], eol) {
                 (b'\n', 1 | 2) => {
                     end = Some(i + 1);
                     break;
@@ -186,8 +194,15 @@ impl Scanner {
                 (b'\r', 1) => 2,
                 _ => 0,
             };
+            i += 1;
         }
         let take = end.unwrap_or(bytes.len());
+        if self.head.is_empty() && end.is_some() && take - used <= MAX_HEAD {
+            // The whole head is in this read (the usual case): judge it where it lies.
+            self.state = State::Head { eol: 0 };
+            self.judge_head(&bytes[used..take], out);
+            return take;
+        }
         if self.head.len() + (take - used) > MAX_HEAD {
             self.state = State::Passthrough;
             self.head = Vec::new();
@@ -203,13 +218,25 @@ impl Scanner {
 
     /// Parses and judges the complete head in `self.head`, then moves to its body.
     fn finish_head(&mut self, out: &mut Pending) {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&self.head) {
-            Ok(httparse::Status::Complete(len)) if len == self.head.len() => {
+        let head = std::mem::take(&mut self.head);
+        self.judge_head(&head, out);
+        if !self.is_passthrough() {
+            // Keep the allocation for the next head.
+            self.head = head;
+            self.head.clear();
+        }
+    }
+
+    /// Parses and judges one complete head, then moves to its body.
+    fn judge_head(&mut self, head: &[u8], out: &mut Pending) {
+        // Uninitialised slots: zeroing 256 of them would cost more than the parse.
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(head, &mut headers) {
+            Ok(httparse::Status::Complete(len)) if len == head.len() => {
                 let (verdict, next) = judge(&req);
                 out.push(verdict);
-                self.head.clear();
                 self.state = next;
             }
             // Anything else (including httparse errors such as the HTTP/2 preface's

@@ -39,7 +39,7 @@ pub struct ConnInfo {
 }
 
 /// Records the request's metrics when dropped, i.e. when its response body is done.
-struct RequestDone {
+pub struct RequestDone {
     shared: Arc<Shared>,
     class: ClassLabel,
     status: StatusCode,
@@ -57,6 +57,10 @@ impl Drop for RequestDone {
     }
 }
 
+/// The body of every response [`handle`] gives: the response's own body, carrying the
+/// request's [`RequestDone`] until it ends (no second boxing per response).
+pub type HandledBody = OnEnd<ProxyBody, RequestDone>;
+
 /// Handles one request end to end. `on_connection` marks it in flight on its client
 /// connection until the response body ends.
 pub async fn handle(
@@ -64,7 +68,7 @@ pub async fn handle(
     conn: ConnInfo,
     req: Request<Incoming>,
     on_connection: InFlight,
-) -> Response<ProxyBody> {
+) -> Response<HandledBody> {
     let started = Instant::now();
     let (class, result) = route_and_forward(&shared, &conn, req).await;
     let (response, inflight) = match result {
@@ -91,7 +95,7 @@ pub async fn handle(
         _inflight: inflight,
         _on_connection: on_connection,
     };
-    Response::from_parts(parts, OnEnd::new(body, done).boxed_unsync())
+    Response::from_parts(parts, OnEnd::new(body, done))
 }
 
 type Forwarded = (Response<ProxyBody>, Option<InflightGuard>);
@@ -124,9 +128,9 @@ async fn route_and_forward(
         return (ClassLabel::None, Ok((probe(shared), None)));
     }
     let host = request_host(&req).unwrap_or_default();
-    let Some(route) = runtime.routes.find(&host, path) else {
+    let Some(route) = runtime.routes.find(host, path) else {
         let error = ProxyError::NoRoute {
-            host,
+            host: host.to_string(),
             path: path.to_string(),
         };
         return (ClassLabel::None, Err(error));
@@ -134,16 +138,18 @@ async fn route_and_forward(
     let route = route.clone();
     drop(runtime);
     let class = ClassLabel::Route(route.class);
-    let mut req = req;
     let mut pending = None;
     if let Some(cache) = &route.http_cache {
-        match cache.lookup(&req, &host).await {
+        match cache.lookup(&req, host).await {
             Lookup::Respond(response) => return (class, Ok((response, None))),
-            Lookup::Forward(mut p) => {
-                p.prepare(req.headers_mut());
-                pending = Some(p);
-            }
+            Lookup::Forward(p) => pending = Some(p),
         }
+    }
+    // Owned only now: a hit above needed no copy of it.
+    let host = host.to_string();
+    let mut req = req;
+    if let Some(p) = &mut pending {
+        p.prepare(req.headers_mut());
     }
     let reservation = match admit(&route).await {
         Ok(reservation) => reservation,
@@ -232,16 +238,12 @@ fn probe(shared: &Shared) -> Response<ProxyBody> {
 }
 
 /// The request's host: the `Host` header (HTTP/1) or the URI authority (HTTP/2).
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
 async fn forward(

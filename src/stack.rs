@@ -2,56 +2,143 @@
 //! layers matters; each says why it sits where it does.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
-use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
-use http::{HeaderValue, Request};
-use http_body_util::BodyExt;
+use http::header::{HeaderName, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
 use tower_http::sensitive_headers::{
     SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer,
 };
 use tower_http::trace::TraceLayer;
 
 use crate::activity::Activity;
-use crate::proxy::{handle, ConnInfo};
+use crate::body::ProxyBody;
+use crate::proxy::{handle, ConnInfo, HandledBody};
 use crate::state::Shared;
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Request ids: a per-process random prefix and a counter; unique, cheap, sortable.
-#[derive(Clone)]
 struct RequestIds {
     prefix: u32,
-    next: Arc<AtomicU64>,
+    next: AtomicU64,
 }
 
-impl MakeRequestId for RequestIds {
-    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+impl RequestIds {
+    fn get() -> &'static RequestIds {
+        static IDS: std::sync::OnceLock<RequestIds> = std::sync::OnceLock::new();
+        IDS.get_or_init(|| RequestIds {
+            prefix: rand::random(),
+            next: AtomicU64::new(1),
+        })
+    }
+
+    /// The next id, `{prefix:08x}-{n:x}`, written without `format!`.
+    fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:08x}-{n:x}", self.prefix);
-        HeaderValue::from_str(&id).ok().map(RequestId::new)
+        let mut buf = [0u8; 8 + 1 + 16];
+        let mut len = hex_into(&mut buf[..8], u64::from(self.prefix), 8);
+        buf[len] = b'-';
+        len += 1;
+        len += hex_into(&mut buf[len..], n, 1);
+        HeaderValue::from_bytes(&buf[..len])
+            .expect("hex digits and a dash are a valid header value")
     }
 }
 
-fn request_ids() -> RequestIds {
-    static NEXT: std::sync::OnceLock<RequestIds> = std::sync::OnceLock::new();
-    NEXT.get_or_init(|| RequestIds {
-        prefix: rand::random(),
-        next: Arc::new(AtomicU64::new(1)),
-    })
-    .clone()
+/// Writes `n` in lowercase hex, at least `min_digits` digits (zero-padded), to the
+/// front of `out`; returns the number of bytes written.
+fn hex_into(out: &mut [u8], n: u64, min_digits: usize) -> usize {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digits = (16 - n.leading_zeros() as usize / 4).max(min_digits);
+    for (i, slot) in out[..digits].iter_mut().enumerate() {
+        *slot = DIGITS[((n >> (4 * (digits - 1 - i))) & 0xf) as usize];
+    }
+    digits
 }
 
-/// Boxes a response body into the proxy's one body type.
-fn boxed_body<B>(response: http::Response<B>) -> http::Response<crate::body::ProxyBody>
+/// Sets `x-request-id` on the request unless the client sent one (so it is in the
+/// request the backend receives and in every log line below), and puts the same id on
+/// the response unless it has one already (the client can quote it in bug reports).
+/// What tower-http's `SetRequestIdLayer` + `PropagateRequestIdLayer` do, without the
+/// per-request `format!` and the `RequestId` extensions nothing here reads.
+#[derive(Clone)]
+struct RequestIdService<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<Request<Incoming>> for RequestIdService<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = WithRequestId<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let id = match req.headers().get(X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = RequestIds::get().next();
+                req.headers_mut().insert(X_REQUEST_ID, id.clone());
+                id
+            }
+        };
+        WithRequestId {
+            inner: self.inner.call(req),
+            id: Some(id),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`RequestIdService`].
+    struct WithRequestId<F> {
+        #[pin]
+        inner: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F, B, E> Future for WithRequestId<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = ready!(this.inner.poll(cx))?;
+        if let Some(id) = this.id.take() {
+            if let http::header::Entry::Vacant(slot) = response.headers_mut().entry(X_REQUEST_ID) {
+                slot.insert(id);
+            }
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// The body of every response the stack gives: the handler's own, or (with DEBUG
+/// tracing) the trace layer's, boxed.
+type StackBody = Either<HandledBody, ProxyBody>;
+
+/// Boxes the trace layer's response body into the stack's body type.
+fn traced_body<B>(response: Response<B>) -> Response<StackBody>
 where
     B: http_body::Body<Data = bytes::Bytes, Error = crate::body::BoxError> + Send + 'static,
 {
-    response.map(|body| body.boxed_unsync())
+    response.map(|body| Either::Right(body.boxed_unsync()))
 }
 
 /// Builds the service for one client connection and adapts it for hyper. Each request is
@@ -64,46 +151,69 @@ pub fn connection_service(
 ) -> hyper_util::service::TowerToHyperService<
     impl tower::Service<
             Request<Incoming>,
-            Response = http::Response<
-                impl http_body::Body<Data = bytes::Bytes, Error = crate::body::BoxError>
-                    + Send
-                    + 'static,
-            >,
+            Response = Response<StackBody>,
             Error = Infallible,
             Future = impl Send,
         > + Clone
         + Send
         + 'static,
 > {
+    let handler = tower::service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        let in_flight = activity.request_started(req.version());
+        async move { Ok::<_, Infallible>(handle(shared, conn, req, in_flight).await) }
+    });
     // Per-request spans cost a few microseconds even when nothing listens, so the
     // trace layers are built only when DEBUG tracing is on for them (decided per
     // connection, so turning logging up takes effect for new connections).
-    let trace = tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG).then(|| {
-        ServiceBuilder::new()
-            // Outermost: both branches must answer with the same body type.
-            .map_response(boxed_body)
-            // Before tracing, so credentials and cookies never reach a log.
-            .layer(SetSensitiveRequestHeadersLayer::new([
-                AUTHORIZATION,
-                PROXY_AUTHORIZATION,
-                COOKIE,
-            ]))
-            .layer(SetSensitiveResponseHeadersLayer::new([SET_COOKIE]))
-            .layer(TraceLayer::new_for_http())
-            .into_inner()
-    });
-    let stack = ServiceBuilder::new()
-        // First, so the id is in the request the backend receives and in every log line below.
-        // A client-supplied X-Request-Id is kept.
-        .layer(SetRequestIdLayer::x_request_id(request_ids()))
-        // The client gets the same id back, to quote in bug reports.
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .option_layer(trace)
-        .service_fn(move |req: Request<Incoming>| {
-            let shared = shared.clone();
-            let conn = conn.clone();
-            let in_flight = activity.request_started(req.version());
-            async move { Ok::<_, Infallible>(handle(shared, conn, req, in_flight).await) }
-        });
-    hyper_util::service::TowerToHyperService::new(stack)
+    let traced = tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG);
+    let inner = if traced {
+        tower::util::Either::Right(
+            ServiceBuilder::new()
+                .map_response(traced_body)
+                // Before tracing, so credentials and cookies never reach a log.
+                .layer(SetSensitiveRequestHeadersLayer::new([
+                    AUTHORIZATION,
+                    PROXY_AUTHORIZATION,
+                    COOKIE,
+                ]))
+                .layer(SetSensitiveResponseHeadersLayer::new([SET_COOKIE]))
+                .layer(TraceLayer::new_for_http())
+                .service(handler.clone()),
+        )
+    } else {
+        tower::util::Either::Left(
+            ServiceBuilder::new()
+                .map_response(|response: Response<HandledBody>| response.map(Either::Left))
+                .service(handler),
+        )
+    };
+    // Outermost, so the id is in every log line and in the request the backend receives.
+    hyper_util::service::TowerToHyperService::new(RequestIdService { inner })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_prefix_dash_counter_in_hex() {
+        let ids = RequestIds {
+            prefix: 0xab,
+            next: AtomicU64::new(0x1f),
+        };
+        assert_eq!(ids.next(), "000000ab-1f");
+        assert_eq!(ids.next(), "000000ab-20");
+        let ids = RequestIds {
+            prefix: u32::MAX,
+            next: AtomicU64::new(u64::MAX),
+        };
+        assert_eq!(ids.next(), "ffffffff-ffffffffffffffff");
+        let ids = RequestIds {
+            prefix: 0x1234_5678,
+            next: AtomicU64::new(0),
+        };
+        assert_eq!(ids.next(), "12345678-0");
+    }
 }

@@ -136,6 +136,23 @@ pub enum Verdict {
 /// Evaluates `If-None-Match` (weak comparison, lists, `*`) and, only when it is
 /// absent, `If-Modified-Since`, for a GET or HEAD request (RFC 9110 §13.2.2).
 pub fn evaluate(request: &HeaderMap, stored: Validators<'_>) -> Verdict {
+    evaluate_lazily(request, stored.etag, || stored.last_modified)
+}
+
+/// [`evaluate`] against a stored response's header fields: its dates are parsed
+/// only when the request's conditions need them (not for an `If-None-Match`).
+pub fn evaluate_stored(request: &HeaderMap, stored: &HeaderMap, received: SystemTime) -> Verdict {
+    let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
+    evaluate_lazily(request, etag, || {
+        Validators::of(stored, received).last_modified
+    })
+}
+
+fn evaluate_lazily(
+    request: &HeaderMap,
+    etag: Option<&str>,
+    last_modified: impl FnOnce() -> Option<SystemTime>,
+) -> Verdict {
     let inm = parse_tag_list(
         request
             .get_all(header::IF_NONE_MATCH)
@@ -147,7 +164,7 @@ pub fn evaluate(request: &HeaderMap, stored: Validators<'_>) -> Verdict {
             // The stored response is a current representation.
             TagList::Any => Verdict::NotModified,
             TagList::Tags(tags) => {
-                let current = stored.etag.and_then(parse_etag);
+                let current = etag.and_then(parse_etag);
                 match current {
                     Some(current) if tags.iter().any(|t| t.weak_eq(&current)) => {
                         Verdict::NotModified
@@ -169,7 +186,7 @@ pub fn evaluate(request: &HeaderMap, stored: Validators<'_>) -> Verdict {
     else {
         return Verdict::Full;
     };
-    match stored.last_modified {
+    match last_modified() {
         Some(modified) if modified <= since => Verdict::NotModified,
         _ => Verdict::Full,
     }

@@ -7,9 +7,13 @@ use http::header::{HeaderMap, HeaderName, VARY};
 /// The primary key of a request target. HEAD is answered from a stored GET, so the
 /// method is not part of it: only GET responses are stored.
 pub fn primary(authority: &str, path_and_query: &str) -> String {
-    let authority = authority.to_ascii_lowercase();
-    let authority = authority.strip_suffix(":80").unwrap_or(&authority);
-    format!("{authority}{path_and_query}")
+    // Lowercasing leaves the port's digits alone, so the suffix can go first.
+    let authority = authority.strip_suffix(":80").unwrap_or(authority);
+    let mut key = String::with_capacity(authority.len() + path_and_query.len());
+    key.push_str(authority);
+    key.make_ascii_lowercase();
+    key.push_str(path_and_query);
+    key
 }
 
 /// What a response's `Vary` says about which requests it may answer.

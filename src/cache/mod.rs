@@ -473,6 +473,37 @@ impl Inner {
         }
     }
 
+    /// `Cache-Status: loadgate; hit; ttl=<ttl>`, written without `format!`: the
+    /// header of every hit.
+    fn hit_status_header(headers: &mut HeaderMap, ttl: i64) {
+        const PREFIX: &[u8] = b"loadgate; hit; ttl=";
+        const _: () = assert!(PREFIX.len() == CACHE_NAME.len() + 11);
+        let mut buf = [0u8; PREFIX.len() + 20];
+        buf[..PREFIX.len()].copy_from_slice(PREFIX);
+        let mut len = PREFIX.len();
+        if ttl < 0 {
+            buf[len] = b'-';
+            len += 1;
+        }
+        let mut digits = [0u8; 20];
+        let mut n = ttl.unsigned_abs();
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let digits = &digits[at..];
+        buf[len..len + digits.len()].copy_from_slice(digits);
+        len += digits.len();
+        if let Ok(value) = HeaderValue::from_bytes(&buf[..len]) {
+            headers.append(CACHE_STATUS, value);
+        }
+    }
+
     /// Answers a request from a usable stored entry: 304 or the stored response.
     fn answer(
         &self,
@@ -489,7 +520,7 @@ impl Inner {
             Outcome::Hit
         };
         self.count(outcome);
-        self.status_header(response.headers_mut(), &format!("hit; ttl={ttl}"));
+        Inner::hit_status_header(response.headers_mut(), ttl);
         response
     }
 
@@ -503,7 +534,7 @@ impl Inner {
     ) -> Response<ProxyBody> {
         let received = entry.freshness.response_time;
         let verdict = if entry.status.is_success() {
-            conditional::evaluate(request, Validators::of(&entry.headers, received))
+            conditional::evaluate_stored(request, &entry.headers, received)
         } else {
             Verdict::Full
         };
@@ -534,9 +565,7 @@ impl Inner {
 
 /// A 304 built from a response's header fields (RFC 9110 §15.4.5).
 fn not_modified(headers: &HeaderMap) -> Response<ProxyBody> {
-    let mut response = Response::new(empty());
-    *response.status_mut() = StatusCode::NOT_MODIFIED;
-    let mut copy = vec![
+    const COPY: [HeaderName; 8] = [
         header::ETAG,
         header::CACHE_CONTROL,
         header::EXPIRES,
@@ -544,13 +573,19 @@ fn not_modified(headers: &HeaderMap) -> Response<ProxyBody> {
         header::DATE,
         header::CONTENT_LOCATION,
         header::VIA,
+        header::LAST_MODIFIED,
     ];
-    if !headers.contains_key(header::ETAG) {
-        copy.push(header::LAST_MODIFIED);
-    }
-    for name in copy {
-        for value in headers.get_all(&name) {
-            response.headers_mut().append(name.clone(), value.clone());
+    let mut response = Response::new(empty());
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    let with_etag = headers.contains_key(header::ETAG);
+    let out = response.headers_mut();
+    out.reserve(COPY.len() + 2);
+    for name in &COPY {
+        if *name == header::LAST_MODIFIED && with_etag {
+            continue;
+        }
+        for value in headers.get_all(name) {
+            out.append(name.clone(), value.clone());
         }
     }
     response

@@ -5,6 +5,7 @@
 //! costs. TinyUFO weights are `u16`, so bytes are counted in 1 KiB units rounded
 //! up: the bound is never exceeded by rounding, only approached more slowly.
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -42,7 +43,10 @@ impl<T: Clone> Clone for Slot<T> {
 
 /// A store of `T` by string key, bounded by total bytes and by object size.
 pub struct Store<T> {
-    ufo: TinyUfo<Arc<str>, Slot<T>>,
+    /// By a hash of the key, so a lookup hashes the `&str` it is given instead of
+    /// allocating a key to hash (TinyUFO keeps only a hash of its keys anyway).
+    ufo: TinyUfo<u64, Slot<T>>,
+    hasher: RandomState,
     max_object: usize,
     pub stats: Stats,
 }
@@ -55,6 +59,7 @@ impl<T: Clone + Send + Sync + 'static> Store<T> {
         let estimated = (max_bytes / (4 * UNIT)).clamp(256, 1 << 20);
         Store {
             ufo: TinyUfo::new(units, estimated),
+            hasher: RandomState::new(),
             max_object: max_object.min(MAX_OBJECT_BYTES).min(max_bytes),
             stats: Stats::default(),
         }
@@ -64,11 +69,14 @@ impl<T: Clone + Send + Sync + 'static> Store<T> {
         self.max_object
     }
 
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     pub fn get(&self, key: &str) -> Option<T> {
-        let key: Arc<str> = Arc::from(key);
-        let slot = self.ufo.get(&key)?;
-        // TinyUFO keeps only a hash of the key: confirm it is ours.
-        (slot.key == key).then_some(slot.value)
+        let slot = self.ufo.get(&self.hash(key))?;
+        // Only a hash of the key was looked up: confirm it is ours.
+        (*slot.key == *key).then_some(slot.value)
     }
 
     /// Stores `value` costing `bytes`; false when it is over the object limit.
@@ -77,8 +85,9 @@ impl<T: Clone + Send + Sync + 'static> Store<T> {
             return false;
         }
         let weight = bytes.div_ceil(UNIT).clamp(1, u16::MAX as usize) as u16;
+        let hash = self.hash(key);
         let key: Arc<str> = Arc::from(key);
-        if let Some(old) = self.ufo.get(&key) {
+        if let Some(old) = self.ufo.get(&hash) {
             self.account(-1, -i64::from(old.weight));
         }
         let slot = Slot {
@@ -87,7 +96,7 @@ impl<T: Clone + Send + Sync + 'static> Store<T> {
             weight,
         };
         self.account(1, i64::from(weight));
-        for evicted in self.ufo.put(key.clone(), slot, weight) {
+        for evicted in self.ufo.put(hash, slot, weight) {
             self.account(-1, -i64::from(evicted.weight));
             if !Arc::ptr_eq(&evicted.data.key, &key) {
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
@@ -97,10 +106,9 @@ impl<T: Clone + Send + Sync + 'static> Store<T> {
     }
 
     pub fn remove(&self, key: &str) -> Option<T> {
-        let key: Arc<str> = Arc::from(key);
-        let slot = self.ufo.remove(&key)?;
+        let slot = self.ufo.remove(&self.hash(key))?;
         self.account(-1, -i64::from(slot.weight));
-        (slot.key == key).then_some(slot.value)
+        (*slot.key == *key).then_some(slot.value)
     }
 
     fn account(&self, objects: i64, units: i64) {

@@ -55,3 +55,15 @@ async fn stores_a_miss_and_answers_the_next_lookup() {
         Lookup::Forward(_) => panic!("expected a hit"),
     }
 }
+
+#[test]
+fn hit_status_header_matches_the_formatted_one() {
+    for ttl in [0, 7, 3600, -1, -86_400, i64::MAX, i64::MIN] {
+        let mut headers = HeaderMap::new();
+        Inner::hit_status_header(&mut headers, ttl);
+        assert_eq!(
+            headers.get(CACHE_STATUS).unwrap(),
+            format!("{CACHE_NAME}; hit; ttl={ttl}").as_str()
+        );
+    }
+}
