@@ -81,15 +81,12 @@ impl Settings {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(HELPER) {
-        helper_main(&args[1..]);
-        return;
-    }
-    if let Err(error) = bench(&Settings::from_env()) {
-        eprintln!("cache: {error}");
-        std::process::exit(1);
-    }
+    common::main_with_helpers(
+        "cache",
+        HELPER,
+        helper_main,
+        || bench(&Settings::from_env()),
+    );
 }
 
 /// A 200 from the stored body, or a 304 to a matching `If-None-Match`.

@@ -67,15 +67,9 @@ impl Settings {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(HELPER) {
-        helper_main(&args[1..]);
-        return;
-    }
-    if let Err(error) = bench(&Settings::from_env()) {
-        eprintln!("proxy_overhead: {error}");
-        std::process::exit(1);
-    }
+    common::main_with_helpers("proxy_overhead", HELPER, helper_main, || {
+        bench(&Settings::from_env())
+    });
 }
 
 struct Target {

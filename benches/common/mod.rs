@@ -616,3 +616,23 @@ pub fn helper_runtime(threads: usize, default_filter: &str) -> tokio::runtime::R
         .build()
         .expect("helper runtime")
 }
+
+/// The `main` of a bench that re-executes itself for its helper processes: started
+/// with `helper_flag` first it runs `helper_main` with the remaining arguments;
+/// otherwise it runs `bench` and exits 1 with the error, prefixed by `name`.
+pub fn main_with_helpers(
+    name: &str,
+    helper_flag: &str,
+    helper_main: fn(&[String]),
+    bench: impl FnOnce() -> std::io::Result<()>,
+) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(helper_flag) {
+        helper_main(&args[1..]);
+        return;
+    }
+    if let Err(error) = bench() {
+        eprintln!("{name}: {error}");
+        std::process::exit(1);
+    }
+}
