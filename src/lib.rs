@@ -6,11 +6,11 @@
 //! ```text
 //! main.rs         CLI (clap): run / demo / sim-backend / check-config
 //! app.rs          the long-running commands: signals, reload, drain
-//! config.rs       TOML → validated Config; every error reported with its line
+//! config/         TOML → validated Config; every error reported with its line
 //! server.rs       listeners (HTTP/1.1 + h2c), accept loop, connection limits, reload, drain
 //! activity.rs     per-connection activity: header read and keep-alive idle timeouts
 //! framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
-//! stack.rs        the tower layers around the handler (request id, redaction, trace)
+//! stack.rs        the service around the handler: request id; redaction and trace at DEBUG
 //! proxy.rs        the handler: probe → route → forward → respond
 //! routes.rs       host + path prefix → route (upstream, class, cache policy)
 //! headers.rs      hop-by-hop stripping, Via, X-Forwarded-*
@@ -32,13 +32,16 @@
 //! client ─▶ listener (max_connections; hyper auto: h1 keep-alive + h2c; header / idle timeouts)
 //!        ─▶ head over max_header_bytes: 431 from hyper ─▶ framing verdict (400 if ambiguous)
 //!        ─▶ Content-Length over max_body_bytes: 413
-//!        ─▶ tower stack: x-request-id, sensitive headers, trace
+//!        ─▶ x-request-id (trace spans only when DEBUG is on)
 //!        ─▶ probe path? answered here, never forwarded
-//!        ─▶ route match (404 if none) ─▶ pick backend (least loaded of two healthy)
+//!        ─▶ route match (404 if none)
+//!        ─▶ cache lookup (cache = "on"): a fresh hit is answered here, 200 or 304
+//!        ─▶ admission: 429 + Retry-After above the class threshold; critical queues
+//!        ─▶ pick backend (least loaded of two healthy)
 //!        ─▶ first body frame read (400 if malformed) ─▶ hop-by-hop stripped, Via, X-Forwarded-*
 //!        ─▶ pooled upstream connection (connect retries, one retry on a stale reused
 //!           connection; connect / response-header timeouts: 502 / 504)
-//!        ─▶ response: hop-by-hop stripped, Via, body streamed back with backpressure
+//!        ─▶ response: hop-by-hop stripped, Via, stored if cacheable, streamed back with backpressure
 //!        ─▶ in-flight count and metrics released when the response body ends
 //! ```
 #![forbid(unsafe_code)]
