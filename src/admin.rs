@@ -110,7 +110,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "path_prefix": r.path_prefix(),
                 "upstream": r.upstream.name,
                 "class": r.class.as_str(),
-                "threshold": r.threshold.unwrap_or_else(|| r.upstream.config.shedding.thresholds.for_class(r.class)),
+                "threshold": r.upstream.admission.threshold(r.class, r.threshold),
                 "cache": matches!(r.cache, crate::config::CachePolicy::On),
                 "cache_stats": r.http_cache.as_ref().map(cache_status),
                 "admitted": c.admitted.load(Ordering::Relaxed),

@@ -181,14 +181,13 @@ async fn admit(route: &Route) -> Result<Reservation, ProxyError> {
         Rejection::Shed {
             class,
             signal,
+            threshold,
             retry_after,
         } => ProxyError::Shed {
             upstream: upstream.name.clone(),
             class,
             utilisation: signal.utilisation,
-            threshold: route
-                .threshold
-                .unwrap_or_else(|| upstream.config.shedding.thresholds.for_class(class)),
+            threshold,
             signal: signal.source.as_str(),
             retry_after,
         },

@@ -44,6 +44,8 @@ pub enum Rejection {
     Shed {
         class: RouteClass,
         signal: Signal,
+        /// The threshold the request's class was shed above.
+        threshold: f64,
         retry_after: u64,
     },
     /// A critical request found the queue full, or waited too long: 503.
@@ -197,6 +199,11 @@ impl Admission {
         self.capacity(backends).ceil().max(1.0) as usize
     }
 
+    /// The threshold in force for `class`: a route's own override, else the upstream's.
+    pub fn threshold(&self, class: RouteClass, route_override: Option<f64>) -> f64 {
+        route_override.unwrap_or(self.config.thresholds.for_class(class))
+    }
+
     /// Decides one request and, when it is admitted, reserves its in-flight slot.
     ///
     /// The reservation is atomic with the hard-limit check, so concurrent decisions
@@ -217,7 +224,7 @@ impl Admission {
             return Ok(unlimited());
         }
         let backends = slots.backends_in_rotation();
-        let threshold = threshold_override.unwrap_or(self.config.thresholds.for_class(class));
+        let threshold = self.threshold(class, threshold_override);
         let signal = self.signal(slots.inflight(), backends);
         let roll: f64 = rand::random();
         let mut outcome =
@@ -260,6 +267,7 @@ impl Admission {
                 Err(Rejection::Shed {
                     class,
                     signal,
+                    threshold,
                     retry_after: self.retry_after(&signal, threshold, backends),
                 })
             }
