@@ -493,9 +493,12 @@ fn helper_main(args: &[String]) {
     assert_eq!(arg(0), "loadgate", "unknown helper role");
     let threads: usize = arg(1).parse().expect("helper: thread count");
     let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
-    let runtime = common::helper_runtime(threads, "warn");
+    // Requests are served by the proxy's own worker threads; this runtime only
+    // starts them (and would run the admin port).
+    let runtime = common::helper_runtime(1, "warn");
     let proxy = runtime
         .block_on(Proxy::start(common::loadgate_config(
+            threads,
             backend,
             "127.0.0.1:0".parse().expect("address"),
             "idle_timeout_ms = 60000",

@@ -305,8 +305,10 @@ fn helper_main(args: &[String]) {
         }
         "loadgate" => {
             let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
+            // `threads` worker threads serve requests; `runtime` only starts them.
             let proxy = runtime
                 .block_on(Proxy::start(common::loadgate_config(
+                    threads,
                     backend,
                     "127.0.0.1:0".parse().expect("address"),
                     "idle_timeout_ms = 60000",

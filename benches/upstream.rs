@@ -503,7 +503,7 @@ fn helper_main(args: &[String]) {
         "loadgate" => {
             let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
             let admin: SocketAddr = arg(3).parse().expect("helper: admin address");
-            let config = loadgate_config(backend, admin, arg(4) == "retry");
+            let config = loadgate_config(threads, backend, admin, arg(4) == "retry");
             let proxy = runtime
                 .block_on(Proxy::start(config))
                 .expect("loadgate starts");
@@ -520,7 +520,7 @@ fn helper_main(args: &[String]) {
 /// only traffic is the bench's. Retry off is `idempotent_methods = []`: a request
 /// written on a connection that then dies is answered 502, whatever its method (one
 /// never written is still retried; it cannot have reached the backend).
-fn loadgate_config(backend: SocketAddr, admin: SocketAddr, retry: bool) -> Config {
+fn loadgate_config(workers: usize, backend: SocketAddr, admin: SocketAddr, retry: bool) -> Config {
     // An empty list turns the replay of written requests off.
     let methods = if retry {
         r#"["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]"#
@@ -528,6 +528,7 @@ fn loadgate_config(backend: SocketAddr, admin: SocketAddr, retry: bool) -> Confi
         "[]"
     };
     common::loadgate_config(
+        workers,
         backend,
         admin,
         &format!("idle_timeout_ms = {LOADGATE_IDLE_MS}\nretry.idempotent_methods = {methods}"),

@@ -4,7 +4,19 @@
 //! serves HTTP/1.1 with keep-alive and HTTP/2 cleartext (prior knowledge) on each
 //! data listener. [`Proxy::shutdown`] stops accepting, answers probes with 503,
 //! lets in-flight requests finish up to the drain deadline, then returns.
+//!
+//! # Worker threads
+//! Client connections are served by `worker_threads` threads, each running its own
+//! single-threaded tokio runtime (its own event loop and timers) and accepting from
+//! every data listener. A connection stays on the thread that accepted it, and so do
+//! its requests and the upstream connections they open (the pool keeps one idle stack
+//! per worker). Nothing on the request path waits for another thread: no work
+//! stealing, no wake-up sent across cores. Which thread accepts a new connection is
+//! decided by whichever event loop gets to it first, so a busy thread takes fewer.
+//! The admin listener, health checks, actuator polls and reloads stay on the runtime
+//! that called [`Proxy::start`].
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -18,7 +30,7 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::AtomicUsize;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -35,8 +47,34 @@ pub struct Proxy {
     addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
-    listeners: Vec<JoinHandle<()>>,
+    workers: Vec<Worker>,
     admin: JoinHandle<()>,
+}
+
+thread_local! {
+    /// 1 + the index of the worker thread running here; 0 on any other thread.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Which worker thread the caller runs on: 1 ..= `worker_threads`, or 0 when it is
+/// not one (the runtime that started the proxy, a test's runtime).
+pub(crate) fn worker_index() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// The worker threads to start for `configured` (0: one per core).
+pub fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One worker thread, seen from the proxy.
+struct Worker {
+    thread: std::thread::JoinHandle<()>,
+    /// Resolves when the worker's connections have all ended and its runtime is gone.
+    stopped: oneshot::Receiver<()>,
 }
 
 impl Proxy {
@@ -61,19 +99,40 @@ impl Proxy {
         })?;
         let admin_addr = admin_listener.local_addr()?;
 
-        let shared = Arc::new(Shared::new(Runtime::build(config, None)));
-        let (shutdown, _) = watch::channel(false);
         let mut addrs = Vec::new();
-        let mut listeners = Vec::new();
-        let slots = Slots::default();
+        let mut std_listeners = Vec::new();
         for listener in bound {
             addrs.push(listener.local_addr()?);
-            listeners.push(tokio::spawn(serve(
-                listener,
+            std_listeners.push(listener.into_std()?);
+        }
+        let threads = worker_count(config.server.worker_threads);
+        let shared = Arc::new(Shared::new(Runtime::build(config, None)));
+        let (shutdown, _) = watch::channel(false);
+        let slots = Slots::default();
+        let mut workers = Vec::new();
+        for index in 0..threads {
+            let listeners = std_listeners
+                .iter()
+                .map(std::net::TcpListener::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let worker = Worker::start(
+                index,
+                listeners,
                 shared.clone(),
                 slots.clone(),
                 shutdown.subscribe(),
-            )));
+            )
+            .await;
+            match worker {
+                Ok(worker) => workers.push(worker),
+                Err(error) => {
+                    // The workers started so far stop when `shutdown` is dropped.
+                    return Err(std::io::Error::new(
+                        error.kind(),
+                        format!("cannot start worker thread {index}: {error}"),
+                    ));
+                }
+            }
         }
         let admin = tokio::spawn(crate::admin::serve(
             admin_listener,
@@ -89,7 +148,7 @@ impl Proxy {
             addrs,
             admin_addr,
             shutdown,
-            listeners,
+            workers,
             admin,
         })
     }
@@ -121,6 +180,9 @@ impl Proxy {
         {
             tracing::warn!("listen addresses changed in the config; they take effect on restart");
         }
+        if config.server.worker_threads != current.config.server.worker_threads {
+            tracing::warn!("worker_threads changed in the config; it takes effect on restart");
+        }
         let next = Runtime::build(config, Some(&current));
         self.shared.runtime.store(Arc::new(next));
     }
@@ -147,11 +209,73 @@ impl Proxy {
     pub async fn shutdown(self) {
         self.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
-        for listener in self.listeners {
-            let _ = listener.await;
+        for worker in self.workers {
+            // An error means the thread ended without saying so: it panicked.
+            let _ = worker.stopped.await;
+            if worker.thread.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
         }
         self.admin.abort();
         let _ = self.admin.await;
+    }
+}
+
+impl Worker {
+    /// Starts worker thread `index` serving `listeners`, and returns once it accepts.
+    async fn start(
+        index: usize,
+        listeners: Vec<std::net::TcpListener>,
+        shared: Arc<Shared>,
+        slots: Slots,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<Worker> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (ready_tx, ready) = oneshot::channel::<std::io::Result<()>>();
+        let (stopped_tx, stopped) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("loadgate-worker-{index}"))
+            .spawn(move || {
+                WORKER.with(|worker| worker.set(index + 1));
+                runtime.block_on(async move {
+                    let registered: std::io::Result<Vec<TcpListener>> =
+                        listeners.into_iter().map(TcpListener::from_std).collect();
+                    let listeners = match registered {
+                        Ok(listeners) => {
+                            let _ = ready_tx.send(Ok(()));
+                            listeners
+                        }
+                        Err(error) => {
+                            let _ = ready_tx.send(Err(error));
+                            return;
+                        }
+                    };
+                    let serving: Vec<_> = listeners
+                        .into_iter()
+                        .map(|listener| {
+                            tokio::spawn(serve(
+                                listener,
+                                shared.clone(),
+                                slots.clone(),
+                                shutdown.clone(),
+                            ))
+                        })
+                        .collect();
+                    for listener in serving {
+                        let _ = listener.await;
+                    }
+                });
+                // Connections the drain deadline cut off end with the runtime.
+                drop(runtime);
+                let _ = stopped_tx.send(());
+            })?;
+        match ready.await {
+            Ok(Ok(())) => Ok(Worker { thread, stopped }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(std::io::Error::other("the worker thread ended at start")),
+        }
     }
 }
 

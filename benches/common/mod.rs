@@ -567,12 +567,14 @@ pub fn free_local_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// The loadgate config the comparison benches run: one upstream `app` on `backend`,
-/// health checks and the actuator poller off (they would add backend requests nginx
-/// does not make), admission on as in production, and one route for `/`.
+/// The loadgate config the comparison benches run: `workers` worker threads, one
+/// upstream `app` on `backend`, health checks and the actuator poller off (they would
+/// add backend requests nginx does not make), admission on as in production, and one
+/// route for `/`.
 /// `upstream_extra` and `route_extra` are TOML lines added to the upstream and route
 /// tables (dotted keys such as `retry.idempotent_methods = []` work in the former).
 pub fn loadgate_config(
+    workers: usize,
     backend: SocketAddr,
     admin: SocketAddr,
     upstream_extra: &str,
@@ -582,6 +584,7 @@ pub fn loadgate_config(
         r#"
 [server]
 listen = ["127.0.0.1:0"]
+worker_threads = {workers}
 [admin]
 listen = "{admin}"
 [[upstream]]

@@ -35,6 +35,7 @@ pub(super) struct RawServer {
     pub(super) max_header_bytes: Option<usize>,
     pub(super) max_body_bytes: Option<u64>,
     pub(super) max_connections: Option<usize>,
+    pub(super) worker_threads: Option<usize>,
 }
 
 #[derive(Deserialize)]

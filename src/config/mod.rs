@@ -93,7 +93,13 @@ pub struct ServerConfig {
     /// Client connections open at once on all data listeners; more are closed at accept.
     /// Default 10000.
     pub max_connections: usize,
+    /// Threads serving client connections, each with its own event loop; 0 (the default)
+    /// means one per core. Fixed at start, like `listen`.
+    pub worker_threads: usize,
 }
+
+/// The most `worker_threads` a config may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// The smallest `max_header_bytes`: hyper's HTTP/1 read buffer cannot be smaller.
 pub const MIN_HEADER_BYTES: usize = 8192;
@@ -117,6 +123,7 @@ impl Default for ServerConfig {
             max_header_bytes: defaults::MAX_HEADER_BYTES,
             max_body_bytes: Some(defaults::MAX_BODY_BYTES),
             max_connections: defaults::MAX_CONNECTIONS,
+            worker_threads: 0,
         }
     }
 }

@@ -92,6 +92,7 @@ idle_timeout_ms = 620000
 max_header_bytes = 16384
 max_body_bytes = 0
 max_connections = 5
+worker_threads = 3
 [admin]
 listen = "127.0.0.1:9000"
 [[upstream]]
@@ -128,6 +129,7 @@ workers = 3
     assert_eq!(c.server.max_header_bytes, 16384);
     assert_eq!(c.server.max_body_bytes, None, "0 is no limit");
     assert_eq!(c.server.max_connections, 5);
+    assert_eq!(c.server.worker_threads, 3);
     assert_eq!(c.admin.listen.port(), 9000);
     let u = &c.upstreams[0];
     assert_eq!(u.name, "shop_api-2");
@@ -690,6 +692,11 @@ fn client_protection_keys_are_checked_with_their_lines() {
         &doc("[server]\nmax_header_bytes = 1048576\n"),
         9,
         "request-smuggling check",
+    );
+    one_error(
+        &doc("[server]\nworker_threads = 5000\n"),
+        9,
+        "worker_threads = 5000 is more than 1024",
     );
 }
 

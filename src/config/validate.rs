@@ -12,7 +12,7 @@ use super::section::{Errors, Section};
 use super::{
     defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, HealthConfig,
     RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds, UpstreamConfig,
-    MAX_HEADER_BYTES_LIMIT, MIN_HEADER_BYTES,
+    MAX_HEADER_BYTES_LIMIT, MAX_WORKER_THREADS, MIN_HEADER_BYTES,
 };
 use crate::cache::CacheSettings;
 use crate::sim::SimConfig;
@@ -59,6 +59,16 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
             ),
         );
     }
+    let worker_threads = raw.worker_threads.unwrap_or(default.worker_threads);
+    if worker_threads > MAX_WORKER_THREADS {
+        errs.push(
+            s.line(&["worker_threads"]),
+            s.say(format!(
+                "worker_threads = {worker_threads} is more than {MAX_WORKER_THREADS}; \
+                 0 (the default) starts one per core"
+            )),
+        );
+    }
     ServerConfig {
         listen: raw.listen.unwrap_or(default.listen),
         probe_paths: raw.probe_paths.unwrap_or(default.probe_paths),
@@ -74,6 +84,7 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
             None => default.max_body_bytes,
         },
         max_connections,
+        worker_threads,
     }
 }
 

@@ -13,6 +13,13 @@
 //! reuse the longest-idle connection first, the one most likely to be stale, and keep
 //! every connection barely alive.
 //!
+//! # One stack per worker thread
+//! A connection is registered with the event loop of the worker thread that opened it
+//! (see `server.rs`). Each backend keeps one idle stack per worker thread, and a
+//! request only takes connections from its own thread's stack, so a response is read by
+//! the same event loop that runs the request: no wake-up crosses threads. A thread that
+//! has none opens one; `max_idle` bounds the stacks together.
+//!
 //! # A connection's life
 //! connect (≤ `connect_attempts` tries) → request → response head → body streamed to
 //! the caller → at the body's end, back on the idle stack unless the backend said
@@ -22,7 +29,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -182,8 +189,7 @@ struct Inner {
 /// One backend's idle connections and what the pool has learned about its limits.
 struct Host {
     backend: Arc<Backend>,
-    /// A stack: pushed and popped at the end (LIFO, see the module docs).
-    idle: Mutex<Vec<Idle>>,
+    idle: IdleStacks,
     /// From `Keep-Alive: timeout=N`, in milliseconds; 0 while unknown.
     learned_timeout_ms: AtomicU64,
     /// Requests per connection after which the backend closes, seen twice in a row; 0 while unknown.
@@ -195,6 +201,75 @@ struct Host {
 struct Idle {
     conn: Conn,
     since: Instant,
+}
+
+/// One backend's idle connections: a stack per worker thread, each pushed and popped
+/// at the end (LIFO; see the module docs for both choices).
+struct IdleStacks {
+    /// Indexed by [`crate::server::worker_index`] modulo the length; slot 0 serves
+    /// threads that are not workers (tests, the admin runtime).
+    stacks: Box<[Mutex<Vec<Idle>>]>,
+    /// Connections on all stacks together.
+    count: AtomicUsize,
+}
+
+impl IdleStacks {
+    fn new() -> IdleStacks {
+        // One per core plus the non-worker slot: with the default `worker_threads` every
+        // worker has a stack of its own; with more workers than cores some share one.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        IdleStacks {
+            stacks: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    /// The calling thread's stack.
+    fn mine(&self) -> &Mutex<Vec<Idle>> {
+        &self.stacks[crate::server::worker_index() % self.stacks.len()]
+    }
+
+    /// The connection the calling thread returned last.
+    fn pop(&self) -> Option<Idle> {
+        let popped = lock(self.mine()).pop();
+        if popped.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        popped
+    }
+
+    /// Keeps `conn` on the calling thread's stack, unless `max` are kept already.
+    fn push(&self, conn: Conn, max: usize) -> Result<(), Conn> {
+        if self
+            .count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(conn);
+        }
+        lock(self.mine()).push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Keeps, on every stack, the entries for which `keep` returns true.
+    fn retain(&self, mut keep: impl FnMut(&mut Idle) -> bool) {
+        for stack in self.stacks.iter() {
+            let mut stack = lock(stack);
+            let before = stack.len();
+            stack.retain_mut(&mut keep);
+            self.count
+                .fetch_sub(before - stack.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 /// hyper's side of one upstream connection: the future that reads and writes it.
@@ -268,7 +343,7 @@ impl Pool {
             .map(|backend| {
                 Arc::new(Host {
                     backend: backend.clone(),
-                    idle: Mutex::new(Vec::new()),
+                    idle: IdleStacks::new(),
                     learned_timeout_ms: AtomicU64::new(0),
                     learned_max: AtomicU32::new(0),
                     max_candidate: AtomicU32::new(0),
@@ -302,7 +377,7 @@ impl Pool {
 
     /// Idle connections held right now, over all backends.
     pub(crate) fn idle_count(&self) -> usize {
-        self.inner.hosts.iter().map(|h| lock(&h.idle).len()).sum()
+        self.inner.hosts.iter().map(|h| h.idle.len()).sum()
     }
 
     /// Drops idle connections past their idle limit or closed by the backend.
@@ -316,7 +391,7 @@ impl Pool {
             // from the backend. The waker is a no-op: whoever reuses the connection
             // polls it again with its own.
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            lock(&host.idle).retain_mut(|entry| {
+            host.idle.retain(|entry| {
                 let event = if now.duration_since(entry.since) >= limit {
                     Some(Event::RetiredIdle)
                 } else if entry.conn.poll_io(&mut cx).is_ready() || entry.conn.is_closed() {
@@ -435,7 +510,7 @@ impl Inner {
     /// An idle connection that is still usable, or a new one.
     async fn checkout(&self, host: &Arc<Host>) -> Result<(Conn, bool), SendError> {
         loop {
-            let popped = lock(&host.idle).pop();
+            let popped = host.idle.pop();
             let Some(Idle { mut conn, since }) = popped else {
                 break;
             };
@@ -587,16 +662,14 @@ impl CheckIn {
             counters.event(Event::ClosedByBackend);
             return;
         }
-        let mut idle = lock(&self.host.idle);
-        if idle.len() >= self.pool.settings.max_idle {
-            drop(idle);
+        if self
+            .host
+            .idle
+            .push(conn, self.pool.settings.max_idle)
+            .is_err()
+        {
             counters.event(Event::Discarded);
-            return;
         }
-        idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
     }
 }
 
