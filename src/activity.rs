@@ -1,6 +1,12 @@
 //! What one connection is doing: when bytes last moved, how many requests are in flight,
 //! and when the next request head started arriving; plus the waits built on that record.
 //!
+//! The waits are not woken when the record changes: that would cost a task wake-up and
+//! a timer reset on every request. A wait checks the record at most `tick` apart instead,
+//! where `tick` is the shortest timeout that a change could start. Any deadline a change
+//! starts is then at least one `tick` away, so the next check, which comes sooner, sees
+//! it in time, and every deadline is still met exactly.
+//!
 //! Shared by the proxy's client connections (`server.rs`: header read and keep-alive idle
 //! timeouts) and the simulated backend (`sim/conn.rs`: Tomcat's keepAliveTimeout). Closing
 //! the connection when a wait ends is the caller's business, not this module's.
@@ -14,7 +20,6 @@ use std::time::Duration;
 
 use http::Version;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// `head_started` when no byte has arrived since the connection went idle.
@@ -36,8 +41,6 @@ pub struct Activity {
     requests: AtomicU64,
     /// A request on this connection was HTTP/2.
     http2: AtomicBool,
-    /// Signalled when the connection goes idle and when a head starts arriving.
-    changed: Notify,
 }
 
 impl Activity {
@@ -50,7 +53,6 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             http2: AtomicBool::new(false),
-            changed: Notify::new(),
         })
     }
 
@@ -63,21 +65,24 @@ impl Activity {
         self.opened + Duration::from_nanos(nanos)
     }
 
+    /// Bytes were written. While a request is in flight nothing waits on `last_io` (the
+    /// end of the request sets it), so the clock is read only when none is.
     fn touch(&self) {
-        self.last_io.fetch_max(self.now(), Ordering::SeqCst);
+        if self.in_flight.load(Ordering::SeqCst) == 0 {
+            self.last_io.fetch_max(self.now(), Ordering::SeqCst);
+        }
     }
 
+    /// Bytes were read: with no request in flight, the first byte of the next head.
     fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return;
+        }
         let now = self.now();
         self.last_io.fetch_max(now, Ordering::SeqCst);
-        if self.in_flight.load(Ordering::SeqCst) == 0
-            && self
-                .head_started
-                .compare_exchange(NONE, now, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        {
-            self.changed.notify_one();
-        }
+        let _ = self
+            .head_started
+            .compare_exchange(NONE, now, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Marks a request in flight until the returned guard is dropped; attach the guard to
@@ -108,41 +113,43 @@ impl Activity {
     }
 
     /// Resolves once the connection has had no request in flight and no traffic for
-    /// `timeout` (the simulated Tomcat's keepAliveTimeout).
+    /// `timeout` (the simulated Tomcat's keepAliveTimeout). Checks at least every
+    /// `timeout`: the end of a request starts no shorter deadline (see the module docs).
     pub async fn quiet_for(&self, timeout: Duration) {
         loop {
+            let now = Instant::now();
             if self.in_flight.load(Ordering::SeqCst) > 0 {
-                self.changed.notified().await;
+                tokio::time::sleep_until(now + timeout).await;
                 continue;
             }
             let deadline = self.at(self.last_io.load(Ordering::SeqCst)) + timeout;
-            if Instant::now() >= deadline {
-                if self.in_flight.load(Ordering::SeqCst) == 0 {
-                    return;
-                }
-                continue;
+            if now >= deadline {
+                return;
             }
             tokio::time::sleep_until(deadline).await;
         }
     }
 
     /// Resolves when a client connection has outlived its header read or idle timeout;
-    /// see [`client_deadline`] for which applies when.
+    /// see [`client_deadline`] for which applies when. Checks at least every
+    /// `min(header_read, idle)`: neither a starting head nor the end of a request can
+    /// start a shorter deadline (see the module docs).
     pub async fn client_expiry(&self, limits: ClientTimeouts) -> Expiry {
+        let tick = limits.header_read.min(limits.idle);
         loop {
-            let Some((at, expiry)) = client_deadline(&self.snapshot(), limits) else {
-                self.changed.notified().await;
-                continue;
+            let now = Instant::now();
+            let next_check = now + tick;
+            let wake = match client_deadline(&self.snapshot(), limits) {
+                Some((at, expiry)) => {
+                    let deadline = self.at(at);
+                    if now >= deadline {
+                        return expiry;
+                    }
+                    deadline.min(next_check)
+                }
+                None => next_check,
             };
-            let deadline = self.at(at);
-            if Instant::now() >= deadline {
-                return expiry;
-            }
-            // Woken early when the connection goes idle or a head starts: both move the deadline.
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => {}
-                () = self.changed.notified() => {}
-            }
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
@@ -159,7 +166,6 @@ impl Drop for InFlight {
         if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             activity.idle_since.store(now, Ordering::SeqCst);
             activity.head_started.store(NONE, Ordering::SeqCst);
-            activity.changed.notify_one();
         }
     }
 }
@@ -395,7 +401,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_started_head_wakes_the_idle_watchdog_early() {
+    async fn a_started_head_is_timed_from_its_first_byte() {
         let limits = ClientTimeouts {
             header_read: Duration::from_secs(1),
             idle: Duration::from_secs(60),
