@@ -48,25 +48,12 @@ pub fn append_via(headers: &mut HeaderMap, received: Version) {
         _ => "1.1 loadgate",
     };
     debug_assert!(ours.ends_with(VIA_NAME));
-    if headers.contains_key(header::VIA) {
-        append_list(headers, header::VIA, ours);
-    } else {
-        headers.insert(header::VIA, HeaderValue::from_static(ours));
-    }
+    append_list(headers, header::VIA, &HeaderValue::from_static(ours));
 }
 
 /// Adds `X-Forwarded-For` (appended to any earlier list), `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` for a request received from `client` for `host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<HeaderValue>) {
-    // An address is at most 45 bytes (an IPv6 address with an embedded IPv4 one).
-    let mut buf = [0u8; 64];
-    let len = {
-        use std::io::Write;
-        let mut cursor = std::io::Cursor::new(&mut buf[..]);
-        let _ = write!(cursor, "{client}");
-        cursor.position() as usize
-    };
-    let client = std::str::from_utf8(&buf[..len]).unwrap_or_default();
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<HeaderValue>) {
     append_list(headers, HeaderName::from_static("x-forwarded-for"), client);
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
@@ -77,12 +64,15 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<Heade
     }
 }
 
+/// A client address as the value of `X-Forwarded-For`; made once per connection.
+pub fn client_address(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+}
+
 /// Joins all existing values of `name` and `item` into one comma-separated value.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue) {
     if !headers.contains_key(&name) {
-        if let Ok(value) = HeaderValue::from_str(item) {
-            headers.insert(name, value);
-        }
+        headers.insert(name, item.clone());
         return;
     }
     let mut joined = String::new();
@@ -92,7 +82,7 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
             joined.push_str(", ");
         }
     }
-    joined.push_str(item);
+    joined.push_str(item.to_str().unwrap_or_default());
     if let Ok(value) = HeaderValue::from_str(&joined) {
         headers.insert(name, value);
     }
@@ -143,7 +133,7 @@ mod tests {
         ]);
         add_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &client_address("127.0.0.1".parse().unwrap()),
             Some(HeaderValue::from_static("shop.example:8080")),
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");

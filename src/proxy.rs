@@ -33,6 +33,8 @@ use crate::upstream::{InflightGuard, Reservation};
 #[derive(Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP as an `X-Forwarded-For` item, formatted once for the connection.
+    pub client_address: HeaderValue,
     pub verdicts: FramingVerdicts,
     /// `max_body_bytes` when the connection was accepted.
     pub max_body_bytes: Option<u64>,
@@ -318,7 +320,7 @@ async fn forward(
             parts.headers.insert(header::HOST, value.clone());
         }
     }
-    headers::add_forwarded(&mut parts.headers, conn.peer.ip(), host_value);
+    headers::add_forwarded(&mut parts.headers, &conn.client_address, host_value);
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();

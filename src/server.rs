@@ -378,6 +378,7 @@ async fn serve(
         let (io, verdicts) = crate::framing::wrap(ActivityIo::new(stream, activity.clone()));
         let info = ConnInfo {
             peer,
+            client_address: crate::headers::client_address(peer.ip()),
             verdicts,
             max_body_bytes: server.max_body_bytes,
         };
@@ -432,20 +433,26 @@ async fn watch_connection<C, E>(
     E: std::fmt::Display,
 {
     let mut connection = pin!(connection);
-    let expiry = activity.client_expiry(timeouts);
-    let mut expiry = pin!(expiry);
     // Set once the connection has been asked to close: by then it has this long to finish.
     let mut closing_by: Option<Instant> = None;
     let grace = timeouts.header_read;
     loop {
-        tokio::select! {
+        // The task wakes several times per request for the connection's sockets; the
+        // timers and signals are polled only when one of them woke it.
+        let event = WhenWoken::new(next_event(activity, timeouts, &mut stop, closing_by));
+        let mut event = pin!(event);
+        let event = tokio::select! {
+            biased;
             result = connection.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "client connection ended with an error");
                 }
                 return;
             }
-            expired = &mut expiry, if closing_by.is_none() => {
+            event = event.as_mut() => event,
+        };
+        match event {
+            ConnectionEvent::Expired(expired) => {
                 metrics::counter!(m::CONNECTIONS_TIMED_OUT_TOTAL, m::LABEL_KIND => expired.as_str())
                     .increment(1);
                 tracing::debug!(%peer, timeout = expired.as_str(), "closing client connection");
@@ -459,14 +466,96 @@ async fn watch_connection<C, E>(
                     }
                 }
             }
-            () = raised(&mut stop.shutdown), if closing_by.is_none() => {
+            ConnectionEvent::Shutdown => {
                 graceful_shutdown(connection.as_mut());
                 // Draining is bounded by the drain deadline (abort), not by the grace period.
                 closing_by = Some(Instant::now() + Duration::from_secs(86_400 * 365));
             }
-            () = tokio::time::sleep_until(closing_by.unwrap_or_else(Instant::now)), if closing_by.is_some() => return,
-            () = raised(&mut stop.abort) => return,
+            ConnectionEvent::GraceOver | ConnectionEvent::Abort => return,
         }
+    }
+}
+
+/// What a client connection's task reacts to besides its own traffic.
+enum ConnectionEvent {
+    /// A client timeout passed.
+    Expired(Expiry),
+    /// The proxy is shutting down: finish gracefully.
+    Shutdown,
+    /// A connection asked to close did not within its time.
+    GraceOver,
+    /// The drain deadline passed: close now.
+    Abort,
+}
+
+/// The next [`ConnectionEvent`]; timeouts and shutdown only count until the connection
+/// has been asked to close (`closing_by` is set).
+async fn next_event(
+    activity: &Activity,
+    timeouts: ClientTimeouts,
+    stop: &mut Stop,
+    closing_by: Option<Instant>,
+) -> ConnectionEvent {
+    tokio::select! {
+        expired = activity.client_expiry(timeouts), if closing_by.is_none() => ConnectionEvent::Expired(expired),
+        () = raised(&mut stop.shutdown), if closing_by.is_none() => ConnectionEvent::Shutdown,
+        () = tokio::time::sleep_until(closing_by.unwrap_or_else(Instant::now)), if closing_by.is_some() => ConnectionEvent::GraceOver,
+        () = raised(&mut stop.abort) => ConnectionEvent::Abort,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Polls `inner` only on the first poll and after `inner`'s own waker fired. In a
+    /// task that mostly wakes for something else, a rarely ready future (a timer, a
+    /// shutdown signal) then costs one atomic swap per wake-up instead of a poll.
+    struct WhenWoken<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<WakeFlag>,
+        waker: std::task::Waker,
+    }
+}
+
+/// Set by `inner`'s waker; wakes the task that polls the [`WhenWoken`].
+struct WakeFlag {
+    woken: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> WhenWoken<F> {
+    fn new(inner: F) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        let waker = std::task::Waker::from(flag.clone());
+        WhenWoken { inner, flag, waker }
+    }
+}
+
+impl<F: Future> Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        // Registered before the flag is read, so a wake in between is not lost.
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Pending;
+        }
+        this.inner
+            .poll(&mut std::task::Context::from_waker(this.waker))
     }
 }
 
@@ -478,6 +567,32 @@ async fn raised(flag: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn when_woken_polls_its_future_only_after_its_own_wake_up() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = oneshot::channel::<()>();
+        let inner = {
+            let polls = polls.clone();
+            std::future::poll_fn(move |cx| {
+                polls.fetch_add(1, Ordering::Relaxed);
+                Pin::new(&mut rx).poll(cx).map(|_| ())
+            })
+        };
+        let mut gated = pin!(WhenWoken::new(inner));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(gated.as_mut().poll(&mut cx).is_pending());
+        assert!(gated.as_mut().poll(&mut cx).is_pending());
+        assert!(gated.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            1,
+            "polled once, then only when woken"
+        );
+        tx.send(()).unwrap();
+        assert!(gated.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn slots_refuse_past_the_limit_and_free_on_drop() {
