@@ -54,6 +54,9 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
+            for upstream in shared.runtime.load().upstreams.values() {
+                upstream.publish_gauges();
+            }
             let mut response = text(StatusCode::OK, &crate::metrics::handle().render());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -165,14 +165,20 @@ impl Admission {
             (Source::Local, Some(_)) => Source::Adaptive,
             (source, _) => source,
         };
-        let signal = Signal {
+        Signal {
             utilisation,
             source,
             local,
             reported: reported.map(|r| r.ratio()),
-        };
-        self.gauges.set(&signal);
-        signal
+        }
+    }
+
+    /// Sets the utilisation and signal-source gauges to the signal now. Called when
+    /// metrics are scraped rather than per decision: seven gauge writes per request,
+    /// on cache lines every worker thread shares, cost more than the decision itself.
+    pub fn publish_gauges(&self, inflight: usize, backends_in_rotation: usize) {
+        self.gauges
+            .set(&self.signal(inflight, backends_in_rotation));
     }
 
     fn aggregate_report(&self, now: Instant) -> Option<Report> {

@@ -267,6 +267,15 @@ impl Upstream {
         self.inflight.load(Ordering::Relaxed)
     }
 
+    /// Sets the in-flight and utilisation gauges to their values now; see
+    /// [`crate::admission::Admission::publish_gauges`] for why not per request.
+    pub fn publish_gauges(&self) {
+        let inflight = self.inflight();
+        self.inflight_gauge.set(inflight as f64);
+        self.admission
+            .publish_gauges(inflight, self.healthy_count());
+    }
+
     /// Backends currently in rotation.
     pub fn healthy_count(&self) -> usize {
         self.backends.iter().filter(|b| b.is_healthy()).count()
@@ -360,8 +369,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let now = self.upstream.inflight.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.upstream.inflight_gauge.set(now as f64);
+        self.upstream.inflight.fetch_sub(1, Ordering::AcqRel);
         self.upstream.admission.on_release();
     }
 }
@@ -397,8 +405,7 @@ impl Slots for Arc<Upstream> {
                 Some(limit) if n >= limit => None,
                 _ => Some(n + 1),
             });
-        let before = counted.ok()?;
-        self.inflight_gauge.set((before + 1) as f64);
+        counted.ok()?;
         Some(Reservation {
             upstream: self.clone(),
         })
