@@ -801,3 +801,47 @@ async fn without_stale_on_shed_the_429_stands() {
         assert_eq!(task.await.unwrap().status, 200);
     }
 }
+
+#[tokio::test]
+async fn any_final_status_with_explicit_freshness_is_reused() {
+    // RFC 9111 §3: explicit freshness makes any final status storable; the cache
+    // needs to understand the status only under `must-understand`.
+    let origin = Origin::start(Duration::ZERO, |req, _| match req.uri.path() {
+        "/api/500" => respond(500, &[("cache-control", "max-age=60")], "oops"),
+        "/api/599" => respond(599, &[("cache-control", "max-age=60")], "odd"),
+        "/api/204" => respond(204, &[("cache-control", "max-age=60")], ""),
+        _ => respond(
+            599,
+            &[("cache-control", "max-age=60, no-store, must-understand")],
+            "odd",
+        ),
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    for (path, status, body) in [
+        ("/api/500", 500, "oops"),
+        ("/api/599", 599, "odd"),
+        ("/api/204", 204, ""),
+    ] {
+        let url = format!("http://{}{path}", proxy.addr());
+        let first = get(&client, &url).await;
+        assert_eq!((first.status, first.text().as_str()), (status, body));
+        let hit = get(&client, &url).await;
+        assert_eq!((hit.status, hit.text().as_str()), (status, body), "{path}");
+        assert!(
+            hit.header("cache-status").unwrap().contains("hit"),
+            "{path} answered from the cache"
+        );
+    }
+    assert_eq!(origin.requests(), 3, "one origin request per status");
+
+    let url = format!("http://{}/api/599-must-understand", proxy.addr());
+    assert_eq!(get(&client, &url).await.status, 599);
+    assert_eq!(get(&client, &url).await.status, 599);
+    assert_eq!(
+        origin.requests(),
+        5,
+        "an unknown status under must-understand is not stored"
+    );
+}

@@ -246,7 +246,6 @@ pub struct Pending {
     inner: Arc<Inner>,
     mode: Mode,
     method: Method,
-    uri: Uri,
     authority: String,
     key: String,
     request: HeaderMap,
@@ -323,17 +322,10 @@ impl Cache {
                 }
             }
         }
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path_and_query)
-            .build()
-            .unwrap_or_else(|_| req.uri().clone());
         let mut pending = Pending {
             inner: inner.clone(),
             mode: Mode::Bypass,
             method: method.clone(),
-            uri,
             authority: authority.to_string(),
             key,
             request: headers.clone(),
@@ -734,7 +726,6 @@ impl Pending {
         };
         let still_storable = policy::storable(
             &Method::GET,
-            &self.uri,
             &self.request,
             entry.status,
             &entry.headers,
@@ -779,7 +770,6 @@ impl Pending {
         let storable = !self.rules.no_store
             && policy::storable(
                 &Method::GET,
-                &self.uri,
                 &self.request,
                 parts.status,
                 &parts.headers,
