@@ -845,3 +845,31 @@ async fn any_final_status_with_explicit_freshness_is_reused() {
         "an unknown status under must-understand is not stored"
     );
 }
+
+#[tokio::test]
+async fn age_is_read_from_its_first_member_and_an_invalid_one_is_ignored() {
+    let origin = Origin::start(Duration::ZERO, |req, _| {
+        let age = match req.uri.path() {
+            "/api/list" => "7200, 0",
+            _ => "abc",
+        };
+        respond(200, &[("cache-control", "max-age=3600"), ("age", age)], "x")
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let list = format!("http://{}/api/list", proxy.addr());
+    get(&client, &list).await;
+    get(&client, &list).await;
+    assert_eq!(
+        origin.requests(),
+        2,
+        "`Age: 7200, 0` is 7200: older than max-age, so stale"
+    );
+    let text = format!("http://{}/api/text", proxy.addr());
+    get(&client, &text).await;
+    let hit = get(&client, &text).await;
+    assert_eq!(origin.requests(), 3, "`Age: abc` is ignored: still fresh");
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!(age < 60, "the invalid Age did not count: {age}");
+}

@@ -294,17 +294,26 @@ fn lifetime(
     }
 }
 
+/// The `Age` of a response in seconds (RFC 9111 §5.1): the first member of the
+/// first field line, as a list-based value is read; `None` when that is not a
+/// delta-seconds (negative, fractional, text), which is then ignored. A value too
+/// large to represent is 2147483648 (§1.2.2).
+pub fn age_value(headers: &HeaderMap) -> Option<u64> {
+    let line = headers.get(header::AGE)?.to_str().ok()?;
+    let first = line.split(',').next()?.trim();
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(first.parse::<u64>().map_or(DELTA_MAX, |n| n.min(DELTA_MAX)))
+}
+
 /// RFC 9111 §4.2.3 `corrected_initial_age`.
 fn initial_age(
     headers: &HeaderMap,
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, |s| Duration::from_secs(s.min(DELTA_MAX)));
+    let age_value = age_value(headers).map_or(Duration::ZERO, Duration::from_secs);
     let apparent_age = match date(headers, header::DATE) {
         Some(Ok(d)) => response_time.duration_since(d).unwrap_or_default(),
         _ => Duration::ZERO,
@@ -613,6 +622,22 @@ mod tests {
             t(100),
         );
         assert_eq!(f.age(t(100)).as_secs(), 32);
+    }
+
+    #[test]
+    fn age_is_the_first_member_of_the_first_line() {
+        let age = |lines: &[&str]| {
+            let fields: Vec<(&'static str, &str)> = lines.iter().map(|l| ("age", *l)).collect();
+            age_value(&h(&fields))
+        };
+        assert_eq!(age(&["7200, 0"]), Some(7200));
+        assert_eq!(age(&["0, 7200"]), Some(0));
+        assert_eq!(age(&["0", "7200"]), Some(0));
+        assert_eq!(age(&["7200", "0"]), Some(7200));
+        assert_eq!(age(&["99999999999999999999"]), Some(DELTA_MAX));
+        for invalid in ["abc", "-7200", "7200.0", ""] {
+            assert_eq!(age(&[invalid]), None, "{invalid:?} is ignored");
+        }
     }
 
     #[test]
