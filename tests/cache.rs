@@ -873,3 +873,36 @@ async fn age_is_read_from_its_first_member_and_an_invalid_one_is_ignored() {
     let age: u64 = hit.header("age").unwrap().parse().unwrap();
     assert!(age < 60, "the invalid Age did not count: {age}");
 }
+
+#[tokio::test]
+async fn expires_is_read_in_every_http_date_format_but_not_other_zones() {
+    // RFC 9110 §5.6.7: a recipient must accept IMF-fixdate, RFC 850 and asctime;
+    // case and a wrong day name do not change the instant. An invalid Expires means
+    // already expired (RFC 9111 §5.3).
+    let origin = Origin::start(Duration::ZERO, |req, _| {
+        let expires = match req.uri.path() {
+            "/api/asctime" => "Thu Aug  8 02:01:18 2050",
+            "/api/rfc850" => "Thursday, 18-Aug-50 02:01:18 GMT",
+            "/api/upper" => "THU, 18 AUG 2050 02:01:18 gmt",
+            _ => "Thu, 18 Aug 2050 02:01:18 UTC",
+        };
+        respond(200, &[("expires", expires)], "x")
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    for path in ["/api/asctime", "/api/rfc850", "/api/upper"] {
+        let url = format!("http://{}{path}", proxy.addr());
+        get(&client, &url).await;
+        let hit = get(&client, &url).await;
+        assert!(
+            hit.header("cache-status").unwrap().contains("hit"),
+            "{path} is fresh"
+        );
+    }
+    assert_eq!(origin.requests(), 3);
+    let url = format!("http://{}/api/utc", proxy.addr());
+    get(&client, &url).await;
+    get(&client, &url).await;
+    assert_eq!(origin.requests(), 5, "an Expires in UTC is invalid: stale");
+}

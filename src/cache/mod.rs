@@ -11,6 +11,7 @@
 //! key.rs          primary key (authority + path + query), Vary → secondary key
 //! policy.rs       storable? freshness lifetime, age, reuse rules, 304 header update
 //! conditional.rs  If-None-Match / If-Modified-Since against a stored response
+//! date.rs         HTTP-date parsing, lenient on case and day name
 //! store.rs        TinyUFO bounded by bytes and object size, with counters
 //! fill.rs         the body that tees into the store while streaming; coalescing
 //! ```
@@ -20,6 +21,7 @@
 //! stored copy when the proxy is about to shed.
 
 pub mod conditional;
+pub mod date;
 mod fill;
 pub mod key;
 pub mod policy;

@@ -253,7 +253,7 @@ fn date(headers: &HeaderMap, name: HeaderName) -> Option<Result<SystemTime, ()>>
         first
             .to_str()
             .ok()
-            .and_then(|v| httpdate::parse_http_date(v.trim()).ok())
+            .and_then(crate::cache::date::parse)
             .ok_or(()),
     )
 }
