@@ -906,3 +906,39 @@ async fn expires_is_read_in_every_http_date_format_but_not_other_zones() {
     get(&client, &url).await;
     assert_eq!(origin.requests(), 5, "an Expires in UTC is invalid: stale");
 }
+
+#[tokio::test]
+async fn a_byte_range_is_cut_from_a_stored_complete_response() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(
+            200,
+            &[("cache-control", "max-age=3600"), ("x-stored", "1")],
+            "0123456789A",
+        )
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/bytes", proxy.addr());
+    assert_eq!(get(&client, &url).await.text(), "0123456789A");
+    for (range, body, content_range) in [
+        ("bytes=0-1", "01", "bytes 0-1/11"),
+        ("bytes=1-", "123456789A", "bytes 1-10/11"),
+        ("bytes=-1", "A", "bytes 10-10/11"),
+    ] {
+        let got = get_with(&client, &url, &[("range", range)]).await;
+        assert_eq!(got.status, 206, "{range}");
+        assert_eq!(got.text(), body, "{range}");
+        assert_eq!(got.header("content-range"), Some(content_range));
+        assert_eq!(got.header("x-stored"), Some("1"), "stored fields kept");
+        assert!(got.header("age").is_some());
+    }
+    assert_eq!(origin.requests(), 1, "every range answered from the store");
+
+    // Several ranges are the origin's to answer; nothing is stored from it.
+    let multi = get_with(&client, &url, &[("range", "bytes=0-1,3-4")]).await;
+    assert_eq!(multi.status, 200, "this origin ignores Range");
+    assert_eq!(origin.requests(), 2);
+    assert_eq!(get(&client, &url).await.text(), "0123456789A");
+    assert_eq!(origin.requests(), 2, "the stored response is still there");
+}
