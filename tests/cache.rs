@@ -942,3 +942,28 @@ async fn a_byte_range_is_cut_from_a_stored_complete_response() {
     assert_eq!(get(&client, &url).await.text(), "0123456789A");
     assert_eq!(origin.requests(), 2, "the stored response is still there");
 }
+
+#[tokio::test]
+async fn accept_language_variants_match_whatever_the_tag_case() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+            "bonjour",
+        )
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/greeting", proxy.addr());
+    get_with(&client, &url, &[("accept-language", "fr-FR, en")]).await;
+    let hit = get_with(&client, &url, &[("accept-language", "fr-fr, EN")]).await;
+    assert_eq!(hit.text(), "bonjour");
+    assert_eq!(origin.requests(), 1, "language tags are case-insensitive");
+    get_with(&client, &url, &[("accept-language", "en, fr-FR")]).await;
+    assert_eq!(
+        origin.requests(),
+        2,
+        "the order is kept: a backend may pick the first of equal weights"
+    );
+}
