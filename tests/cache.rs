@@ -801,3 +801,169 @@ async fn without_stale_on_shed_the_429_stands() {
         assert_eq!(task.await.unwrap().status, 200);
     }
 }
+
+#[tokio::test]
+async fn any_final_status_with_explicit_freshness_is_reused() {
+    // RFC 9111 §3: explicit freshness makes any final status storable; the cache
+    // needs to understand the status only under `must-understand`.
+    let origin = Origin::start(Duration::ZERO, |req, _| match req.uri.path() {
+        "/api/500" => respond(500, &[("cache-control", "max-age=60")], "oops"),
+        "/api/599" => respond(599, &[("cache-control", "max-age=60")], "odd"),
+        "/api/204" => respond(204, &[("cache-control", "max-age=60")], ""),
+        _ => respond(
+            599,
+            &[("cache-control", "max-age=60, no-store, must-understand")],
+            "odd",
+        ),
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    for (path, status, body) in [
+        ("/api/500", 500, "oops"),
+        ("/api/599", 599, "odd"),
+        ("/api/204", 204, ""),
+    ] {
+        let url = format!("http://{}{path}", proxy.addr());
+        let first = get(&client, &url).await;
+        assert_eq!((first.status, first.text().as_str()), (status, body));
+        let hit = get(&client, &url).await;
+        assert_eq!((hit.status, hit.text().as_str()), (status, body), "{path}");
+        assert!(
+            hit.header("cache-status").unwrap().contains("hit"),
+            "{path} answered from the cache"
+        );
+    }
+    assert_eq!(origin.requests(), 3, "one origin request per status");
+
+    let url = format!("http://{}/api/599-must-understand", proxy.addr());
+    assert_eq!(get(&client, &url).await.status, 599);
+    assert_eq!(get(&client, &url).await.status, 599);
+    assert_eq!(
+        origin.requests(),
+        5,
+        "an unknown status under must-understand is not stored"
+    );
+}
+
+#[tokio::test]
+async fn age_is_read_from_its_first_member_and_an_invalid_one_is_ignored() {
+    let origin = Origin::start(Duration::ZERO, |req, _| {
+        let age = match req.uri.path() {
+            "/api/list" => "7200, 0",
+            _ => "abc",
+        };
+        respond(200, &[("cache-control", "max-age=3600"), ("age", age)], "x")
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let list = format!("http://{}/api/list", proxy.addr());
+    get(&client, &list).await;
+    get(&client, &list).await;
+    assert_eq!(
+        origin.requests(),
+        2,
+        "`Age: 7200, 0` is 7200: older than max-age, so stale"
+    );
+    let text = format!("http://{}/api/text", proxy.addr());
+    get(&client, &text).await;
+    let hit = get(&client, &text).await;
+    assert_eq!(origin.requests(), 3, "`Age: abc` is ignored: still fresh");
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!(age < 60, "the invalid Age did not count: {age}");
+}
+
+#[tokio::test]
+async fn expires_is_read_in_every_http_date_format_but_not_other_zones() {
+    // RFC 9110 §5.6.7: a recipient must accept IMF-fixdate, RFC 850 and asctime;
+    // case and a wrong day name do not change the instant. An invalid Expires means
+    // already expired (RFC 9111 §5.3).
+    let origin = Origin::start(Duration::ZERO, |req, _| {
+        let expires = match req.uri.path() {
+            "/api/asctime" => "Thu Aug  8 02:01:18 2050",
+            "/api/rfc850" => "Thursday, 18-Aug-50 02:01:18 GMT",
+            "/api/upper" => "THU, 18 AUG 2050 02:01:18 gmt",
+            _ => "Thu, 18 Aug 2050 02:01:18 UTC",
+        };
+        respond(200, &[("expires", expires)], "x")
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    for path in ["/api/asctime", "/api/rfc850", "/api/upper"] {
+        let url = format!("http://{}{path}", proxy.addr());
+        get(&client, &url).await;
+        let hit = get(&client, &url).await;
+        assert!(
+            hit.header("cache-status").unwrap().contains("hit"),
+            "{path} is fresh"
+        );
+    }
+    assert_eq!(origin.requests(), 3);
+    let url = format!("http://{}/api/utc", proxy.addr());
+    get(&client, &url).await;
+    get(&client, &url).await;
+    assert_eq!(origin.requests(), 5, "an Expires in UTC is invalid: stale");
+}
+
+#[tokio::test]
+async fn a_byte_range_is_cut_from_a_stored_complete_response() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(
+            200,
+            &[("cache-control", "max-age=3600"), ("x-stored", "1")],
+            "0123456789A",
+        )
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/bytes", proxy.addr());
+    assert_eq!(get(&client, &url).await.text(), "0123456789A");
+    for (range, body, content_range) in [
+        ("bytes=0-1", "01", "bytes 0-1/11"),
+        ("bytes=1-", "123456789A", "bytes 1-10/11"),
+        ("bytes=-1", "A", "bytes 10-10/11"),
+    ] {
+        let got = get_with(&client, &url, &[("range", range)]).await;
+        assert_eq!(got.status, 206, "{range}");
+        assert_eq!(got.text(), body, "{range}");
+        assert_eq!(got.header("content-range"), Some(content_range));
+        assert_eq!(got.header("x-stored"), Some("1"), "stored fields kept");
+        assert!(got.header("age").is_some());
+    }
+    assert_eq!(origin.requests(), 1, "every range answered from the store");
+
+    // Several ranges are the origin's to answer; nothing is stored from it.
+    let multi = get_with(&client, &url, &[("range", "bytes=0-1,3-4")]).await;
+    assert_eq!(multi.status, 200, "this origin ignores Range");
+    assert_eq!(origin.requests(), 2);
+    assert_eq!(get(&client, &url).await.text(), "0123456789A");
+    assert_eq!(origin.requests(), 2, "the stored response is still there");
+}
+
+#[tokio::test]
+async fn accept_language_variants_match_whatever_the_tag_case() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+            "bonjour",
+        )
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/greeting", proxy.addr());
+    get_with(&client, &url, &[("accept-language", "fr-FR, en")]).await;
+    let hit = get_with(&client, &url, &[("accept-language", "fr-fr, EN")]).await;
+    assert_eq!(hit.text(), "bonjour");
+    assert_eq!(origin.requests(), 1, "language tags are case-insensitive");
+    get_with(&client, &url, &[("accept-language", "en, fr-FR")]).await;
+    assert_eq!(
+        origin.requests(),
+        2,
+        "the order is kept: a backend may pick the first of equal weights"
+    );
+}

@@ -113,7 +113,7 @@ impl<'a> Validators<'a> {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| httpdate::parse_http_date(v.trim()).ok())
+                .and_then(crate::cache::date::parse)
         };
         Validators {
             etag: headers.get(header::ETAG).and_then(|v| v.to_str().ok()),
@@ -179,11 +179,7 @@ fn evaluate_lazily(
     let (Some(value), None) = (ims.next(), ims.next()) else {
         return Verdict::Full;
     };
-    let Some(since) = value
-        .to_str()
-        .ok()
-        .and_then(|v| httpdate::parse_http_date(v.trim()).ok())
-    else {
+    let Some(since) = value.to_str().ok().and_then(crate::cache::date::parse) else {
         return Verdict::Full;
     };
     match last_modified() {

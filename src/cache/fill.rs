@@ -155,13 +155,23 @@ pub struct StoreBody {
 
 impl StoreBody {
     pub fn new(inner: ProxyBody, commit: Commit) -> StoreBody {
+        let buffer = Buffer {
+            commit,
+            chunks: Vec::new(),
+            len: 0,
+        };
+        // An empty body (a 204, `Content-Length: 0`) may never be polled: the server
+        // writes no body for it. It is complete already, so store it now.
+        if inner.is_end_stream() {
+            buffer.store();
+            return StoreBody {
+                inner,
+                buffer: None,
+            };
+        }
         StoreBody {
             inner,
-            buffer: Some(Buffer {
-                commit,
-                chunks: Vec::new(),
-                len: 0,
-            }),
+            buffer: Some(buffer),
         }
     }
 

@@ -2,7 +2,7 @@
 //! and the secondary key of a variant, built from the request headers a stored
 //! response's `Vary` names (RFC 9111 §4.1). Pure functions.
 
-use http::header::{HeaderMap, HeaderName, VARY};
+use http::header::{HeaderMap, HeaderName, ACCEPT_LANGUAGE, VARY};
 
 /// The primary key of a request target. HEAD is answered from a stored GET, so the
 /// method is not part of it: only GET responses are stored.
@@ -54,7 +54,17 @@ pub fn vary(response: &HeaderMap) -> Vary {
 
 /// The normalised value of one request header for Vary matching: all field lines
 /// joined with `, `, whitespace around list commas removed; `None` when absent.
+/// Fields whose whole value is case-insensitive (language tags, RFC 5646 §2.1.1)
+/// are lower-cased too, so `en-US` and `en-us` select the same variant.
 pub fn normalized(request: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out = joined(request, name)?;
+    if *name == ACCEPT_LANGUAGE {
+        out.make_ascii_lowercase();
+    }
+    Some(out)
+}
+
+fn joined(request: &HeaderMap, name: &HeaderName) -> Option<String> {
     let mut out: Option<String> = None;
     for line in request.get_all(name).iter() {
         let line = String::from_utf8_lossy(line.as_bytes());
@@ -141,6 +151,17 @@ mod tests {
             normalized(&headers(&[("accept", "")]), &name),
             Some(String::new())
         );
+    }
+
+    #[test]
+    fn language_tags_match_whatever_their_case() {
+        let name = HeaderName::from_static("accept-language");
+        let a = headers(&[("accept-language", "en-US, De;q=0.5")]);
+        let b = headers(&[("accept-language", "en-us,de;q=0.5")]);
+        assert_eq!(normalized(&a, &name), normalized(&b, &name));
+        let other = HeaderName::from_static("x-token");
+        let c = headers(&[("x-token", "AbC")]);
+        assert_eq!(normalized(&c, &other).as_deref(), Some("AbC"));
     }
 
     #[test]

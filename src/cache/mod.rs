@@ -11,6 +11,8 @@
 //! key.rs          primary key (authority + path + query), Vary → secondary key
 //! policy.rs       storable? freshness lifetime, age, reuse rules, 304 header update
 //! conditional.rs  If-None-Match / If-Modified-Since against a stored response
+//! date.rs         HTTP-date parsing, lenient on case and day name
+//! range.rs        a single byte range, answered from a stored complete response
 //! store.rs        TinyUFO bounded by bytes and object size, with counters
 //! fill.rs         the body that tees into the store while streaming; coalescing
 //! ```
@@ -20,9 +22,11 @@
 //! stored copy when the proxy is about to shed.
 
 pub mod conditional;
+pub mod date;
 mod fill;
 pub mod key;
 pub mod policy;
+pub mod range;
 pub mod store;
 
 use std::collections::HashMap;
@@ -246,7 +250,6 @@ pub struct Pending {
     inner: Arc<Inner>,
     mode: Mode,
     method: Method,
-    uri: Uri,
     authority: String,
     key: String,
     request: HeaderMap,
@@ -319,21 +322,20 @@ impl Cache {
             if let Some(entry) = inner.find(&key, headers) {
                 let now = inner.clock.now();
                 if policy::reusable(&entry.freshness, &rules, now) {
-                    return Lookup::Respond(inner.answer(&entry, &method, headers, now));
+                    let answer = match headers.get(header::RANGE) {
+                        None => Some(inner.answer(&entry, &method, headers, now)),
+                        Some(range) => inner.answer_range(&entry, &method, headers, range, now),
+                    };
+                    if let Some(answer) = answer {
+                        return Lookup::Respond(answer);
+                    }
                 }
             }
         }
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path_and_query)
-            .build()
-            .unwrap_or_else(|_| req.uri().clone());
         let mut pending = Pending {
             inner: inner.clone(),
             mode: Mode::Bypass,
             method: method.clone(),
-            uri,
             authority: authority.to_string(),
             key,
             request: headers.clone(),
@@ -348,7 +350,9 @@ impl Cache {
             }
             return Lookup::Forward(Box::new(pending));
         }
-        if needs_origin(headers) {
+        // A range the stored response could not answer (none, stale, or a range
+        // form served by the origin only) is forwarded as it came and not stored.
+        if needs_origin(headers) || headers.contains_key(header::RANGE) {
             inner.count(Outcome::Uncacheable);
             return Lookup::Forward(Box::new(pending));
         }
@@ -397,10 +401,9 @@ impl Cache {
     }
 }
 
-/// Preconditions and ranges need the origin's answer.
+/// Preconditions the cache does not evaluate need the origin's answer.
 fn needs_origin(headers: &HeaderMap) -> bool {
     [
-        header::RANGE,
         header::IF_MATCH,
         header::IF_UNMODIFIED_SINCE,
         header::IF_RANGE,
@@ -522,6 +525,51 @@ impl Inner {
         self.count(outcome);
         Inner::hit_status_header(response.headers_mut(), ttl);
         response
+    }
+
+    /// Answers a `Range` request from a fresh stored `200`: a `206` with the one
+    /// byte range asked for (or the `304` its conditionals call for). `None` when
+    /// the origin should answer instead.
+    fn answer_range(
+        &self,
+        entry: &Entry,
+        method: &Method,
+        request: &HeaderMap,
+        range: &HeaderValue,
+        now: SystemTime,
+    ) -> Option<Response<ProxyBody>> {
+        if entry.status != StatusCode::OK {
+            return None;
+        }
+        let received = entry.freshness.response_time;
+        // RFC 9110 §13.2.2: preconditions come before the range.
+        if conditional::evaluate_stored(request, &entry.headers, received) == Verdict::NotModified {
+            return Some(self.answer(entry, method, request, now));
+        }
+        let len = entry.body.len() as u64;
+        let (first, last) = range::single(range.to_str().ok()?, len)?;
+        let body = if *method == Method::HEAD {
+            empty()
+        } else {
+            full(entry.body.slice(first as usize..=last as usize))
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let headers = response.headers_mut();
+        *headers = entry.headers.clone();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+        let content_range = format!("bytes {first}-{last}/{len}");
+        headers.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&content_range).ok()?,
+        );
+        headers.insert(
+            header::AGE,
+            HeaderValue::from(entry.freshness.age(now).as_secs()),
+        );
+        self.count(Outcome::Hit);
+        Inner::hit_status_header(headers, entry.freshness.ttl(now));
+        Some(response)
     }
 
     /// The stored entry as a response to this request (conditionals evaluated), with `Age`.
@@ -734,7 +782,6 @@ impl Pending {
         };
         let still_storable = policy::storable(
             &Method::GET,
-            &self.uri,
             &self.request,
             entry.status,
             &entry.headers,
@@ -779,7 +826,6 @@ impl Pending {
         let storable = !self.rules.no_store
             && policy::storable(
                 &Method::GET,
-                &self.uri,
                 &self.request,
                 parts.status,
                 &parts.headers,

@@ -2,17 +2,17 @@
 //! stored, how long is it fresh, how old is it, may it be reused for this request,
 //! and how a 304 refreshes the stored header fields.
 //!
-//! Storability is decided by the `http-cache-semantics` crate (shared-cache
-//! options) on a normalised copy of the headers, plus loadgate's own rules
-//! (`Set-Cookie`, `Vary: *`, `must-understand`). Freshness and age are computed
-//! here from RFC 9111 §4.2 directly: the crate follows RFC 7234 and ignores `Date`
-//! in the age calculation and treats `proxy-revalidate` as zero freshness.
+//! Storability, freshness and age are computed here from RFC 9111 directly, plus
+//! loadgate's own rules (`Set-Cookie`, `Vary: *`). The `http-cache-semantics`
+//! crate follows RFC 7234: it refuses statuses it does not know even with explicit
+//! freshness, ignores `Date` in the age calculation and treats `proxy-revalidate`
+//! as zero freshness.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, StatusCode};
 
 /// RFC 9111 §1.2.2: a delta-seconds too large to represent is this.
 const DELTA_MAX: u64 = 2_147_483_648;
@@ -83,21 +83,6 @@ impl Directives {
             _ => Some(self.seconds(name)),
         }
     }
-
-    /// The directives as one canonical field value.
-    fn canonical(&self) -> String {
-        let mut parts: Vec<String> = self
-            .0
-            .iter()
-            .map(|(name, value)| match value {
-                Value::None => name.clone(),
-                Value::Some(v) => format!("{name}=\"{v}\""),
-                Value::Conflict => format!("{name}=\"\""),
-            })
-            .collect();
-        parts.sort();
-        parts.join(", ")
-    }
 }
 
 /// Splits a list on commas that are not inside a quoted string.
@@ -142,10 +127,14 @@ pub struct StoreRules {
     pub store_set_cookie: bool,
 }
 
-/// Decides whether a shared cache may store `status`/`response` for the request.
+/// Decides whether a shared cache may store `status`/`response` for the request
+/// (RFC 9111 §3, §3.5 and §5.2.2). The status code only matters through
+/// `must-understand` and heuristic freshness: a response with explicit freshness
+/// is storable whatever its final status, as RFC 9111 says (RFC 7234 required the
+/// cache to understand the status, which is why `http-cache-semantics` is not
+/// asked here).
 pub fn storable(
     method: &Method,
-    uri: &Uri,
     request: &HeaderMap,
     status: StatusCode,
     response: &HeaderMap,
@@ -160,44 +149,33 @@ pub fn storable(
     if crate::cache::key::vary(response) == crate::cache::key::Vary::Any {
         return Err(NotStorable::VaryStar);
     }
-    let mut cc = Directives::parse(response);
+    if *method != Method::GET || status.is_informational() {
+        return Err(NotStorable::Rfc9111);
+    }
+    let cc = Directives::parse(response);
+    let mut no_store = cc.has("no-store");
     if cc.has("must-understand") {
-        // RFC 9111 §5.2.2.3: a cache that understands the status ignores no-store.
-        if !HEURISTIC_STATUSES.contains(&status.as_u16()) && !is_understood(status) {
+        // §5.2.2.3: store only a status the cache understands, and then ignore no-store.
+        if !is_understood(status) {
             return Err(NotStorable::Rfc9111);
         }
-        cc.0.remove("no-store");
+        no_store = false;
     }
-    // The crate matches directive names case-sensitively: hand it canonical ones.
-    let mut normalised = response.clone();
-    normalised.remove(header::CACHE_CONTROL);
-    if let Ok(value) = HeaderValue::from_str(&cc.canonical()) {
-        if !cc.0.is_empty() {
-            normalised.insert(header::CACHE_CONTROL, value);
-        }
+    if no_store || cc.has("private") || Directives::parse(request).has("no-store") {
+        return Err(NotStorable::Rfc9111);
     }
-    let mut req = Request::new(());
-    *req.method_mut() = method.clone();
-    *req.uri_mut() = uri.clone();
-    let mut req_headers = request.clone();
-    let req_cc = Directives::parse(request);
-    req_headers.remove(header::CACHE_CONTROL);
-    if let Ok(value) = HeaderValue::from_str(&req_cc.canonical()) {
-        if !req_cc.0.is_empty() {
-            req_headers.insert(header::CACHE_CONTROL, value);
-        }
+    // §3.5: a shared cache stores an answer to an authenticated request only when
+    // the response says it may.
+    if request.contains_key(header::AUTHORIZATION)
+        && !(cc.has("public") || cc.has("s-maxage") || cc.has("must-revalidate"))
+    {
+        return Err(NotStorable::Rfc9111);
     }
-    *req.headers_mut() = req_headers;
-    let mut res = Response::new(());
-    *res.status_mut() = status;
-    *res.headers_mut() = normalised;
-    let options = http_cache_semantics::CacheOptions {
-        shared: true,
-        ..Default::default()
-    };
-    let policy =
-        http_cache_semantics::CachePolicy::new_options(&req, &res, SystemTime::now(), options);
-    if policy.is_storable() {
+    let explicit = cc.has("public")
+        || cc.has("max-age")
+        || cc.has("s-maxage")
+        || response.contains_key(header::EXPIRES);
+    if explicit || HEURISTIC_STATUSES.contains(&status.as_u16()) {
         Ok(())
     } else {
         Err(NotStorable::Rfc9111)
@@ -275,7 +253,7 @@ fn date(headers: &HeaderMap, name: HeaderName) -> Option<Result<SystemTime, ()>>
         first
             .to_str()
             .ok()
-            .and_then(|v| httpdate::parse_http_date(v.trim()).ok())
+            .and_then(crate::cache::date::parse)
             .ok_or(()),
     )
 }
@@ -316,17 +294,26 @@ fn lifetime(
     }
 }
 
+/// The `Age` of a response in seconds (RFC 9111 §5.1): the first member of the
+/// first field line, as a list-based value is read; `None` when that is not a
+/// delta-seconds (negative, fractional, text), which is then ignored. A value too
+/// large to represent is 2147483648 (§1.2.2).
+pub fn age_value(headers: &HeaderMap) -> Option<u64> {
+    let line = headers.get(header::AGE)?.to_str().ok()?;
+    let first = line.split(',').next()?.trim();
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(first.parse::<u64>().map_or(DELTA_MAX, |n| n.min(DELTA_MAX)))
+}
+
 /// RFC 9111 §4.2.3 `corrected_initial_age`.
 fn initial_age(
     headers: &HeaderMap,
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, |s| Duration::from_secs(s.min(DELTA_MAX)));
+    let age_value = age_value(headers).map_or(Duration::ZERO, Duration::from_secs);
     let apparent_age = match date(headers, header::DATE) {
         Some(Ok(d)) => response_time.duration_since(d).unwrap_or_default(),
         _ => Duration::ZERO,
@@ -443,6 +430,7 @@ pub fn freshen(stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
 
     fn h(fields: &[(&'static str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
@@ -463,7 +451,6 @@ mod tests {
     fn can_store(req: &[(&'static str, &str)], status: u16, res: &[(&'static str, &str)]) -> bool {
         storable(
             &Method::GET,
-            &Uri::from_static("http://a/x"),
             &h(req),
             StatusCode::from_u16(status).unwrap(),
             &h(res),
@@ -560,16 +547,7 @@ mod tests {
             store_set_cookie: true,
         };
         let res = h(&[("cache-control", "max-age=60"), ("set-cookie", "a=b")]);
-        let uri = Uri::from_static("http://a/x");
-        assert!(storable(
-            &Method::GET,
-            &uri,
-            &HeaderMap::new(),
-            StatusCode::OK,
-            &res,
-            rules
-        )
-        .is_ok());
+        assert!(storable(&Method::GET, &HeaderMap::new(), StatusCode::OK, &res, rules).is_ok());
     }
 
     fn fresh(res: &[(&'static str, &str)], received: u64) -> Freshness {
@@ -644,6 +622,22 @@ mod tests {
             t(100),
         );
         assert_eq!(f.age(t(100)).as_secs(), 32);
+    }
+
+    #[test]
+    fn age_is_the_first_member_of_the_first_line() {
+        let age = |lines: &[&str]| {
+            let fields: Vec<(&'static str, &str)> = lines.iter().map(|l| ("age", *l)).collect();
+            age_value(&h(&fields))
+        };
+        assert_eq!(age(&["7200, 0"]), Some(7200));
+        assert_eq!(age(&["0, 7200"]), Some(0));
+        assert_eq!(age(&["0", "7200"]), Some(0));
+        assert_eq!(age(&["7200", "0"]), Some(7200));
+        assert_eq!(age(&["99999999999999999999"]), Some(DELTA_MAX));
+        for invalid in ["abc", "-7200", "7200.0", ""] {
+            assert_eq!(age(&[invalid]), None, "{invalid:?} is ignored");
+        }
     }
 
     #[test]
