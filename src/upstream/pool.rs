@@ -217,7 +217,7 @@ impl IdleStacks {
     fn new() -> IdleStacks {
         // One per core plus the non-worker slot: with the default `worker_threads` every
         // worker has a stack of its own; with more workers than cores some share one.
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = crate::server::worker_count(0);
         IdleStacks {
             stacks: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
             count: AtomicUsize::new(0),
