@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use futures_util::FutureExt;
 use http::header::{HeaderName, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Either};
@@ -159,10 +160,10 @@ pub fn connection_service(
         + 'static,
 > {
     let handler = tower::service_fn(move |req: Request<Incoming>| {
-        let shared = shared.clone();
-        let conn = conn.clone();
         let in_flight = activity.request_started(req.version());
-        async move { Ok::<_, Infallible>(handle(shared, conn, req, in_flight).await) }
+        // `map`, not an `async` block: a block awaiting `handle` would hold its future
+        // more than once over, and every layer above moves what it is given.
+        handle(shared.clone(), conn.clone(), req, in_flight).map(Ok::<_, Infallible>)
     });
     // Per-request spans cost a few microseconds even when nothing listens, so the
     // trace layers are built only when DEBUG tracing is on for them (decided per

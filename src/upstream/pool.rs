@@ -495,18 +495,29 @@ impl Pool {
         inner.counters.stale_retried.inc();
         tracing::debug!(backend = %host.backend.authority, %method, error = %failed.error,
             "reused connection died before a response; retrying once on a new connection");
-        let conn = inner.connect(host).await?;
-        match exchange(conn, retry).await {
-            Ok((response, conn)) => Ok((inner.finish(host, conn, response), false)),
-            Err(failed) => Err(exchange_error(
-                &failed.error,
-                " (on a new connection, after a reused one had failed)",
-            )),
-        }
+        // Boxed, as is every path an exchange rarely takes: the future of `send` is built
+        // and moved for every request, so it is kept to the size the common path needs.
+        let (response, conn) = Box::pin(inner.exchange_on_new_connection(host, retry)).await?;
+        Ok((inner.finish(host, conn, response), false))
     }
 }
 
 impl Inner {
+    /// The retry after a reused connection failed: `req` on a connection of its own.
+    async fn exchange_on_new_connection(
+        &self,
+        host: &Host,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Conn), SendError> {
+        let conn = self.connect(host).await?;
+        exchange(conn, req).await.map_err(|failed| {
+            exchange_error(
+                &failed.error,
+                " (on a new connection, after a reused one had failed)",
+            )
+        })
+    }
+
     /// An idle connection that is still usable, or a new one.
     async fn checkout(&self, host: &Arc<Host>) -> Result<(Conn, bool), SendError> {
         loop {
@@ -534,7 +545,7 @@ impl Inner {
             self.counters.event(Event::Reused);
             return Ok((conn, true));
         }
-        Ok((self.connect(host).await?, false))
+        Ok((Box::pin(self.connect(host)).await?, false))
     }
 
     /// Opens a connection, retrying failed attempts after an exponential backoff with jitter.
