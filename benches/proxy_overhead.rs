@@ -6,7 +6,11 @@
 //! threads. The targets run interleaved over several rounds and the table shows
 //! medians, because shared machines are noisy.
 //!
-//! Processes: the backend and loadgate each run in a process of their own (this
+//! One more row, the "hyper floor" (`common/hyper_floor.rs`), is hyper's HTTP/1.1
+//! server and client with loadgate's thread layout and nothing else. It splits the
+//! gap to nginx into what loadgate's own work costs and what the HTTP library does.
+//!
+//! Processes: the backend, loadgate and the floor each run in a process of their own (this
 //! binary re-executed in a helper role, each on its own multi-thread tokio
 //! runtime); nginx runs as its own master + workers; the load generator runs in
 //! this process on its own runtime. Nothing under test shares a runtime or a
@@ -115,6 +119,15 @@ fn bench(s: &Settings) -> std::io::Result<()> {
             backend_addr.to_string(),
         ],
     )?;
+    let (floor, floor_addr) = Process::spawn_self(
+        "hyper floor",
+        &[
+            HELPER.into(),
+            "hyper-floor".into(),
+            s.workers.to_string(),
+            backend_addr.to_string(),
+        ],
+    )?;
     let nginx = common::nginx::start_or_skip(|dir, listen| {
         common::nginx::proxy_conf(dir, s.workers, listen, backend_addr)
     });
@@ -130,6 +143,12 @@ fn bench(s: &Settings) -> std::io::Result<()> {
             name: "loadgate",
             addr: loadgate_addr,
             pids: vec![loadgate.id()],
+            runs: Runs::default(),
+        },
+        Target {
+            name: "hyper floor",
+            addr: floor_addr,
+            pids: vec![floor.id()],
             runs: Runs::default(),
         },
     ];
@@ -201,14 +220,29 @@ fn bench(s: &Settings) -> std::io::Result<()> {
          the proxy alone, without the backend. It varies less with machine noise than req/s.)"
     );
 
-    let [direct, loadgate, rest @ ..] = targets.as_slice() else {
-        unreachable!("direct and loadgate are always measured")
+    let [direct, loadgate, floor, rest @ ..] = targets.as_slice() else {
+        unreachable!("direct, loadgate and the hyper floor are always measured")
     };
     println!(
         "loadgate / backend direct: {:.2}x req/s, p99 {:.2}x",
         loadgate.runs.rps() / direct.runs.rps(),
         loadgate.runs.quantile_us(0.99) / direct.runs.quantile_us(0.99),
     );
+    println!(
+        "loadgate / hyper floor: {:.2}x req/s, {:.2}x cpu/req  (the floor: hyper server and \
+         client alone, in loadgate's thread layout, with no header rewriting, timeouts or metrics)",
+        loadgate.runs.rps() / floor.runs.rps(),
+        loadgate.runs.cpu_us_per_request() / floor.runs.cpu_us_per_request(),
+    );
+    if let Some(nginx) = rest.first() {
+        println!(
+            "hyper floor / nginx: {:.2}x req/s, p99 {:.2}x, {:.2}x cpu/req  (the most a proxy \
+             on hyper can reach here)",
+            floor.runs.rps() / nginx.runs.rps(),
+            floor.runs.quantile_us(0.99) / nginx.runs.quantile_us(0.99),
+            floor.runs.cpu_us_per_request() / nginx.runs.cpu_us_per_request(),
+        );
+    }
     match rest.first() {
         Some(nginx) => {
             let rps = loadgate.runs.rps() / nginx.runs.rps();
@@ -317,6 +351,14 @@ fn helper_main(args: &[String]) {
                 .expect("loadgate starts");
             common::announce_and_wait_for_parent(proxy.addr());
             runtime.block_on(proxy.shutdown());
+        }
+        "hyper-floor" => {
+            let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
+            let listener =
+                std::net::TcpListener::bind("127.0.0.1:0").expect("hyper floor binds a port");
+            let addr = listener.local_addr().expect("bound address");
+            std::thread::spawn(move || common::hyper_floor::serve(listener, backend, threads));
+            common::announce_and_wait_for_parent(addr);
         }
         other => panic!("unknown helper role {other:?}"),
     }

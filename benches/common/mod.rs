@@ -5,6 +5,7 @@
 //! Not here: anything about what a bench compares; each bench decides its targets.
 #![allow(dead_code)]
 
+pub mod hyper_floor;
 pub mod nginx;
 pub mod waves;
 

@@ -1,0 +1,134 @@
+//! The least a proxy built on hyper can cost: a reference row for the benchmarks,
+//! not a proxy anyone should run.
+//!
+//! It has loadgate's runtime layout (one current-thread runtime per worker thread,
+//! each accepting from the same listener, each with its own stack of idle upstream
+//! connections) and hyper's HTTP/1.1 server and client, and nothing else: no header
+//! rewriting, no timeouts, no metrics, no routing, no error answers (a failed
+//! exchange closes the client connection). Whatever loadgate costs above this row is
+//! loadgate's own work; what this row costs above nginx is hyper's.
+
+use std::cell::RefCell;
+use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+thread_local! {
+    /// This worker thread's idle upstream connections, the last returned on top.
+    static IDLE: RefCell<Vec<SendRequest<Incoming>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Serves on `listener` with `threads` worker threads, forwarding every request to
+/// `backend`. Never returns; the process exits when its parent is done with it.
+pub fn serve(listener: TcpListener, backend: SocketAddr, threads: usize) -> ! {
+    listener
+        .set_nonblocking(true)
+        .expect("listener can be non-blocking");
+    for _ in 0..threads {
+        let listener = listener.try_clone().expect("listener clones");
+        std::thread::spawn(move || worker(listener, backend));
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+fn worker(listener: TcpListener, backend: SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime builds");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener registers");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::task::spawn_local(async move {
+                let service = hyper::service::service_fn(move |req| forward(backend, req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+async fn forward(
+    backend: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Returning>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut sender = loop {
+        match IDLE.with(|idle| idle.borrow_mut().pop()) {
+            Some(mut sender) => {
+                if sender.ready().await.is_ok() {
+                    break sender;
+                }
+            }
+            None => {
+                let stream = tokio::net::TcpStream::connect(backend).await?;
+                stream.set_nodelay(true)?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::task::spawn_local(connection);
+                break sender;
+            }
+        }
+    };
+    let response = sender.send_request(req).await?;
+    if response.body().is_end_stream() {
+        // Nobody polls an empty body: the exchange is over now.
+        IDLE.with(|idle| idle.borrow_mut().push(sender));
+        return Ok(response.map(|body| Returning { body, sender: None }));
+    }
+    Ok(response.map(|body| Returning {
+        body,
+        sender: Some(sender),
+    }))
+}
+
+/// A response body that puts its connection back on the idle stack at its end.
+struct Returning {
+    body: Incoming,
+    sender: Option<SendRequest<Incoming>>,
+}
+
+impl Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.body.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            if let Some(sender) = self.sender.take() {
+                IDLE.with(|idle| idle.borrow_mut().push(sender));
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
