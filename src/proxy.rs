@@ -147,8 +147,13 @@ async fn route_and_forward(
             Lookup::Forward(p) => pending = Some(p),
         }
     }
-    // Owned only now: a hit above needed no copy of it.
-    let host = host.to_string();
+    // The host as the header value sent on. It came from the `Host` header unless the
+    // request target carried an authority; the header's value is reused without a copy.
+    let host = match req.uri().authority() {
+        _ if host.is_empty() => None,
+        None => req.headers().get(header::HOST).cloned(),
+        Some(_) => HeaderValue::from_str(host).ok(),
+    };
     let mut req = req;
     if let Some(p) = &mut pending {
         p.prepare(req.headers_mut());
@@ -252,7 +257,7 @@ async fn forward(
     reservation: Reservation,
     conn: &ConnInfo,
     req: Request<Incoming>,
-    host: String,
+    host: Option<HeaderValue>,
 ) -> Result<Forwarded, ProxyError> {
     let upstream = &route.upstream;
     let upstream_error =
@@ -294,12 +299,6 @@ async fn forward(
         (body.boxed_unsync(), Some(watch))
     };
 
-    // `host` came from the `Host` header unless the request target carried an
-    // authority: then the header's value is reused as it is, without a copy.
-    let host_value = match parts.uri.authority() {
-        None => parts.headers.get(header::HOST).cloned(),
-        Some(_) => HeaderValue::from_str(&host).ok(),
-    };
     // HTTP/1.1 to an origin: `/path?query` on the request line.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         let path_and_query = parts
@@ -314,13 +313,12 @@ async fn forward(
     // The client's body is already on its way; a 100-continue handshake with the
     // backend would only add a round trip.
     parts.headers.remove(header::EXPECT);
-    let host_value = host_value.filter(|_| !host.is_empty());
-    if let Some(value) = &host_value {
+    if let Some(value) = &host {
         if !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, value.clone());
         }
     }
-    headers::add_forwarded(&mut parts.headers, &conn.client_address, host_value);
+    headers::add_forwarded(&mut parts.headers, &conn.client_address, host);
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();

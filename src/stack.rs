@@ -49,8 +49,10 @@ impl RequestIds {
         buf[len] = b'-';
         len += 1;
         len += hex_into(&mut buf[len..], n, 1);
-        HeaderValue::from_bytes(&buf[..len])
-            .expect("hex digits and a dash are a valid header value")
+        // Shared from the start (`from_owner`), so the clone for the response is a
+        // reference count, not the copy a vector-backed `Bytes` makes on its first clone.
+        let id = bytes::Bytes::from_owner(buf).slice(..len);
+        HeaderValue::from_maybe_shared(id).expect("hex digits and a dash are a valid header value")
     }
 }
 
