@@ -441,13 +441,13 @@ async fn no_healthy_backend_gives_a_fast_503_with_retry_after() {
     let refused = closed_port().await;
     let stalled = tokio::net::TcpListener::bind(LOCAL0).await.unwrap();
     let stalled_addr = stalled.local_addr().unwrap();
-    let mut config = config(&[refused, stalled_addr]);
+    let mut config = config(&[refused.addr(), stalled_addr]);
     config.upstreams[0].connect_timeout = Duration::from_secs(2);
     config.upstreams[0].response_header_timeout = Duration::from_secs(5);
     let proxy = start_proxy(config).await;
 
     let both_out = until(VERDICT_WITHIN, || async {
-        !status_healthy(&proxy, refused).await && !status_healthy(&proxy, stalled_addr).await
+        !status_healthy(&proxy, refused.addr()).await && !status_healthy(&proxy, stalled_addr).await
     })
     .await;
     assert!(both_out, "dead backends not ejected");

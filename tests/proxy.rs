@@ -158,7 +158,7 @@ async fn ambiguous_framing_gets_400_and_never_reaches_the_backend() {
 #[tokio::test]
 async fn unreachable_backend_gives_502_problem_json() {
     let dead = closed_port().await;
-    let mut config = proxy_config(dead);
+    let mut config = proxy_config(dead.addr());
     config.upstreams[0].health.enabled = false;
     let proxy = start_proxy(config).await;
     let got = get(&client(), &format!("http://{}/api/orders", proxy.addr())).await;
@@ -262,7 +262,7 @@ async fn admin_endpoints_report_state() {
 #[tokio::test]
 async fn readyz_fails_while_every_backend_is_down() {
     let dead = closed_port().await;
-    let proxy = start_proxy(proxy_config(dead)).await;
+    let proxy = start_proxy(proxy_config(dead.addr())).await;
     let got = get(&client(), &format!("http://{}/readyz", proxy.admin_addr())).await;
     assert_eq!(got.status, 503);
     assert!(got.text().contains("no healthy backend"), "{}", got.text());

@@ -290,7 +290,7 @@ async fn a_critical_request_at_the_hard_limit_waits_for_a_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_started_before_its_backend_sheds_nothing_until_the_signal_is_real() {
     let port = closed_port().await;
-    let mut config = proxy_config(port);
+    let mut config = proxy_config(port.addr());
     config.upstreams[0].max_workers = WORKERS as u32;
     config.upstreams[0].health.enabled = false;
     config.upstreams[0].actuator = ActuatorSettings {
@@ -307,7 +307,7 @@ async fn a_proxy_started_before_its_backend_sheds_nothing_until_the_signal_is_re
     }
 
     let mut sim = loadgate::sim::SimConfig {
-        listen: port,
+        listen: port.release(),
         workers: WORKERS,
         service_time_ms: 0.0,
         ..Default::default()

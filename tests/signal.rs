@@ -224,7 +224,8 @@ async fn a_saturated_pool_starves_an_actuator_on_the_main_port() {
 
 #[tokio::test]
 async fn an_unreachable_actuator_is_a_connect_error() {
-    let (signal, task) = poll(closed_port().await, settings(ActuatorFormat::Json, None));
+    let dead = closed_port().await;
+    let (signal, task) = poll(dead.addr(), settings(ActuatorFormat::Json, None));
     assert!(eventually(DEADLINE, || signal.failed_polls() >= 2).await);
     let error = signal.last_error().unwrap();
     assert!(error.starts_with("cannot reach the actuator"), "{error}");

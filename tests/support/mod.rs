@@ -222,10 +222,39 @@ pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bo
     }
 }
 
-/// An address nothing listens on.
-pub async fn closed_port() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind(LOCAL0).await.unwrap();
-    listener.local_addr().unwrap()
+/// A local address nothing listens on, held for as long as the value lives: its socket
+/// is bound but never listens, so connections to it are refused, and no other socket
+/// can take the port meanwhile (a listener of a test running alongside, or the source
+/// port of an outgoing connection, which would connect to itself).
+pub struct ClosedPort {
+    addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+impl ClosedPort {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Frees the port, for a test that starts listening on it next.
+    pub fn release(self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl std::fmt::Display for ClosedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+pub async fn closed_port() -> ClosedPort {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(LOCAL0.parse().unwrap()).unwrap();
+    ClosedPort {
+        addr: socket.local_addr().unwrap(),
+        _socket: socket,
+    }
 }
 
 /// One answer seen by [`open_loop`].
