@@ -357,7 +357,7 @@ fn helper_main(args: &[String]) {
             let listener =
                 std::net::TcpListener::bind("127.0.0.1:0").expect("hyper floor binds a port");
             let addr = listener.local_addr().expect("bound address");
-            std::thread::spawn(move || common::hyper_floor::serve(listener, backend, threads));
+            common::hyper_floor::start(listener, backend, threads);
             common::announce_and_wait_for_parent(addr);
         }
         other => panic!("unknown helper role {other:?}"),

@@ -25,18 +25,15 @@ thread_local! {
     static IDLE: RefCell<Vec<SendRequest<Incoming>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Serves on `listener` with `threads` worker threads, forwarding every request to
-/// `backend`. Never returns; the process exits when its parent is done with it.
-pub fn serve(listener: TcpListener, backend: SocketAddr, threads: usize) -> ! {
+/// Starts `threads` worker threads serving on `listener`, forwarding every request to
+/// `backend`. They run until the process exits.
+pub fn start(listener: TcpListener, backend: SocketAddr, threads: usize) {
     listener
         .set_nonblocking(true)
         .expect("listener can be non-blocking");
     for _ in 0..threads {
         let listener = listener.try_clone().expect("listener clones");
         std::thread::spawn(move || worker(listener, backend));
-    }
-    loop {
-        std::thread::park();
     }
 }
 
