@@ -118,9 +118,11 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "cache_stats": r.http_cache.as_ref().map(cache_status),
                 "admitted": c.admitted.load(Ordering::Relaxed),
                 "shed": c.shed.load(Ordering::Relaxed),
-                "would_shed": c.would_shed.load(Ordering::Relaxed),
                 "queued": c.queued.load(Ordering::Relaxed),
                 "queue_rejected": c.queue_rejected.load(Ordering::Relaxed),
+                "would_shed": c.would_shed.load(Ordering::Relaxed),
+                "would_queue": c.would_queue.load(Ordering::Relaxed),
+                "would_reject": c.would_reject.load(Ordering::Relaxed),
             })
         })
         .collect();
@@ -135,6 +137,10 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 .iter()
                 .zip(admission.reports())
                 .map(|(b, report)| {
+                    let now = tokio::time::Instant::now();
+                    let age = report
+                        .latest()
+                        .map(|r| now.saturating_duration_since(r.at).as_millis() as u64);
                     json!({
                         "address": b.authority,
                         "healthy": b.is_healthy(),
@@ -147,11 +153,14 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                             "last_error": report.last_error(),
                             "busy": report.latest().map(|r| r.busy),
                             "max": report.latest().map(|r| r.max),
+                            "own_at_sample": report.latest().map(|r| r.own),
+                            "report_age_ms": age,
+                            "external": report.external_now(now),
                         },
                     })
                 })
                 .collect();
-            let signal = admission.signal(inflight, u.healthy_count());
+            let signal = admission.signal(u);
             json!({
                 "name": u.name,
                 "inflight": inflight,
@@ -163,6 +172,9 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                     "utilisation": signal.utilisation,
                     "source": signal.source.as_str(),
                     "local": signal.local,
+                    "external": signal.external,
+                    "pool": signal.pool,
+                    "room": signal.room,
                     "reported": signal.reported,
                     "adaptive_limit": admission.adaptive_limit(),
                     "queued": admission.queued(),

@@ -46,11 +46,15 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "loadgate_connections_refused_total"
 /// than `header_read_timeout_ms`) or `idle` (keep-alive idle longer than `idle_timeout_ms`).
 pub const CONNECTIONS_TIMED_OUT_TOTAL: &str = "loadgate_connections_timed_out_total";
 
-/// Utilisation of an upstream, by `upstream` and `source` (`local`, `reported`, `in_force`).
+/// Utilisation of an upstream, by `upstream` and `source`: `local` (own in-flight ÷ pool),
+/// `reported` (the backends' own busy ÷ max), `in_force` ((own + external) ÷ pool).
 pub const UPSTREAM_UTILISATION: &str = "loadgate_upstream_utilisation";
+/// Busy workers the backends report beyond this proxy's own requests, by `upstream`.
+pub const UPSTREAM_EXTERNAL_LOAD: &str = "loadgate_upstream_external_load";
 /// 1 for the signal source in force for an upstream (`local`, `reported`, `adaptive`), else 0.
 pub const SIGNAL_SOURCE: &str = "loadgate_upstream_signal_source";
-/// Admission decisions, by `class` and `outcome` (admitted, shed, queued, queue_timeout, queue_full, would_shed).
+/// Admission decisions, by `class` and `outcome` (admitted, shed, queued, queue_timeout,
+/// queue_full; in shadow mode would_shed, would_queue, would_reject).
 pub const ADMISSION_DECISIONS_TOTAL: &str = "loadgate_admission_decisions_total";
 /// Requests shed with 429.
 pub const SHED_TOTAL: &str = "loadgate_shed_total";
@@ -147,6 +151,11 @@ fn describe() {
     describe_gauge!(
         BACKEND_HEALTHY,
         "1 when the backend passes its health check, else 0."
+    );
+    describe_gauge!(
+        UPSTREAM_EXTERNAL_LOAD,
+        "Busy workers the backends report beyond this proxy's own requests (other proxies, \
+         traffic that bypasses it), smoothed and faded by the report's age."
     );
     describe_counter!(PROBES_TOTAL, "Probe requests answered by the proxy itself.");
     describe_counter!(

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
@@ -210,10 +210,15 @@ async fn admit(route: &Route) -> Result<Reservation, ProxyError> {
         Rejection::QueueTimeout {
             signal,
             retry_after,
+            predicted,
         } => ProxyError::Overloaded {
             upstream: upstream.name.clone(),
             utilisation: signal.utilisation,
-            why: "no slot freed within the critical queue timeout",
+            why: if predicted {
+                "the critical queue drains too slowly to serve this request within its timeout"
+            } else {
+                "no slot freed within the critical queue timeout"
+            },
             retry_after,
         },
     })

@@ -178,7 +178,7 @@ async fn traffic_bypassing_the_proxy_is_seen_through_the_reported_signal() {
     let reported_full = || {
         let runtime = shared.runtime.load();
         let upstream = &runtime.upstreams["app"];
-        upstream.admission.signal(upstream.inflight(), 1).reported == Some(1.0)
+        upstream.admission.signal(upstream).reported == Some(1.0)
     };
     assert!(
         eventually(Duration::from_secs(3), reported_full).await,
@@ -214,7 +214,7 @@ async fn traffic_bypassing_the_proxy_is_seen_through_the_reported_signal() {
         let upstream = &runtime.upstreams["app"];
         upstream
             .admission
-            .signal(upstream.inflight(), 1)
+            .signal(upstream)
             .reported
             .is_some_and(|r| r < 0.5)
     };

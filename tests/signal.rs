@@ -17,7 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use loadgate::admission::actuator::ActuatorFormat;
 use loadgate::admission::poller::{spawn_poller, ActuatorSettings};
-use loadgate::admission::signal::{ReportedSignal, Source};
+use loadgate::admission::signal::ReportedSignal;
 use loadgate::sim::SimBackend;
 use support::{client, closed_port, eventually, get, TestBackend, LOCAL0};
 use tokio::net::TcpListener;
@@ -46,12 +46,13 @@ fn impatient(format: ActuatorFormat) -> ActuatorSettings {
 
 /// Starts a poller for `backend` and returns the signal it writes.
 fn poll(backend: SocketAddr, settings: ActuatorSettings) -> (Arc<ReportedSignal>, JoinHandle<()>) {
-    let signal = Arc::new(ReportedSignal::new());
+    let signal = Arc::new(ReportedSignal::new(settings.interval));
     let task = spawn_poller(
         "app".into(),
         backend.to_string(),
         settings,
         Arc::clone(&signal),
+        || 0,
         || false,
     );
     (signal, task)
@@ -99,9 +100,11 @@ async fn json_poll_on_the_management_port_matches_the_backend() {
         (stats.busy() as f64, stats.max_workers() as f64)
     );
     assert_eq!(signal.last_error(), None);
-    // The report counts: 3/8 reported beats an idle local signal.
-    let (ratio, source) = signal.in_force(0.0, tokio::time::Instant::now(), DEADLINE);
-    assert_eq!((ratio, source), (3.0 / 8.0, Source::Reported));
+    // Nothing of it is this proxy's, and the poll took no worker (management port):
+    // all three busy workers are external load.
+    assert_eq!(report.own, 0.0);
+    assert_eq!(report.poll_workers, 0.0);
+    assert_eq!(signal.external_now(tokio::time::Instant::now()), 3.0);
 
     // Busy follows the backend up.
     hold_workers(&backend, 2).await;
@@ -155,8 +158,11 @@ async fn without_base_url_the_backend_address_is_polled() {
     );
     let report = signal.latest().unwrap();
     assert_eq!(report.max, 4.0);
-    // The poll itself holds workers while it runs: at most its own two requests.
-    assert!(report.busy <= 2.0, "busy {}", report.busy);
+    // The busy figure is fetched alone, so it counts exactly the poll's own worker,
+    // which is not external load.
+    assert_eq!(report.busy, 1.0);
+    assert_eq!(report.poll_workers, 1.0);
+    assert_eq!(signal.external_now(tokio::time::Instant::now()), 0.0);
     task.abort();
 }
 
@@ -176,9 +182,8 @@ async fn a_404_actuator_gives_no_report_and_says_how_to_fix_it() {
         error.contains("server.tomcat.mbeanregistry.enabled=true"),
         "{error}"
     );
-    // No report: the local signal alone is in force, idle stays idle.
-    let (ratio, source) = signal.in_force(0.0, tokio::time::Instant::now(), Duration::from_secs(1));
-    assert_eq!((ratio, source), (0.0, Source::Local));
+    // No report: no external load, idle stays idle.
+    assert_eq!(signal.external_now(tokio::time::Instant::now()), 0.0);
     task.abort();
 }
 

@@ -23,17 +23,23 @@ use crate::config::{RouteClass, ShedMode, UpstreamConfig};
 use crate::metrics as m;
 use adaptive::AdaptiveLimit;
 use decision::Outcome;
-use signal::{Report, ReportedSignal, Source};
+use signal::{ReportedSignal, Source};
 
 /// The utilisation of an upstream as one decision saw it.
 #[derive(Debug, Clone, Copy)]
 pub struct Signal {
-    /// The ratio in force: `max(local, reported)`.
+    /// The ratio in force: `(own in-flight + external load) / pool`.
     pub utilisation: f64,
     pub source: Source,
-    /// In-flight ÷ capacity (or ÷ the learned limit when adaptive).
+    /// Own in-flight ÷ pool (or ÷ the learned limit when adaptive).
     pub local: f64,
-    /// The backends' own busy ÷ max, when a fresh valid report exists.
+    /// Load the backends report beyond this proxy's own, in workers.
+    pub external: f64,
+    /// Workers in the pool: reported max, `max_workers`, or the learned limit.
+    pub pool: f64,
+    /// The most requests this proxy may have in flight: `pool - external`, rounded.
+    pub room: usize,
+    /// The backends' own busy ÷ max as last reported, when a fresh valid report exists.
     pub reported: Option<f64>,
 }
 
@@ -48,14 +54,13 @@ pub enum Rejection {
         threshold: f64,
         retry_after: u64,
     },
-    /// A critical request found the queue full, or waited too long: 503.
-    QueueFull {
-        signal: Signal,
-        retry_after: u64,
-    },
+    /// A critical request found the queue at its memory bound: 503.
+    QueueFull { signal: Signal, retry_after: u64 },
+    /// A critical request waited too long, or would have (`predicted`): 503.
     QueueTimeout {
         signal: Signal,
         retry_after: u64,
+        predicted: bool,
     },
 }
 
@@ -65,6 +70,8 @@ pub trait Slots {
     type Reservation;
     fn inflight(&self) -> usize;
     fn backends_in_rotation(&self) -> usize;
+    /// Whether backend `i` (in config order) is in rotation.
+    fn backend_in_rotation(&self, i: usize) -> bool;
     /// Counts one more request in flight, unless that would pass `limit`.
     fn try_reserve(&self, limit: Option<usize>) -> Option<Self::Reservation>;
 }
@@ -74,10 +81,24 @@ pub trait Slots {
 pub struct RouteCounters {
     pub admitted: AtomicU64,
     pub shed: AtomicU64,
-    pub would_shed: AtomicU64,
     pub queued: AtomicU64,
     pub queue_rejected: AtomicU64,
+    /// Shadow mode: sheddable and normal requests enforce mode would have shed.
+    pub would_shed: AtomicU64,
+    /// Shadow mode: critical requests that would have waited in the queue.
+    pub would_queue: AtomicU64,
+    /// Shadow mode: critical requests the queue would have answered 503.
+    pub would_reject: AtomicU64,
 }
+
+/// How long no request may be shed or queued before a shedding episode ends.
+pub const EPISODE_DWELL: Duration = Duration::from_secs(1);
+/// A queue drain rate is measured over at least this long ...
+const QUEUE_RATE_WINDOW: Duration = Duration::from_millis(50);
+/// ... and at least this many completions (or the whole queue timeout).
+const QUEUE_RATE_COMPLETIONS: u64 = 4;
+/// A measured queue drain rate is forgotten after this long.
+const QUEUE_RATE_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// The admission state of one upstream.
 pub struct Admission {
@@ -86,18 +107,19 @@ pub struct Admission {
     max_workers: f64,
     /// One report holder per backend, written by that backend's poller.
     reports: Vec<Arc<ReportedSignal>>,
-    stale_after: Duration,
+    interval: Duration,
     adaptive: Option<Mutex<AdaptiveLimit>>,
     drain: DrainMeter,
+    queue: Mutex<QueueDrain>,
     queued: AtomicUsize,
     slot_freed: Notify,
-    /// For logging transitions once: currently shedding (or would be, in shadow mode).
-    shedding: AtomicBool,
+    episode: Episode,
     gauges: SignalGauges,
 }
 
 impl Admission {
     pub fn new(config: &UpstreamConfig) -> Admission {
+        let interval = config.actuator.interval;
         Admission {
             upstream: config.name.clone(),
             config: config.shedding.clone(),
@@ -105,17 +127,18 @@ impl Admission {
             reports: config
                 .backends
                 .iter()
-                .map(|_| Arc::new(ReportedSignal::new()))
+                .map(|_| Arc::new(ReportedSignal::new(interval)))
                 .collect(),
-            stale_after: config.actuator.interval * 3,
+            interval,
             adaptive: config
                 .adaptive
                 .clone()
                 .map(|s| Mutex::new(AdaptiveLimit::new(s, Instant::now()))),
             drain: DrainMeter::default(),
+            queue: Mutex::new(QueueDrain::default()),
             queued: AtomicUsize::new(0),
             slot_freed: Notify::new(),
-            shedding: AtomicBool::new(false),
+            episode: Episode::new(Instant::now()),
             gauges: SignalGauges::new(&config.name),
         }
     }
@@ -144,65 +167,60 @@ impl Admission {
             .map(|a| a.lock().unwrap_or_else(|e| e.into_inner()).limit())
     }
 
-    /// How many requests the upstream can serve at once: the pool size times the
-    /// backends in rotation, or the learned limit.
-    fn capacity(&self, backends_in_rotation: usize) -> f64 {
-        match self.adaptive_limit() {
-            Some(limit) => limit,
-            None => self.max_workers * backends_in_rotation.max(1) as f64,
+    /// The utilisation in force now (see `signal.rs` for the model).
+    pub fn signal<S: Slots>(&self, slots: &S) -> Signal {
+        let now = Instant::now();
+        let backends = self
+            .reports
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.estimate(), slots.backend_in_rotation(i)));
+        let mut parts = signal::combine(
+            slots.inflight() as f64,
+            self.max_workers,
+            backends,
+            now,
+            self.interval,
+        );
+        let mut source = if parts.reported {
+            Source::Reported
+        } else {
+            Source::Local
+        };
+        if let Some(limit) = self.adaptive_limit() {
+            // No fixed pool: the learned limit takes its place.
+            parts.pool = limit.max(1.0);
+            source = Source::Adaptive;
+        }
+        Signal {
+            utilisation: parts.utilisation(),
+            source,
+            local: parts.own / parts.pool,
+            external: parts.external,
+            pool: parts.pool,
+            room: parts.room() as usize,
+            reported: self.fresh_ratio(now),
         }
     }
 
-    /// The utilisation in force for `inflight` requests. Reports count only when fresh
-    /// and valid; several backends' reports are summed (busy and max alike).
-    pub fn signal(&self, inflight: usize, backends_in_rotation: usize) -> Signal {
-        let now = Instant::now();
-        let local = inflight as f64 / self.capacity(backends_in_rotation);
-        let reported = self.aggregate_report(now);
-        let (utilisation, source) =
-            signal::in_force(local, reported.as_ref(), now, self.stale_after);
-        let source = match (source, &self.adaptive) {
-            (Source::Local, Some(_)) => Source::Adaptive,
-            (source, _) => source,
-        };
-        Signal {
-            utilisation,
-            source,
-            local,
-            reported: reported.map(|r| r.ratio()),
-        }
+    /// The backends' own busy ÷ max over their fresh reports, for `/status` and metrics.
+    fn fresh_ratio(&self, now: Instant) -> Option<f64> {
+        let (busy, max) = self
+            .reports
+            .iter()
+            .filter_map(|r| r.estimate())
+            .filter(|e| e.weight(now, self.interval) > 0.0)
+            .fold((0.0, 0.0), |(b, m), e| {
+                (b + e.report.busy, m + e.report.max)
+            });
+        (max > 0.0).then(|| busy / max)
     }
 
     /// Sets the utilisation and signal-source gauges to the signal now. Called when
     /// metrics are scraped rather than per decision: seven gauge writes per request,
     /// on cache lines every worker thread shares, cost more than the decision itself.
-    pub fn publish_gauges(&self, inflight: usize, backends_in_rotation: usize) {
-        self.gauges
-            .set(&self.signal(inflight, backends_in_rotation));
-    }
-
-    fn aggregate_report(&self, now: Instant) -> Option<Report> {
-        let mut total: Option<Report> = None;
-        for report in self.reports.iter().filter_map(|r| r.latest()) {
-            let fresh = now.saturating_duration_since(report.at) < self.stale_after;
-            if !fresh || signal::validate(report.busy, report.max).is_err() {
-                continue;
-            }
-            total = Some(match total {
-                None => report,
-                Some(t) => Report {
-                    busy: t.busy + report.busy,
-                    max: t.max + report.max,
-                    at: t.at.min(report.at),
-                },
-            });
-        }
-        total
-    }
-
-    /// The most requests this proxy may have in flight: the hard limit no class passes.
-    fn hard_limit(&self, backends: usize) -> usize {
-        self.capacity(backends).ceil().max(1.0) as usize
+    pub fn publish_gauges<S: Slots>(&self, slots: &S) {
+        self.gauges.set(&self.signal(slots));
     }
 
     /// The threshold in force for `class`: a route's own override, else the upstream's.
@@ -213,7 +231,8 @@ impl Admission {
     /// Decides one request and, when it is admitted, reserves its in-flight slot.
     ///
     /// The reservation is atomic with the hard-limit check, so concurrent decisions
-    /// cannot together push this proxy's in-flight count past the backend's pool.
+    /// cannot together push this proxy's in-flight count past the room the backend
+    /// has for it.
     pub async fn admit<S: Slots>(
         &self,
         class: RouteClass,
@@ -229,9 +248,8 @@ impl Admission {
         if self.config.mode == ShedMode::Off {
             return Ok(unlimited());
         }
-        let backends = slots.backends_in_rotation();
         let threshold = self.threshold(class, threshold_override);
-        let signal = self.signal(slots.inflight(), backends);
+        let signal = self.signal(slots);
         let roll: f64 = rand::random();
         let mut outcome =
             decision::decide(class, threshold, self.config.band, signal.utilisation, roll);
@@ -240,9 +258,12 @@ impl Admission {
         if outcome == Outcome::Admit && class != RouteClass::Critical && self.queued() > 0 {
             outcome = Outcome::Shed;
         }
+        if self.config.mode == ShedMode::Shadow {
+            return Ok(self.shadow(class, outcome, &signal, counters, unlimited));
+        }
         let mut reserved = None;
         if outcome == Outcome::Admit {
-            reserved = slots.try_reserve(Some(self.hard_limit(backends)));
+            reserved = slots.try_reserve(Some(signal.room));
             if reserved.is_none() {
                 // At the hard limit: critical requests queue, the rest are shed.
                 outcome = match class {
@@ -251,22 +272,21 @@ impl Admission {
                 };
             }
         }
-        self.log_transition(outcome, &signal);
         let metrics = decision_metrics();
-        match (outcome, reserved, self.config.mode) {
-            (Outcome::Admit, Some(reservation), _) => {
+        match (outcome, reserved) {
+            (Outcome::Admit, Some(reservation)) => {
                 counters.admitted.fetch_add(1, Ordering::Relaxed);
                 metrics.count(class, DecisionLabel::Admitted);
                 Ok(reservation)
             }
-            (_, _, ShedMode::Shadow) => {
-                counters.would_shed.fetch_add(1, Ordering::Relaxed);
-                counters.admitted.fetch_add(1, Ordering::Relaxed);
-                metrics.count(class, DecisionLabel::WouldShed);
-                Ok(unlimited())
+            (Outcome::Queue, _) => {
+                self.episode
+                    .pressure(&self.upstream, Pressure::Queued, &signal);
+                self.wait_for_slot(threshold, counters, slots, signal).await
             }
-            (Outcome::Queue, _, _) => self.wait_for_slot(threshold, counters, slots, signal).await,
             _ => {
+                self.episode
+                    .pressure(&self.upstream, Pressure::Shed, &signal);
                 counters.shed.fetch_add(1, Ordering::Relaxed);
                 metrics.count(class, DecisionLabel::Shed);
                 metrics.shed_total.increment(1);
@@ -274,15 +294,71 @@ impl Admission {
                     class,
                     signal,
                     threshold,
-                    retry_after: self.retry_after(&signal, threshold, backends),
+                    retry_after: self.retry_after(&signal, threshold),
                 })
             }
         }
     }
 
-    /// The bounded critical queue: wait until utilisation drops below the threshold
-    /// and a slot can be reserved, or the queue timeout passes; refuse at once when
-    /// the queue is full.
+    /// Shadow mode: admits every request and counts what enforce mode would have
+    /// done with it: shed, queued, or answered 503 by the queue.
+    fn shadow<R>(
+        &self,
+        class: RouteClass,
+        outcome: Outcome,
+        signal: &Signal,
+        counters: &RouteCounters,
+        admit: impl FnOnce() -> R,
+    ) -> R {
+        let metrics = decision_metrics();
+        // Enforce mode would not have let this proxy pass its room: at the room, a
+        // critical request queues and the others are shed.
+        let at_room = signal.local * signal.pool >= signal.room as f64;
+        let outcome = match (class, outcome) {
+            (RouteClass::Critical, Outcome::Admit) if at_room => Outcome::Queue,
+            (_, Outcome::Admit) if at_room => Outcome::Shed,
+            (_, outcome) => outcome,
+        };
+        let (label, pressure, counter) = match outcome {
+            Outcome::Admit => (DecisionLabel::Admitted, None, &counters.admitted),
+            Outcome::Shed => (
+                DecisionLabel::WouldShed,
+                Some(Pressure::Shed),
+                &counters.would_shed,
+            ),
+            Outcome::Queue => {
+                // The requests beyond the room are the ones that would be waiting.
+                let ahead = (signal.local * signal.pool - signal.room as f64).max(0.0);
+                let rate = self.drain.rate(Instant::now());
+                let wait = if rate > 0.0 { ahead / rate } else { 0.0 };
+                if wait > self.config.queue_timeout.as_secs_f64() {
+                    (
+                        DecisionLabel::WouldReject,
+                        Some(Pressure::Rejected),
+                        &counters.would_reject,
+                    )
+                } else {
+                    (
+                        DecisionLabel::WouldQueue,
+                        Some(Pressure::Queued),
+                        &counters.would_queue,
+                    )
+                }
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics.count(class, label);
+        if let Some(pressure) = pressure {
+            self.episode.pressure(&self.upstream, pressure, signal);
+        }
+        admit()
+    }
+
+    /// The critical queue, bounded by time: a request waits while its expected wait
+    /// (the requests ahead of it ÷ the rate the queue drains at) fits the queue
+    /// timeout, and never past it. `queue_size` is only a memory bound far above any
+    /// sane burst. Until the drain rate has been measured while the queue was
+    /// non-empty, a request waits: a burst the backend absorbs in time is served.
     async fn wait_for_slot<S: Slots>(
         &self,
         threshold: f64,
@@ -292,50 +368,86 @@ impl Admission {
     ) -> Result<S::Reservation, Rejection> {
         let metrics = decision_metrics();
         let class = RouteClass::Critical;
-        let backends = slots.backends_in_rotation();
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.queue_size {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+        let entered = Instant::now();
+        let ahead = self.queued.fetch_add(1, Ordering::AcqRel);
+        let _leave = QueueSlot(self);
+        let completed_at_entry = self.drain.completed();
+        let timeout = self.config.queue_timeout;
+        let reject = |signal: Signal, predicted: bool| {
+            counters.queue_rejected.fetch_add(1, Ordering::Relaxed);
+            self.episode
+                .pressure(&self.upstream, Pressure::Rejected, &signal);
+            Rejection::QueueTimeout {
+                retry_after: self.retry_after(&signal, threshold),
+                signal,
+                predicted,
+            }
+        };
+        if ahead >= self.config.queue_size {
             counters.queue_rejected.fetch_add(1, Ordering::Relaxed);
             metrics.count(class, DecisionLabel::QueueFull);
+            self.episode
+                .pressure(&self.upstream, Pressure::Rejected, &first);
             return Err(Rejection::QueueFull {
                 signal: first,
-                retry_after: self.retry_after(&first, threshold, backends),
+                retry_after: self.retry_after(&first, threshold),
             });
         }
-        let _leave = QueueSlot(&self.queued);
+        let rate = self.queue_rate(entered, ahead == 0, completed_at_entry);
+        if rate.is_some_and(|r| expected_wait(ahead as f64, r) > timeout) {
+            metrics.count(class, DecisionLabel::QueueTimeout);
+            return Err(reject(first, true));
+        }
         counters.queued.fetch_add(1, Ordering::Relaxed);
         metrics.count(class, DecisionLabel::Queued);
-        let deadline = Instant::now() + self.config.queue_timeout;
+        let deadline = entered + timeout;
         loop {
             let freed = self.slot_freed.notified();
-            let backends = slots.backends_in_rotation();
-            let signal = self.signal(slots.inflight(), backends);
+            let signal = self.signal(slots);
             if signal.utilisation < threshold {
-                if let Some(reservation) = slots.try_reserve(Some(self.hard_limit(backends))) {
+                if let Some(reservation) = slots.try_reserve(Some(signal.room)) {
                     counters.admitted.fetch_add(1, Ordering::Relaxed);
                     metrics.count(class, DecisionLabel::Admitted);
                     return Ok(reservation);
                 }
             }
-            if Instant::now() >= deadline {
-                counters.queue_rejected.fetch_add(1, Ordering::Relaxed);
+            let now = Instant::now();
+            if now >= deadline {
                 metrics.count(class, DecisionLabel::QueueTimeout);
-                return Err(Rejection::QueueTimeout {
-                    retry_after: self.retry_after(&signal, threshold, backends),
-                    signal,
-                });
+                return Err(reject(signal, false));
+            }
+            // Requests ahead move up as requests complete; give up early once the
+            // measured drain rate says the rest of the wait will not fit.
+            let completed = self.drain.completed();
+            let still_ahead = (ahead as u64).saturating_sub(completed - completed_at_entry);
+            if let Some(rate) = self.queue_rate(now, false, completed) {
+                if expected_wait(still_ahead as f64, rate) > deadline - now {
+                    metrics.count(class, DecisionLabel::QueueTimeout);
+                    return Err(reject(signal, true));
+                }
             }
             // A slot frees when an in-flight request ends; the reported signal changes
             // without a notification, so look again at least every 10 ms.
-            let wake = deadline.min(Instant::now() + Duration::from_millis(10));
+            let wake = deadline.min(now + Duration::from_millis(10));
             let _ = tokio::time::timeout_at(wake, freed).await;
         }
     }
 
+    /// Feeds the queue's drain-rate measurement and reads it: completions per second
+    /// while the queue was non-empty. `first` restarts the measurement window.
+    fn queue_rate(&self, now: Instant, first: bool, completed: u64) -> Option<f64> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if first {
+            queue.since = Some((now, completed));
+        }
+        queue.observe(now, completed, self.config.queue_timeout);
+        queue.rate(now)
+    }
+
     /// Retry-After: the backlog above the threshold over the measured drain rate.
-    fn retry_after(&self, signal: &Signal, threshold: f64, backends: usize) -> u64 {
-        let backlog = (signal.utilisation - threshold).max(0.0) * self.capacity(backends)
-            + self.queued() as f64;
+    fn retry_after(&self, signal: &Signal, threshold: f64) -> u64 {
+        let backlog =
+            (signal.utilisation - threshold).max(0.0) * signal.pool + self.queued() as f64;
         decision::retry_after_secs(backlog, self.drain.rate(Instant::now()))
     }
 
@@ -356,47 +468,163 @@ impl Admission {
         }
     }
 
-    /// Logs entering and leaving shedding once per transition, not per request.
-    fn log_transition(&self, outcome: Outcome, signal: &Signal) {
-        let lowest = self
-            .config
-            .thresholds
-            .sheddable
-            .min(self.config.thresholds.normal)
-            .min(self.config.thresholds.critical);
-        let verb = match self.config.mode {
-            ShedMode::Shadow => "would shed (shadow mode)",
-            _ => "shedding",
+    /// Ends the shedding episode once nothing has been shed or queued for
+    /// [`EPISODE_DWELL`], logging what it shed. Called on a timer, so the episode
+    /// ends without a request arriving.
+    pub fn tick(&self, now: Instant) {
+        self.episode.tick(&self.upstream, self.config.mode, now);
+    }
+
+    /// Whether a shedding episode (or, in shadow mode, a would-shed one) is under way.
+    pub fn is_shedding(&self) -> bool {
+        self.episode.active.load(Ordering::Relaxed)
+    }
+}
+
+/// `ahead / rate` as a duration; unbounded when nothing drains.
+fn expected_wait(ahead: f64, rate: f64) -> Duration {
+    if ahead <= 0.0 {
+        Duration::ZERO
+    } else if rate > 0.0 {
+        Duration::from_secs_f64((ahead / rate).min(3600.0))
+    } else {
+        Duration::MAX
+    }
+}
+
+/// The critical queue's drain rate, measured only while the queue is non-empty:
+/// then the backend is saturated and completions per second are its capacity.
+#[derive(Default)]
+struct QueueDrain {
+    /// Start of the current measurement window and the completions counted by then.
+    since: Option<(Instant, u64)>,
+    /// The smoothed rate and when it was last measured.
+    rate: Option<(f64, Instant)>,
+}
+
+impl QueueDrain {
+    fn observe(&mut self, now: Instant, completed: u64, timeout: Duration) {
+        let Some((started, at_start)) = self.since else {
+            return;
         };
-        if outcome != Outcome::Admit {
-            if !self.shedding.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    upstream = %self.upstream,
-                    utilisation = format_args!("{:.2}", signal.utilisation),
-                    source = %signal.source,
-                    "entering {verb}"
-                );
+        let elapsed = now.saturating_duration_since(started);
+        let done = completed.saturating_sub(at_start);
+        let enough =
+            (elapsed >= QUEUE_RATE_WINDOW && done >= QUEUE_RATE_COMPLETIONS) || elapsed >= timeout;
+        if !enough || elapsed.is_zero() {
+            return;
+        }
+        let sample = done as f64 / elapsed.as_secs_f64();
+        let rate = match self.rate {
+            Some((rate, at)) if now.saturating_duration_since(at) < QUEUE_RATE_MAX_AGE => {
+                0.5 * rate + 0.5 * sample
             }
-        } else if signal.utilisation < lowest && self.shedding.swap(false, Ordering::Relaxed) {
-            tracing::info!(
-                upstream = %self.upstream,
+            _ => sample,
+        };
+        self.rate = Some((rate, now));
+        self.since = Some((now, completed));
+    }
+
+    fn rate(&self, now: Instant) -> Option<f64> {
+        self.rate
+            .filter(|(_, at)| now.saturating_duration_since(*at) < QUEUE_RATE_MAX_AGE)
+            .map(|(rate, _)| rate)
+    }
+}
+
+/// What kept a request from being admitted at once, for the episode's summary.
+#[derive(Clone, Copy)]
+enum Pressure {
+    Shed,
+    Queued,
+    Rejected,
+}
+
+/// One shedding episode: from the first request shed or queued until none has been
+/// for [`EPISODE_DWELL`]. Logged once when it starts and once when it ends.
+struct Episode {
+    active: AtomicBool,
+    /// Time base for `last_ms`.
+    epoch: Instant,
+    /// When a request was last shed or queued, in ms since `epoch`.
+    last_ms: AtomicU64,
+    started: Mutex<Option<Instant>>,
+    counts: [AtomicU64; 3],
+}
+
+impl Episode {
+    fn new(epoch: Instant) -> Episode {
+        Episode {
+            active: AtomicBool::new(false),
+            epoch,
+            last_ms: AtomicU64::new(0),
+            started: Mutex::new(None),
+            counts: Default::default(),
+        }
+    }
+
+    fn pressure(&self, upstream: &str, pressure: Pressure, signal: &Signal) {
+        let now = Instant::now();
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        self.counts[pressure as usize].fetch_add(1, Ordering::Relaxed);
+        if !self.active.swap(true, Ordering::AcqRel) {
+            *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+            tracing::warn!(
+                upstream,
                 utilisation = format_args!("{:.2}", signal.utilisation),
+                own = format_args!("{:.0}", signal.local * signal.pool),
+                external = format_args!("{:.1}", signal.external),
+                pool = format_args!("{:.0}", signal.pool),
                 source = %signal.source,
-                "leaving {verb}"
+                "entering shedding"
             );
         }
     }
 
-    pub fn is_shedding(&self) -> bool {
-        self.shedding.load(Ordering::Relaxed)
+    fn tick(&self, upstream: &str, mode: ShedMode, now: Instant) {
+        if !self.active.load(Ordering::Acquire) {
+            return;
+        }
+        let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        if now.saturating_duration_since(last) < EPISODE_DWELL {
+            return;
+        }
+        if !self.active.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let started = self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let [shed, queued, rejected] = self.counts.each_ref().map(|c| c.swap(0, Ordering::Relaxed));
+        let lasted = started.map_or(Duration::ZERO, |s| last.saturating_duration_since(s));
+        let shadow = if mode == ShedMode::Shadow {
+            " (shadow mode: nothing was shed, these are what enforce mode would have done)"
+        } else {
+            ""
+        };
+        tracing::info!(
+            upstream,
+            lasted = format_args!("{:.1}s", lasted.as_secs_f64()),
+            shed,
+            queued,
+            rejected,
+            "leaving shedding{shadow}"
+        );
     }
 }
 
-struct QueueSlot<'a>(&'a AtomicUsize);
+/// A place in the critical queue; leaving the queue (admitted, refused or
+/// cancelled) frees it, and the last one out ends the drain-rate window.
+struct QueueSlot<'a>(&'a Admission);
 
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.0.queued.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.queue.lock().unwrap_or_else(|e| e.into_inner()).since = None;
+        }
     }
 }
 
@@ -417,6 +645,11 @@ struct DrainWindow {
 const DRAIN_WINDOW: Duration = Duration::from_millis(250);
 
 impl DrainMeter {
+    /// Requests completed so far.
+    fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
     fn record(&self, now: Instant) {
         self.completed.fetch_add(1, Ordering::Relaxed);
         // Only one completion per window does the arithmetic; the rest skip the lock.
@@ -455,6 +688,7 @@ impl DrainMeter {
 
 /// Utilisation gauges of one upstream, by source, plus which source is in force.
 struct SignalGauges {
+    external: metrics::Gauge,
     local: metrics::Gauge,
     reported: metrics::Gauge,
     in_force: metrics::Gauge,
@@ -468,6 +702,8 @@ impl SignalGauges {
                 m::LABEL_UPSTREAM => upstream.to_string(), m::LABEL_SOURCE => source)
         };
         SignalGauges {
+            external: metrics::gauge!(m::UPSTREAM_EXTERNAL_LOAD,
+                m::LABEL_UPSTREAM => upstream.to_string()),
             local: utilisation("local"),
             reported: utilisation("reported"),
             in_force: utilisation("in_force"),
@@ -479,6 +715,7 @@ impl SignalGauges {
     }
 
     fn set(&self, signal: &Signal) {
+        self.external.set(signal.external);
         self.local.set(signal.local);
         self.reported.set(signal.reported.unwrap_or(f64::NAN));
         self.in_force.set(signal.utilisation);
@@ -496,15 +733,19 @@ enum DecisionLabel {
     QueueTimeout,
     QueueFull,
     WouldShed,
+    WouldQueue,
+    WouldReject,
 }
 
-const DECISION_LABELS: [&str; 6] = [
+const DECISION_LABELS: [&str; 8] = [
     "admitted",
     "shed",
     "queued",
     "queue_timeout",
     "queue_full",
     "would_shed",
+    "would_queue",
+    "would_reject",
 ];
 const CLASSES: [RouteClass; 3] = [
     RouteClass::Critical,
@@ -514,7 +755,7 @@ const CLASSES: [RouteClass; 3] = [
 
 /// Decision counters by class and outcome, registered once.
 struct DecisionMetrics {
-    decisions: [[metrics::Counter; 6]; 3],
+    decisions: [[metrics::Counter; 8]; 3],
     shed_total: metrics::Counter,
 }
 

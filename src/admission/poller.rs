@@ -119,6 +119,19 @@ impl ActuatorSettings {
         problems
     }
 
+    /// Whether polls go to the backend's own connector (no `base_url`, or one naming
+    /// the backend's own address), where they take a worker from its pool.
+    pub fn on_main_connector(&self, backend: &str) -> bool {
+        match &self.base_url {
+            None => true,
+            Some(base) => base
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|uri| uri.authority().map(|a| a.as_str() == backend))
+                .unwrap_or(false),
+        }
+    }
+
     /// The URLs one poll fetches: busy then max (JSON), or the one scrape (Prometheus).
     fn urls(&self, backend: &str) -> Vec<String> {
         let base = match &self.base_url {
@@ -192,8 +205,10 @@ fn status_advice(code: u16) -> &'static str {
 /// Spawns the poller of one backend (`host:port`) of `upstream`.
 ///
 /// It polls at once, then every `settings.interval`; each poll is bounded by
-/// `settings.timeout`. `saturated()` tells whether the proxy's own local signal says
-/// the pool is saturated, to tell a slow actuator from a broken one in the logs.
+/// `settings.timeout`. `own()` is this proxy's requests in flight to the backend,
+/// read around the busy sample so the report can tell them from external load.
+/// `saturated()` tells whether the proxy's own local signal says the pool is
+/// saturated, to tell a slow actuator from a broken one in the logs.
 /// The task ends by itself when nobody else holds `signal`; abort it to stop it sooner.
 /// With `enabled: false` the task ends at once.
 pub fn spawn_poller(
@@ -201,6 +216,7 @@ pub fn spawn_poller(
     backend: String,
     settings: ActuatorSettings,
     signal: Arc<ReportedSignal>,
+    own: impl Fn() -> usize + Send + Sync + 'static,
     saturated: impl Fn() -> bool + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     if !settings.enabled {
@@ -223,12 +239,14 @@ pub fn spawn_poller(
                 return;
             }
             let started = Instant::now();
-            let result = poller.poll().await.and_then(|(busy, max)| {
-                validate(busy, max).map_err(PollError::Invalid)?;
+            let result = poller.poll(&own).await.and_then(|sample| {
+                validate(sample.busy, sample.max).map_err(PollError::Invalid)?;
                 Ok(Report {
-                    busy,
-                    max,
+                    busy: sample.busy,
+                    max: sample.max,
                     at: started,
+                    own: sample.own as f64,
+                    poll_workers: poller.poll_workers(),
                 })
             });
             match result {
@@ -284,6 +302,16 @@ struct Poller {
     connector: Option<String>,
     urls: Vec<String>,
     timeout: Duration,
+    /// The actuator shares the backend's connector and so its worker pool.
+    main_connector: bool,
+}
+
+/// One poll's figures as reported, not yet validated, with this proxy's own
+/// in-flight count to the backend while the busy figure was sampled.
+struct Sample {
+    busy: f64,
+    max: f64,
+    own: usize,
 }
 
 impl Poller {
@@ -305,28 +333,65 @@ impl Poller {
             connector: settings.connector.clone(),
             urls,
             timeout: settings.timeout,
+            main_connector: settings.on_main_connector(backend),
         }
     }
 
-    /// One poll: `(busy, max)` as reported, not yet validated.
-    async fn poll(&self) -> Result<(f64, f64), PollError> {
+    /// Workers the poll holds while the backend serves it: on the main connector
+    /// the request that reads the busy count is itself one of the busy.
+    fn poll_workers(&self) -> f64 {
+        if self.main_connector {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// One poll. The busy figure is fetched on its own, between two reads of `own`,
+    /// and on the main connector the max figure only after it, so the busy count
+    /// includes exactly one worker of the poll's.
+    async fn poll(&self, own: &(dyn Fn() -> usize + Sync)) -> Result<Sample, PollError> {
         let work = async {
             match self.format {
                 ActuatorFormat::Json => {
-                    let (busy, max) =
-                        tokio::join!(self.fetch(&self.urls[0]), self.fetch(&self.urls[1]));
+                    let before = own();
+                    let (busy, max) = if self.main_connector {
+                        let busy = self.fetch(&self.urls[0]).await;
+                        (busy, None)
+                    } else {
+                        let (busy, max) =
+                            tokio::join!(self.fetch(&self.urls[0]), self.fetch(&self.urls[1]));
+                        (busy, Some(max))
+                    };
+                    let after = own();
+                    let max = match max {
+                        Some(max) => max,
+                        None => self.fetch(&self.urls[1]).await,
+                    };
                     let busy = parse_json_value(&busy?)
                         .map_err(|e| PollError::Malformed(format!("{}: {e}", self.names.busy)))?;
                     let max = parse_json_value(&max?)
                         .map_err(|e| PollError::Malformed(format!("{}: {e}", self.names.max)))?;
-                    Ok((busy, max))
+                    Ok(Sample {
+                        busy,
+                        max,
+                        own: before.max(after),
+                    })
                 }
                 ActuatorFormat::Prometheus => {
+                    let before = own();
                     let body = self.fetch(&self.urls[0]).await?;
+                    let after = own();
                     let text = std::str::from_utf8(&body)
                         .map_err(|e| PollError::Malformed(format!("not UTF-8 text: {e}")))?;
-                    parse_prometheus(text, &self.names, self.connector.as_deref())
-                        .map_err(|e| PollError::Malformed(e.to_string()))
+                    let (busy, max) =
+                        parse_prometheus(text, &self.names, self.connector.as_deref())
+                            .map_err(|e| PollError::Malformed(e.to_string()))?;
+                    Ok(Sample {
+                        busy,
+                        max,
+                        own: before.max(after),
+                    })
                 }
             }
         };

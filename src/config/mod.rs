@@ -55,7 +55,8 @@ mod defaults {
     pub const HEALTH_RISE: u32 = 2;
     pub const HEALTH_FALL: u32 = 3;
 
-    pub const QUEUE_SIZE: usize = 64;
+    /// A memory bound, far above any sane burst: the queue timeout is what bounds waiting.
+    pub const QUEUE_SIZE: usize = 10_000;
     pub const QUEUE_TIMEOUT_MS: u64 = 500;
 }
 
@@ -247,9 +248,12 @@ pub struct SheddingConfig {
     pub thresholds: Thresholds,
     /// Width of the ramp above a threshold over which the reject probability goes 0 → 1. Default 0.10.
     pub band: f64,
-    /// Critical requests that may wait for a slot at the hard limit. Key `queue_size`, default 64.
+    /// The most critical requests waiting for a slot at once: a memory bound only.
+    /// Key `queue_size`, default 10 000.
     pub queue_size: usize,
-    /// How long a critical request waits for a slot. Key `queue_timeout_ms`, default 500.
+    /// How long a critical request may wait for a slot; one whose expected wait (its
+    /// place in the queue ÷ the measured drain rate) does not fit is answered 503 at
+    /// once. Key `queue_timeout_ms`, default 500.
     pub queue_timeout: Duration,
 }
 

@@ -189,17 +189,23 @@ impl Upstream {
                         .management_port
                         .map(|port| format!("http://{}", management_authority(backend, port)));
                 }
+                let own = upstream.backends[i].clone();
                 let task = spawn_poller(
                     upstream.name.clone(),
                     backend.clone(),
                     settings,
                     upstream.admission.report_holder(i),
+                    move || own.inflight(),
                     move || inflight.load(Ordering::Relaxed) >= capacity,
                 );
                 upstream._tasks.push(AbortOnDrop(task));
             }
         }
-        Arc::new(upstream)
+        let upstream = Arc::new(upstream);
+        if config.shedding.mode != ShedMode::Off {
+            spawn_episode_clock(Arc::downgrade(&upstream));
+        }
+        upstream
     }
 
     fn build(config: &UpstreamConfig) -> Upstream {
@@ -269,11 +275,9 @@ impl Upstream {
 
     /// Sets the in-flight and utilisation gauges to their values now; see
     /// [`crate::admission::Admission::publish_gauges`] for why not per request.
-    pub fn publish_gauges(&self) {
-        let inflight = self.inflight();
-        self.inflight_gauge.set(inflight as f64);
-        self.admission
-            .publish_gauges(inflight, self.healthy_count());
+    pub fn publish_gauges(self: &Arc<Self>) {
+        self.inflight_gauge.set(self.inflight() as f64);
+        self.admission.publish_gauges(self);
     }
 
     /// Backends currently in rotation.
@@ -398,6 +402,10 @@ impl Slots for Arc<Upstream> {
         self.healthy_count()
     }
 
+    fn backend_in_rotation(&self, i: usize) -> bool {
+        self.backends.get(i).is_some_and(|b| b.is_healthy())
+    }
+
     fn try_reserve(&self, limit: Option<usize>) -> Option<Reservation> {
         let counted = self
             .inflight
@@ -410,6 +418,22 @@ impl Slots for Arc<Upstream> {
             upstream: self.clone(),
         })
     }
+}
+
+/// Ends shedding episodes on time, whether or not requests arrive: ticks every
+/// 100 ms until the upstream is dropped (a reload replaces it).
+fn spawn_episode_clock(upstream: std::sync::Weak<Upstream>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let now = tick.tick().await;
+            let Some(upstream) = upstream.upgrade() else {
+                return;
+            };
+            upstream.admission.tick(now);
+        }
+    });
 }
 
 /// `host:port` of a backend's management port: its own host with `port`.
