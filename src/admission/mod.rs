@@ -778,3 +778,175 @@ fn decision_metrics() -> &'static DecisionMetrics {
         shed_total: metrics::counter!(m::SHED_TOTAL),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Upstream;
+
+    /// In-flight slots counted in memory; a reservation frees its slot on drop.
+    struct FakeSlots {
+        inflight: Arc<AtomicUsize>,
+        admission: Arc<Admission>,
+    }
+
+    struct FakeReservation {
+        inflight: Arc<AtomicUsize>,
+        admission: Arc<Admission>,
+    }
+
+    impl Drop for FakeReservation {
+        fn drop(&mut self) {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            self.admission.on_release();
+        }
+    }
+
+    impl Slots for FakeSlots {
+        type Reservation = FakeReservation;
+        fn inflight(&self) -> usize {
+            self.inflight.load(Ordering::Acquire)
+        }
+        fn backends_in_rotation(&self) -> usize {
+            1
+        }
+        fn backend_in_rotation(&self, _: usize) -> bool {
+            true
+        }
+        fn try_reserve(&self, limit: Option<usize>) -> Option<FakeReservation> {
+            self.inflight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match limit {
+                    Some(limit) if n >= limit => None,
+                    _ => Some(n + 1),
+                })
+                .ok()?;
+            Some(FakeReservation {
+                inflight: self.inflight.clone(),
+                admission: self.admission.clone(),
+            })
+        }
+    }
+
+    fn setup(workers: u32, mode: ShedMode) -> Arc<FakeSlots> {
+        let mut config = Upstream::for_tests("app").config.clone();
+        config.max_workers = workers;
+        config.shedding.mode = mode;
+        config.shedding.queue_timeout = Duration::from_millis(500);
+        Arc::new(FakeSlots {
+            inflight: Arc::new(AtomicUsize::new(0)),
+            admission: Arc::new(Admission::new(&config)),
+        })
+    }
+
+    /// Sends `n` critical requests at once; each admitted one holds its slot for
+    /// `service`. Returns each request's result and when it was decided.
+    async fn critical_burst(
+        slots: &Arc<FakeSlots>,
+        n: usize,
+        service: Duration,
+    ) -> Vec<(Result<(), bool>, Duration)> {
+        let started = Instant::now();
+        let counters = Arc::new(RouteCounters::default());
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let slots = slots.clone();
+                let counters = counters.clone();
+                tokio::spawn(async move {
+                    let decided = slots
+                        .admission
+                        .admit(RouteClass::Critical, None, &counters, &*slots)
+                        .await;
+                    let at = started.elapsed();
+                    match decided {
+                        Ok(reservation) => {
+                            tokio::time::sleep(service).await;
+                            drop(reservation);
+                            (Ok(()), at)
+                        }
+                        Err(Rejection::QueueTimeout { predicted, .. }) => (Err(predicted), at),
+                        Err(other) => panic!("unexpected {other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.unwrap());
+        }
+        results
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_the_backend_absorbs_in_time_is_served_whole() {
+        // 150 critical requests at once, 8 slots, 1 ms each: about 20 ms of work.
+        let slots = setup(8, ShedMode::Enforce);
+        let results = critical_burst(&slots, 150, Duration::from_millis(1)).await;
+        assert!(results.iter().all(|(r, _)| r.is_ok()), "{results:?}");
+        assert_eq!(slots.admission.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standing_queue_is_refused_early_not_at_the_timeout() {
+        // 8 slots, 50 ms each: about 80 requests fit the 500 ms timeout, 320 do not.
+        let slots = setup(8, ShedMode::Enforce);
+        let results = critical_burst(&slots, 400, Duration::from_millis(50)).await;
+        let served = results.iter().filter(|(r, _)| r.is_ok()).count();
+        assert!((72..=88).contains(&served), "served {served}");
+        // Once the drain rate is measured, those who cannot make it are told at once.
+        let early = results
+            .iter()
+            .filter(|(r, at)| *r == Err(true) && *at < Duration::from_millis(100))
+            .count();
+        assert!(early >= 300, "refused early: {early} of {}", 400 - served);
+        // None waited past the timeout.
+        assert!(results
+            .iter()
+            .all(|(_, at)| *at <= Duration::from_millis(510)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_episode_ends_after_the_dwell_without_a_request() {
+        let slots = setup(2, ShedMode::Enforce);
+        let admission = &slots.admission;
+        let counters = RouteCounters::default();
+        let _held: Vec<_> = (0..2).map(|_| slots.try_reserve(None).unwrap()).collect();
+        let shed = admission
+            .admit(RouteClass::Sheddable, None, &counters, &*slots)
+            .await;
+        assert!(matches!(shed, Err(Rejection::Shed { .. })));
+        assert!(admission.is_shedding());
+        let t0 = Instant::now();
+        admission.tick(t0 + Duration::from_millis(900));
+        assert!(admission.is_shedding(), "still within the dwell");
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        admission.tick(Instant::now());
+        assert!(!admission.is_shedding());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shadow_mode_counts_what_enforce_mode_would_do_per_class() {
+        let slots = setup(2, ShedMode::Shadow);
+        let admission = &slots.admission;
+        let counters = RouteCounters::default();
+        let mut held: Vec<_> = (0..2).map(|_| slots.try_reserve(None).unwrap()).collect();
+        for class in [
+            RouteClass::Critical,
+            RouteClass::Sheddable,
+            RouteClass::Normal,
+        ] {
+            let admitted = admission.admit(class, None, &counters, &*slots).await;
+            held.push(admitted.expect("shadow mode admits everything"));
+        }
+        assert_eq!(counters.would_queue.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.would_shed.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.shed.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.admitted.load(Ordering::Relaxed), 0);
+        assert!(admission.is_shedding());
+        drop(held);
+        let idle = admission
+            .admit(RouteClass::Sheddable, None, &counters, &*slots)
+            .await;
+        assert!(idle.is_ok());
+        assert_eq!(counters.admitted.load(Ordering::Relaxed), 1);
+    }
+}
