@@ -591,3 +591,62 @@ async fn shutdown_closes_connections_and_stops_listening() {
         "no longer listening"
     );
 }
+
+#[tokio::test]
+async fn connections_past_max_connections_wait_in_the_backlog_until_one_closes() {
+    let backend = start(SimConfig {
+        max_connections: 1,
+        ..config()
+    })
+    .await;
+    let request = b"GET /api/x HTTP/1.1\r\nHost: sim\r\n\r\n";
+    let mut first = TcpStream::connect(backend.addr()).await.unwrap();
+    first.write_all(request).await.unwrap();
+    assert!(read_response(&mut first).await.starts_with("HTTP/1.1 200"));
+
+    // The kernel completes the handshake (the backlog), but the sim does not accept
+    // the connection, so its request is not served while the first stays open.
+    let mut second = TcpStream::connect(backend.addr()).await.unwrap();
+    second.write_all(request).await.unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        timeout(Duration::from_millis(200), second.read(&mut byte))
+            .await
+            .is_err(),
+        "served past max_connections"
+    );
+    drop(first);
+    assert!(read_response(&mut second).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(backend.stats().requests("/api/x"), 2);
+}
+
+#[tokio::test]
+async fn without_a_management_port_the_actuator_waits_for_a_worker_and_counts_itself() {
+    let backend = start(SimConfig {
+        workers: 1,
+        ..config()
+    })
+    .await;
+    let addr = backend.addr();
+    // Idle: the worker serving the metrics request is the one busy worker.
+    let idle = get(addr, "/actuator/metrics/tomcat.threads.busy").await;
+    let json: serde_json::Value = serde_json::from_slice(&idle.body).unwrap();
+    assert_eq!(json["measurements"][0]["value"], 1.0);
+
+    // With the only worker held, the metrics request waits behind it.
+    let held = tokio::spawn(async move { get(addr, "/api/hold?delay_ms=300").await.status });
+    let stats = backend.stats();
+    let deadline = Instant::now() + DEADLINE;
+    while stats.busy() < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let asked = Instant::now();
+    let waited = get(addr, "/actuator/metrics/tomcat.threads.busy").await;
+    assert_eq!(waited.status, StatusCode::OK);
+    assert!(
+        asked.elapsed() >= Duration::from_millis(200),
+        "answered in {:?} while the pool was full",
+        asked.elapsed()
+    );
+    assert_eq!(held.await.unwrap(), StatusCode::OK);
+}

@@ -13,7 +13,12 @@
 //!   A request with a body is echoed back; `GET /api/headers` returns the request headers;
 //! - `/actuator/health`, `/actuator/metrics/tomcat.threads.{busy,config.max,current}`,
 //!   `/actuator/prometheus`, on the main port or on `management_listen`;
-//! - Tomcat's connection rules: `keepAliveTimeout` (0 disables it) and `maxKeepAliveRequests`.
+//! - Tomcat's connection rules: `keepAliveTimeout` (0 disables it), `maxKeepAliveRequests`,
+//!   and `maxConnections` open at once with an `acceptCount` listen backlog behind them.
+//!
+//! Without a management port, as in most Spring apps, an actuator request takes a
+//! worker from the same pool, waits behind queued work like any request, and the
+//! busy count it reports includes its own worker: what a real Tomcat does.
 //!
 //! Layout: `server` (listeners, handle), `conn` (one connection), `handler`
 //! (routing, work endpoints), `pool` (workers), `actuator`, `etag`, `body`, `stats`.
@@ -65,6 +70,12 @@ pub struct SimConfig {
     pub keep_alive_timeout_ms: u64,
     /// A connection is closed after this many requests (Tomcat `maxKeepAliveRequests`); 0 = unlimited.
     pub max_keep_alive_requests: u32,
+    /// Connections served at once (Tomcat `maxConnections`); further ones wait in the
+    /// listen backlog, unaccepted.
+    pub max_connections: usize,
+    /// The listen backlog (Tomcat `acceptCount`): connections the kernel holds while
+    /// `max_connections` are open; past it, new connections are refused or dropped.
+    pub accept_count: u32,
     /// `Cache-Control` sent on `/api/` responses unless a route overrides it.
     pub cache_control: Option<String>,
     /// The connector name reported in actuator tags.
@@ -95,6 +106,8 @@ impl Default for SimConfig {
             distribution: Distribution::Fixed,
             keep_alive_timeout_ms: 20_000,
             max_keep_alive_requests: 100,
+            max_connections: 8192,
+            accept_count: 100,
             cache_control: None,
             connector_name: "http-nio-8080".to_string(),
             routes: Vec::new(),

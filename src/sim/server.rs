@@ -8,8 +8,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
+use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// How long shutdown lets in-flight requests finish before cutting their connections.
@@ -35,7 +36,7 @@ impl SimBackend {
                 "sim: workers must be at least 1",
             ));
         }
-        let main = TcpListener::bind(cfg.listen).await?;
+        let main = bind(cfg.listen, cfg.accept_count)?;
         let management = match cfg.management_listen {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
@@ -43,6 +44,7 @@ impl SimBackend {
         let addr = main.local_addr()?;
         let management_addr = management.as_ref().map(|l| l.local_addr()).transpose()?;
 
+        let connections = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
         let app = Arc::new(App::new(cfg));
         let stats = Arc::clone(&app.stats);
         let (stop, stopped) = watch::channel(false);
@@ -50,6 +52,7 @@ impl SimBackend {
             main,
             Arc::clone(&app),
             Port::Main,
+            Some(connections),
             stopped.clone(),
         ))];
         if let Some(listener) = management {
@@ -57,6 +60,7 @@ impl SimBackend {
                 listener,
                 app,
                 Port::Management,
+                None,
                 stopped,
             )));
         }
@@ -110,20 +114,49 @@ impl Drop for SimBackend {
     }
 }
 
-/// Accepts connections until told to stop, then drains them (bounded).
+/// Binds `addr` with a listen backlog of `backlog` connections (Tomcat's `acceptCount`).
+fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog.max(1))
+}
+
+/// Accepts connections until told to stop, then drains them (bounded). With `limit`,
+/// at most that many connections are open at once: the next one is accepted only when
+/// one closes, and waits in the listen backlog meanwhile (Tomcat's `maxConnections`).
 async fn accept_loop(
     listener: TcpListener,
     app: Arc<App>,
     port: Port,
+    limit: Option<Arc<Semaphore>>,
     stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     let mut stopped = stop.clone();
     loop {
+        let permit = match &limit {
+            Some(limit) => tokio::select! {
+                permit = Arc::clone(limit).acquire_owned() => {
+                    Some(permit.expect("the connection semaphore is never closed"))
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                () = conn::stop_requested(&mut stopped) => break,
+            },
+            None => None,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    connections.spawn(conn::serve(stream, Arc::clone(&app), port, stop.clone()));
+                    let serve = conn::serve(stream, Arc::clone(&app), port, stop.clone());
+                    connections.spawn(async move {
+                        serve.await;
+                        drop(permit);
+                    });
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
