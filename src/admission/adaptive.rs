@@ -11,17 +11,29 @@
 //! Algorithm (in the style of Netflix concurrency-limits "Gradient2"):
 //! - `short` = fast EWMA of sample RTTs; `baseline` = the lowest `short` seen
 //!   since the last probe (the "no-load" latency).
-//! - `gradient = clamp(tolerance * baseline / short, 0.5, 1.0)`,
-//!   `target = limit * gradient + sqrt(limit)` (a small queue allowance), and
-//!   `limit` moves toward `target` by the `smoothing` factor. It only grows
-//!   while the limit is actually used (`inflight >= limit / 2`), so an idle
-//!   service does not inflate it.
+//! - Slow start (a sane warm start): from the initial limit, the limit grows by
+//!   one per sample (doubling per round trip) while latency stays within
+//!   `tolerance * baseline`, until latency first passes it or a request is
+//!   dropped. So a new proxy finds a large backend's capacity in a few round
+//!   trips instead of shedding while it creeps up.
+//! - Then, while `short <= tolerance * baseline`, `target = limit + sqrt(limit)`
+//!   (a small queue allowance); above it, `target = limit * gradient` with
+//!   `gradient = clamp(tolerance * baseline / short, 0.5, 1.0)`. `limit` moves
+//!   toward `target` by the `smoothing` factor. So the limit settles where
+//!   latency meets its tolerance, never above it: the queue allowance is given
+//!   only while latency is within tolerance.
+//! - It only grows while the limit is actually used (`inflight >= limit / 2`),
+//!   so an idle service does not inflate it.
 //! - A `dropped` sample (timeout / overload) multiplies the limit by 0.9.
 //! - Min-RTT probe: every `probe_interval` (jittered ±50% so proxies do not probe
 //!   in step) the baseline is forgotten and re-learned, and the limit is halved
 //!   to let queues drain; this is how a genuine latency change is accepted.
 //! - The limit is clamped to `[min_limit, max_limit]` after every step, probes
 //!   included: a probe never drops it to "a handful" under load.
+//!
+//! Failure mode: a proxy started in the middle of an overload never sees the
+//! no-load latency, so until its first probe drains the queue its baseline
+//! includes queueing and the limit settles that much higher.
 
 use std::time::Duration;
 
@@ -129,6 +141,8 @@ pub struct AdaptiveLimit {
     /// Lowest `short_rtt` since the last probe, seconds.
     baseline_rtt: Option<f64>,
     next_probe: Instant,
+    /// Growing by one per sample until latency first passes its tolerance.
+    slow_start: bool,
     rng: StdRng,
 }
 
@@ -148,6 +162,7 @@ impl AdaptiveLimit {
             short_rtt: None,
             baseline_rtt: None,
             next_probe: now,
+            slow_start: true,
             rng,
         };
         this.limit = this.clamp(this.limit);
@@ -163,6 +178,7 @@ impl AdaptiveLimit {
             self.start_probe(now);
         }
         if dropped {
+            self.slow_start = false;
             self.limit = self.clamp(self.limit * DROP_FACTOR);
             return;
         }
@@ -175,15 +191,26 @@ impl AdaptiveLimit {
         let baseline = self.baseline_rtt.map_or(short, |b| b.min(short));
         self.baseline_rtt = Some(baseline);
 
-        let gradient = if short > 0.0 {
-            (self.settings.tolerance * baseline / short).clamp(0.5, 1.0)
-        } else {
-            1.0
-        };
-        let target = self.limit * gradient + self.limit.sqrt();
-        if target > self.limit && (inflight as f64) < self.limit / 2.0 {
-            return; // idle: do not grow a limit nobody is using
+        let within = short <= self.settings.tolerance * baseline;
+        let used = (inflight as f64) >= self.limit / 2.0;
+        if self.slow_start {
+            if within {
+                if used {
+                    self.limit = self.clamp(self.limit + 1.0);
+                }
+                return;
+            }
+            self.slow_start = false;
         }
+        let target = if within {
+            if !used {
+                return; // idle: do not grow a limit nobody is using
+            }
+            self.limit + self.limit.sqrt()
+        } else {
+            let gradient = (self.settings.tolerance * baseline / short).clamp(0.5, 1.0);
+            self.limit * gradient
+        };
         let s = self.settings.smoothing;
         self.limit = self.clamp(self.limit * (1.0 - s) + target * s);
     }
@@ -343,5 +370,63 @@ mod tests {
         };
         assert!(bad.validate().is_err());
         assert!(AdaptiveSettings::default().validate().is_ok());
+    }
+
+    /// The RTT a backend of `threads` workers and `service` per request gives with
+    /// `inflight` requests in it: the service time, plus queueing once it is full.
+    fn backend_rtt(threads: f64, service: Duration, inflight: usize) -> Duration {
+        service.mul_f64((inflight as f64 / threads).max(1.0))
+    }
+
+    #[test]
+    fn settles_where_latency_meets_its_tolerance_not_above_it() {
+        // 10 threads, 50 ms: latency passes 1.5x once more than 15 are in flight.
+        // Light traffic first (the no-load latency is seen), then a spike that
+        // keeps the whole limit in use.
+        let settings = AdaptiveSettings::default();
+        let mut now = Instant::now();
+        let mut l = limit_at(settings.clone(), now);
+        let service = Duration::from_millis(50);
+        for _ in 0..100 {
+            now += Duration::from_millis(20);
+            l.on_sample(backend_rtt(10.0, service, 3), 3, false, now);
+        }
+        let mut worst = 0.0f64;
+        for i in 0..4000 {
+            now += Duration::from_millis(2);
+            let inflight = l.limit().ceil() as usize;
+            let rtt = backend_rtt(10.0, service, inflight);
+            l.on_sample(rtt, inflight, false, now);
+            if i >= 2000 {
+                worst = worst.max(rtt.as_secs_f64() / service.as_secs_f64());
+            }
+        }
+        assert!(
+            worst <= settings.tolerance + 0.15,
+            "settled at {:.1} with latency {worst:.2}x the baseline",
+            l.limit()
+        );
+        assert!(l.limit() >= 10.0, "limit {:.1} below the pool", l.limit());
+    }
+
+    #[test]
+    fn slow_start_finds_a_large_pool_within_a_few_round_trips() {
+        // 200 threads at 20 ms; starting from 20 the limit must reach the pool fast,
+        // not creep up while the proxy sheds.
+        let mut now = Instant::now();
+        let mut l = limit_at(AdaptiveSettings::default(), now);
+        let service = Duration::from_millis(20);
+        let mut samples = 0;
+        while l.limit() < 200.0 && samples < 1000 {
+            now += MS;
+            let inflight = l.limit().ceil() as usize;
+            l.on_sample(backend_rtt(200.0, service, inflight), inflight, false, now);
+            samples += 1;
+        }
+        assert!(
+            samples <= 200,
+            "took {samples} samples to reach the pool (limit {:.0})",
+            l.limit()
+        );
     }
 }
