@@ -16,8 +16,9 @@
 //!   zero; smoothed across reports ([`SMOOTHING`]); and faded to zero as the report
 //!   ages: full weight for one poll interval, then linearly to nothing at
 //!   [`STALE_INTERVALS`] intervals.
-//! - **Pool** is the backend's reported max while its report is fresh, else the
-//!   configured `max_workers`, summed over the backends in rotation.
+//! - **Pool** is the backend's last reported max (a pool size does not go stale the
+//!   way a busy count does), else the configured `max_workers`, summed over the
+//!   backends in rotation.
 //!
 //! A report is evidence only of load the proxy cannot see. That is what keeps a
 //! lagging report from shedding an idle pool: a report of 8/8 busy taken while this
@@ -28,7 +29,8 @@
 //! # Failure modes
 //!
 //! - No report yet, a broken actuator (404, `max = -1`, `busy > max`, a timeout):
-//!   external load is zero and the pool is `max_workers`; the own count alone decides.
+//!   external load is zero and the pool is `max_workers` (or the last good report's
+//!   max); the own count alone decides.
 //! - A report that lags by a poll interval: external load changes that fast are seen
 //!   late (by up to one interval plus smoothing). Own load is never late.
 //! - The own count is read before and after the sample, and the larger is taken
@@ -251,14 +253,18 @@ pub fn combine(
         if !in_rotation {
             continue;
         }
-        let weight = estimate.map_or(0.0, |e| e.weight(now, interval));
         match estimate {
-            Some(e) if weight > 0.0 => {
+            Some(e) => {
+                // A pool size does not go stale the way a busy count does: the last
+                // reported max stays the pool until a new report says otherwise.
                 parts.pool += e.report.max;
-                parts.external += e.external * weight;
-                parts.reported = true;
+                let weight = e.weight(now, interval);
+                if weight > 0.0 {
+                    parts.external += e.external * weight;
+                    parts.reported = true;
+                }
             }
-            _ => parts.pool += max_workers,
+            None => parts.pool += max_workers,
         }
     }
     if parts.pool <= 0.0 {
@@ -508,11 +514,11 @@ mod tests {
                 true,
             ),
             (
-                "stale: the configured pool again",
+                "stale: no external load, the last reported pool",
                 2.0,
                 vec![(Some(estimate(8.0, 8.0, 0.0, now - INTERVAL * 3)), true)],
                 2.0,
-                10.0,
+                8.0,
                 false,
             ),
             (
