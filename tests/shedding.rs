@@ -175,10 +175,13 @@ async fn traffic_bypassing_the_proxy_is_seen_through_the_reported_signal() {
         })
         .collect();
     let shared = proxy.shared().clone();
+    // External load is smoothed over reports: it nears the full pool within a few polls,
+    // and leaves this proxy no room once it is past 7.5 of the 8 workers.
     let reported_full = || {
         let runtime = shared.runtime.load();
         let upstream = &runtime.upstreams["app"];
-        upstream.admission.signal(upstream).reported == Some(1.0)
+        let signal = upstream.admission.signal(upstream);
+        signal.reported == Some(1.0) && signal.external > 7.5 && signal.room == 0
     };
     assert!(
         eventually(Duration::from_secs(3), reported_full).await,
@@ -191,7 +194,7 @@ async fn traffic_bypassing_the_proxy_is_seen_through_the_reported_signal() {
     let problem = shed.json();
     assert_eq!(problem["signal"], "reported");
     assert_eq!(problem["route_class"], "sheddable");
-    assert_eq!(problem["utilisation"], 1.0);
+    assert!(problem["utilisation"].as_f64().unwrap() > 0.9, "{problem}");
 
     // A critical request waits in the bounded queue; the pool stays full, so it
     // gets 503 with Retry-After when the queue timeout runs out.
