@@ -1,131 +1,174 @@
-//! Overload: what callers see when offered load passes the backend's capacity.
+//! Overload: what callers see when offered load passes the backend's capacity, with
+//! loadgate in front as shipped (its default configuration) and, in the same run,
+//! nginx as a plain pass-through and HAProxy configured for overload by hand.
 //!
-//! An open-loop, constant-arrival generator sends requests on schedule whether or
-//! not earlier ones returned, and measures latency from the *scheduled* send time,
-//! so coordinated omission cannot hide queueing. The simulated backend has a fixed
-//! capacity (20 workers × 50 ms = 400 req/s). Offered load is 0.5×, 1×, 2× and 4×
-//! that, a 1:4 mix of critical and sheddable requests, through:
-//! - loadgate enforcing, with the default thresholds (sheddable 0.70);
-//! - loadgate enforcing, with sheddable at 0.90 (band 0.10), tuned for goodput;
-//! - loadgate with shedding off (plain pass-through);
-//! - nginx as plain pass-through, when installed.
+//! The backend is a real Tomcat 10 when Debian's `tomcat10` is installed, otherwise
+//! loadgate's simulated Tomcat with its actuator on the main port (so actuator polls
+//! take a worker, as on Tomcat). 8 workers, 50 ms of work per request: capacity
+//! 160 req/s. Routes: `/api/checkout` critical, `/api/reports` sheddable.
 //!
-//! Printed per target and load: goodput (2xx/s), admitted (2xx) p50/p99, shed %
-//! (429), critical success %, and errors (timeouts, 5xx). Targets at 4×: goodput
-//! ≥ 95% of capacity, admitted p99 ≤ 2× the p99 at 0.5×, critical success ≥ 99.9%.
-//! A micro-benchmark of the admission decision (target < 1 µs) comes first.
+//! Load is open-loop and constant-arrival (`common/openloop.rs`): every request is
+//! sent at its scheduled time whether or not earlier ones returned, and its latency
+//! counts from that scheduled time, so queueing cannot hide behind a slow client.
+//! Critical requests arrive at a quarter of capacity throughout; the rest of the load
+//! is sheddable. Each scenario starts with 1 s at 0.5x (not measured). Scenarios:
+//! 1. steady 0.5x;
+//! 2. a step to 2x, 4x and 10x, then 2 s back at 0.5x;
+//! 3. dependency slowdown: work goes from 50 to 500 ms for 2 x SECS, then back, at 1x
+//!    (critical at a quarter of the *slowed* capacity here: a quarter of the normal
+//!    one would need 2.5x the slowed pool by itself);
+//! 4. a burst of 150 critical requests at once (1 ms of work each);
+//! 5. a retry storm at 4x: sheddable clients re-send every 429/503 up to 3 times at once;
+//! 6. two loadgate instances in front of one backend, each taking half of 4x;
+//! 7. bypass: 6 closed-loop clients straight to the backend (three quarters of the
+//!    pool) while the proxy carries critical load plus 2x sheddable;
+//! 8. 4x where sheddable work takes 500 ms (critical stays 50 ms).
+//!
+//! Per target and scenario: goodput (work served / capacity), critical success and
+//! p99 (over the overload and the 2 s after it, against the unloaded p99 measured
+//! first straight at the backend), sheddable success, the sheddable requests shed
+//! while the backend's own busy/max was under 70% (polled every 50 ms, in 100 ms
+//! windows), errors, and how long shedding lasts once the load drops. A summary
+//! checks loadgate against the targets. A micro-benchmark of the admission decision
+//! comes first.
 //!
 //! Run: `cargo bench --bench overload`. Settings (environment):
-//! - `LOADGATE_BENCH_SECS` seconds per load level (default 5)
-//! - `LOADGATE_BENCH_NGINX` path of nginx, or `off` to skip it
+//! - `LOADGATE_BENCH_SECS` seconds of each overload (default 4; the slowdown lasts twice
+//!   that); with the default the whole bench takes about 5 minutes on 2 cores
+//! - `LOADGATE_BENCH_BACKEND` `auto` (Tomcat when installed), `tomcat` or `sim`
+//! - `LOADGATE_BENCH_ONLY` comma-separated scenarios to run: steady, step, slowdown,
+//!   burst, retry, two, bypass, expensive (default all)
+//! - `LOADGATE_BENCH_NGINX`, `LOADGATE_BENCH_HAPROXY` path of the binary, or `off`
 
 mod common;
+#[path = "common/overload_report.rs"]
+mod report;
+#[path = "common/overload_scenarios.rs"]
+mod scenarios;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
-use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use common::backend::{Backend, Choice};
+use common::openloop::{self, Plan, Planned};
 use loadgate::admission::Slots;
-use loadgate::config::{Config, RouteClass, ShedMode};
+use loadgate::config::{Config, RouteClass};
 use loadgate::server::Proxy;
-use loadgate::sim::{SimBackend, SimConfig};
+use report::{Measured, Recorded};
+use scenarios::{scenarios, Phase, Scenario};
 use tokio::time::Instant;
 
-const WORKERS: usize = 20;
-const SERVICE_MS: f64 = 50.0;
-const CAPACITY: f64 = WORKERS as f64 * 1000.0 / SERVICE_MS;
-const LOADS: [f64; 4] = [0.5, 1.0, 2.0, 4.0];
-/// One request in this many is critical; the rest are sheddable.
-const CRITICAL_EVERY: usize = 5;
-/// A request unanswered after this long counts as an error.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The backend's pool (Tomcat `maxThreads`).
+const WORKERS: usize = 8;
+/// Work per request, normally.
+const WORK_MS: u64 = 50;
+/// Work per request while the dependency is slow, and for expensive sheddable work.
+const SLOW_MS: u64 = 500;
+const CAPACITY: f64 = WORKERS as f64 * 1000.0 / WORK_MS as f64;
+/// Critical requests per second: a quarter of capacity.
+const CRITICAL_RATE: f64 = CAPACITY / 4.0;
+/// Critical requests per second in the slowdown: a quarter of the *slowed* capacity.
+/// (A quarter of the normal one would alone need 2.5x the slowed pool, and no proxy
+/// could keep its critical promises.)
+const SLOW_CRITICAL_RATE: f64 = CRITICAL_RATE * WORK_MS as f64 / SLOW_MS as f64;
+/// Requests in the burst, and the work of each.
+const BURST: usize = 150;
+const BURST_MS: u64 = 1;
+/// Re-sends of a rejected sheddable request in the retry storm.
+const RETRIES: u32 = 3;
+/// Closed-loop clients sending straight to the backend in the bypass scenario.
+const BYPASS_CLIENTS: usize = 6;
+/// A caller gives up on an attempt after this long (counted as an error).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Load at which the step scenarios start and end.
+const BASE_LOAD: f64 = 0.5;
+/// How long the load stays at 0.5x after an overload.
+const TAIL: Duration = Duration::from_secs(2);
+/// Not measured: lets every target warm its connections and read the actuator once.
+const WARMUP: Duration = Duration::from_secs(1);
+/// Utilisation below which shedding a sheddable request counts as premature.
+const SHED_LINE: f64 = 0.7;
+const UTIL_EVERY: Duration = Duration::from_millis(50);
+const UTIL_WINDOW: Duration = Duration::from_millis(100);
+/// Route paths, as loadgate's and HAProxy's configs name them.
+const CHECKOUT: &str = "/api/checkout";
+const REPORTS: &str = "/api/reports";
+/// Outcome kinds.
+const CRITICAL: usize = 0;
+const SHEDDABLE: usize = 1;
 
 fn main() {
-    let secs: f64 = common::env_or("LOADGATE_BENCH_SECS", 5.0);
-    let duration = Duration::from_secs_f64(secs);
+    let began = std::time::Instant::now();
+    let secs: f64 = common::env_or("LOADGATE_BENCH_SECS", 4.0);
+    let only: String = common::env_or("LOADGATE_BENCH_ONLY", String::new());
+    let wanted = |key: &str| only.is_empty() || only.split(',').any(|k| k.trim() == key);
     println!("## admission decision (micro-benchmark)\n");
     decision_micro_bench();
 
+    let Some(mut backend) = Backend::start(Choice::from_env(), WORKERS) else {
+        eprintln!("overload: LOADGATE_BENCH_BACKEND=tomcat but Tomcat is not installed");
+        std::process::exit(1);
+    };
+    let load_rt = runtime(1);
     println!(
-        "\n## overload: backend capacity {CAPACITY:.0} req/s ({WORKERS} workers x {SERVICE_MS} ms), \
-         {secs} s per level, 1 in {CRITICAL_EVERY} requests critical\n"
+        "\n## overload: {}\n\ncapacity {CAPACITY:.0} req/s ({WORKERS} workers x {WORK_MS} ms); \
+         critical {CRITICAL_RATE:.0} req/s ({CHECKOUT}), the rest sheddable ({REPORTS}); \
+         {secs} s per overload; client timeout {CLIENT_TIMEOUT:?}\n",
+        backend.label()
     );
-    let backend_rt = runtime(1);
-    let backend = backend_rt
-        .block_on(SimBackend::start(SimConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            workers: WORKERS,
-            service_time_ms: SERVICE_MS,
-            max_keep_alive_requests: 0,
-            keep_alive_timeout_ms: 60_000,
-            ..SimConfig::default()
-        }))
-        .expect("backend starts");
+    let targets = available_targets();
+    let unloaded = unloaded_p99(&backend, &load_rt);
+    println!(
+        "unloaded critical p99, straight at the backend ({WORK_MS} ms work): {unloaded:.1} ms\n"
+    );
+    println!("{}\n", report::LEGEND);
 
-    let targets: Vec<(&str, Option<(ShedMode, f64)>)> = vec![
-        (
-            "loadgate enforce (defaults)",
-            Some((ShedMode::Enforce, 0.70)),
-        ),
-        (
-            "loadgate enforce (sheddable 0.90)",
-            Some((ShedMode::Enforce, 0.90)),
-        ),
-        ("loadgate shedding off", Some((ShedMode::Off, 0.70))),
-        ("nginx pass-through", None),
-    ];
-    let mut rows = Vec::new();
-    let mut verdicts = Vec::new();
-    for (name, setup) in targets {
-        let proxy_rt = runtime(2);
-        let (addr, _guard): (SocketAddr, Box<dyn std::any::Any>) = match setup {
-            Some((mode, sheddable)) => {
-                let proxy = proxy_rt
-                    .block_on(Proxy::start(config(backend.addr(), mode, sheddable)))
-                    .expect("proxy starts");
-                (proxy.addr(), Box::new(proxy))
-            }
-            None => match common::nginx::start_or_skip(|dir, listen| {
-                common::nginx::proxy_conf(dir, 2, listen, backend.addr())
-            }) {
-                Some(nginx) => (nginx.addr, Box::new(nginx)),
-                None => continue,
-            },
-        };
-        let load_rt = runtime(1);
-        let mut results = Vec::new();
-        for factor in LOADS {
-            let result = load_rt.block_on(open_loop(addr, CAPACITY * factor, duration));
-            // Let the backlog of a pass-through target drain before the next level.
-            std::thread::sleep(Duration::from_millis(500));
-            rows.push(result.row(name, factor, duration));
-            results.push((factor, result));
+    let mut results: HashMap<(String, Target), Measured> = HashMap::new();
+    for group in scenarios(Duration::from_secs_f64(secs)) {
+        if !wanted(group.key) {
+            continue;
         }
-        verdicts.push((name, verdict(&results, duration)));
+        println!("### {}\n", group.title);
+        let mut rows = Vec::new();
+        for scenario in &group.scenarios {
+            for &target in &targets {
+                if scenario.instances > 1 && target != Target::Loadgate {
+                    continue;
+                }
+                eprintln!(
+                    "overload [{:>3.0} s]: {} / {}",
+                    began.elapsed().as_secs_f64(),
+                    scenario.key,
+                    target.name(1)
+                );
+                if backend.settle_or_restart(settle_time(&backend)) {
+                    eprintln!("overload: the backend had not drained; started a fresh one");
+                }
+                let Some(measured) = run(scenario, target, &backend, &load_rt) else {
+                    continue;
+                };
+                rows.push(measured.row(target.name(scenario.instances), scenario, unloaded));
+                results.insert((scenario.key.clone(), target), measured);
+            }
+        }
+        report::print_markdown(&report::COLUMNS, &rows);
+        if !group.note.is_empty() {
+            println!("\n{}", group.note);
+        }
+        println!();
     }
-    common::print_table(
-        &[
-            "target",
-            "load",
-            "goodput/s",
-            "of capacity",
-            "admitted p50",
-            "admitted p99",
-            "shed",
-            "critical ok",
-            "errors",
-        ],
-        &rows,
-    );
-    println!("\nTargets at 4x: goodput >= 95% of capacity, admitted p99 <= 2x the p99 at 0.5x, critical success >= 99.9%");
-    for (name, verdict) in verdicts {
-        println!("{name}: {verdict}");
+    report::summary(&results, unloaded);
+    eprintln!("overload: done in {:.0} s", began.elapsed().as_secs_f64());
+}
+
+fn settle_time(backend: &Backend) -> Duration {
+    if backend.is_tomcat() {
+        Duration::from_secs(4)
+    } else {
+        Duration::from_secs(1)
     }
-    backend_rt.block_on(backend.shutdown());
 }
 
 fn runtime(threads: usize) -> tokio::runtime::Runtime {
@@ -136,7 +179,110 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn config(backend: SocketAddr, mode: ShedMode, sheddable: f64) -> Config {
+// ---------------------------------------------------------------------------
+// Targets
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Target {
+    Loadgate,
+    Nginx,
+    HaProxy,
+}
+
+impl Target {
+    fn name(self, instances: usize) -> String {
+        match self {
+            Target::Loadgate if instances > 1 => format!("loadgate x{instances} (defaults)"),
+            Target::Loadgate => "loadgate (defaults)".to_string(),
+            Target::Nginx => "nginx pass-through".to_string(),
+            Target::HaProxy => "HAProxy (maxconn 8, priority queue, 429)".to_string(),
+        }
+    }
+}
+
+/// loadgate always; nginx and HAProxy when installed (otherwise says why not).
+fn available_targets() -> Vec<Target> {
+    let mut targets = vec![Target::Loadgate];
+    match common::nginx::find() {
+        Ok(_) => targets.push(Target::Nginx),
+        Err(why) => println!("nginx rows skipped: {why}"),
+    }
+    match common::haproxy::find() {
+        Ok(_) => targets.push(Target::HaProxy),
+        Err(why) => println!("HAProxy rows skipped: {why}"),
+    }
+    targets
+}
+
+/// A running target. [`Stack::stop`] drains loadgate (bounded); nginx and HAProxy get
+/// SIGTERM by their PID when dropped.
+enum Stack {
+    Loadgate(Vec<(tokio::runtime::Runtime, Proxy)>),
+    Nginx(common::nginx::Nginx),
+    HaProxy(common::haproxy::HaProxy),
+}
+
+impl Stack {
+    fn start(target: Target, instances: usize, backend: SocketAddr) -> Option<Stack> {
+        match target {
+            Target::Loadgate => Some(Stack::Loadgate(
+                (0..instances)
+                    .map(|_| {
+                        // Admin, health checks and actuator polls run here; the data
+                        // plane on loadgate's own worker threads.
+                        let rt = runtime(1);
+                        let proxy = rt
+                            .block_on(Proxy::start(loadgate_config(backend)))
+                            .expect("loadgate starts");
+                        (rt, proxy)
+                    })
+                    .collect(),
+            )),
+            Target::Nginx => common::nginx::start_or_skip(|dir, listen| {
+                common::nginx::proxy_conf(dir, 2, listen, backend)
+            })
+            .map(Stack::Nginx),
+            Target::HaProxy => common::haproxy::start_or_skip(|listen| {
+                common::haproxy::overload_conf(&common::haproxy::OverloadSetup {
+                    listen,
+                    backend,
+                    pool: WORKERS,
+                    critical_prefix: CHECKOUT.to_string(),
+                    sheddable_prefix: REPORTS.to_string(),
+                    shed_queue: WORKERS,
+                    queue_timeout: Duration::from_secs(1),
+                })
+            })
+            .map(Stack::HaProxy),
+        }
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Stack::Loadgate(proxies) => proxies.iter().map(|(_, p)| p.addr()).collect(),
+            Stack::Nginx(nginx) => vec![nginx.addr],
+            Stack::HaProxy(haproxy) => vec![haproxy.addr],
+        }
+    }
+
+    fn stop(self) {
+        if let Stack::Loadgate(proxies) = self {
+            for (rt, proxy) in proxies {
+                // Bounded: requests still in flight would hold the drain for 30 s.
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(3), proxy.shutdown()).await;
+                });
+                rt.shutdown_timeout(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// loadgate as shipped: only the listeners (port 0), the backend, its pool size and
+/// the two routes are set; everything else (thresholds, the actuator poller, health
+/// checks, worker threads) is the default.
+fn loadgate_config(backend: SocketAddr) -> Config {
     let text = format!(
         r#"
 [server]
@@ -144,154 +290,180 @@ listen = ["127.0.0.1:0"]
 [admin]
 listen = "127.0.0.1:0"
 [[upstream]]
-name = "bench"
+name = "app"
 backends = ["{backend}"]
 max_workers = {WORKERS}
-[upstream.health]
-enabled = false
-[upstream.actuator]
-enabled = false
-[upstream.shedding]
-mode = "{mode}"
-sheddable = {sheddable}
 [[route]]
 name = "checkout"
-path_prefix = "/api/checkout"
-upstream = "bench"
+path_prefix = "{CHECKOUT}"
+upstream = "app"
 class = "critical"
 [[route]]
 name = "reports"
-path_prefix = "/api/reports"
-upstream = "bench"
+path_prefix = "{REPORTS}"
+upstream = "app"
 class = "sheddable"
-"#,
-        mode = mode.as_str()
+"#
     );
     Config::parse(&text, "overload bench").expect("bench config is valid")
 }
 
-#[derive(Default)]
-struct LevelResult {
-    sent: usize,
-    ok_latencies_us: Vec<u32>,
-    ok_in_window: usize,
-    shed: usize,
-    errors: usize,
-    critical_sent: usize,
-    critical_ok: usize,
-}
+// ---------------------------------------------------------------------------
+// Running a scenario
+// ---------------------------------------------------------------------------
 
-impl LevelResult {
-    fn goodput(&self, duration: Duration) -> f64 {
-        self.ok_in_window as f64 / duration.as_secs_f64()
-    }
-
-    fn p(&self, q: f64) -> f64 {
-        common::quantile_us(&self.ok_latencies_us, q).map_or(f64::NAN, f64::from)
-    }
-
-    fn critical_success(&self) -> f64 {
-        100.0 * self.critical_ok as f64 / self.critical_sent.max(1) as f64
-    }
-
-    fn row(&self, name: &str, factor: f64, duration: Duration) -> Vec<String> {
-        vec![
-            name.to_string(),
-            format!("{factor}x"),
-            format!("{:.0}", self.goodput(duration)),
-            format!("{:.1}%", 100.0 * self.goodput(duration) / CAPACITY),
-            common::fmt_us(self.p(0.50)),
-            common::fmt_us(self.p(0.99)),
-            format!("{:.1}%", 100.0 * self.shed as f64 / self.sent.max(1) as f64),
-            format!("{:.2}%", self.critical_success()),
-            self.errors.to_string(),
-        ]
-    }
-}
-
-fn verdict(results: &[(f64, LevelResult)], duration: Duration) -> String {
-    let at = |f: f64| results.iter().find(|(x, _)| *x == f).map(|(_, r)| r);
-    let (Some(low), Some(high)) = (at(0.5), at(4.0)) else {
-        return "incomplete".to_string();
-    };
-    let goodput = high.goodput(duration) / CAPACITY;
-    let p99_ratio = high.p(0.99) / low.p(0.99);
-    let critical = high.critical_success();
-    let mark = |ok: bool| if ok { "ok" } else { "MISSED" };
-    format!(
-        "goodput {:.1}% [{}], p99 4x/0.5x {:.2} [{}], critical {:.2}% [{}]",
-        100.0 * goodput,
-        mark(goodput >= 0.95),
-        p99_ratio,
-        mark(p99_ratio <= 2.0),
-        critical,
-        mark(critical >= 99.9)
-    )
-}
-
-/// Sends `rate` requests per second for `duration`, each at its scheduled time.
-async fn open_loop(addr: SocketAddr, rate: f64, duration: Duration) -> LevelResult {
-    let client: Client<_, http_body_util::Empty<bytes::Bytes>> =
-        Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(4096)
-            .build_http();
-    let total = (rate * duration.as_secs_f64()) as usize;
-    let gap = Duration::from_secs_f64(1.0 / rate);
-    let start = Instant::now() + Duration::from_millis(50);
-    let window_end = start + duration;
-    let mut tasks = Vec::with_capacity(total);
-    for i in 0..total {
-        let scheduled = start + gap * i as u32;
-        let critical = i % CRITICAL_EVERY == 0;
-        let path = if critical {
-            "/api/checkout"
-        } else {
-            "/api/reports"
+fn run(
+    scenario: &Scenario,
+    target: Target,
+    backend: &Backend,
+    load_rt: &tokio::runtime::Runtime,
+) -> Option<Measured> {
+    let stack = Stack::start(target, scenario.instances, backend.addr())?;
+    let addrs = stack.addrs();
+    let (plan, work_ms) = build_plan(scenario, &addrs, backend);
+    let total: Duration = scenario.phases.iter().map(|p| p.length).sum();
+    let probe = backend.probe();
+    let bypass = bypass_phase(scenario).map(|(from, phase)| {
+        let load = common::Load {
+            addr: backend.addr(),
+            path: format!("/api/bypass?{}", backend.work_query(WORK_MS)),
+            headers: Vec::new(),
+            connections: phase.bypass,
+            warmup: Duration::ZERO,
+            duration: phase.length,
+            request_timeout: CLIENT_TIMEOUT,
         };
-        let url = format!("http://{addr}{path}");
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(scheduled).await;
-            let request = Request::get(url)
-                .body(http_body_util::Empty::new())
-                .unwrap();
-            let exchange = async {
-                let response = client.request(request).await.ok()?;
-                let status = response.status().as_u16();
-                response.into_body().collect().await.ok()?;
-                Some(status)
+        (from, load)
+    });
+    let (outcomes, samples, bypass_ok) = load_rt.block_on(async {
+        let start = Instant::now() + Duration::from_millis(100);
+        let bypass = async {
+            let Some((from, load)) = &bypass else {
+                return 0;
             };
-            let status = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-                .await
-                .ok()
-                .flatten();
-            (critical, status, scheduled.elapsed(), Instant::now())
-        }));
-    }
-    let mut result = LevelResult {
-        sent: total,
-        ..LevelResult::default()
+            tokio::time::sleep_until(start + *from).await;
+            load.run().await.ok()
+        };
+        tokio::join!(
+            openloop::run(&plan, start, CLIENT_TIMEOUT),
+            probe.sample(WORKERS, start, start + total, UTIL_EVERY),
+            bypass
+        )
+    });
+    stack.stop();
+    let recorded = Recorded {
+        outcomes,
+        work_ms,
+        samples,
+        bypass_ok,
     };
-    for task in tasks {
-        let (critical, status, latency, finished) = task.await.expect("request task");
-        result.critical_sent += usize::from(critical);
-        match status {
-            Some(200..=299) => {
-                result
-                    .ok_latencies_us
-                    .push(latency.as_micros().min(u32::MAX as u128) as u32);
-                if finished <= window_end {
-                    result.ok_in_window += 1;
-                }
-                result.critical_ok += usize::from(critical);
-            }
-            Some(429) => result.shed += 1,
-            _ => result.errors += 1,
-        }
-    }
-    result.ok_latencies_us.sort_unstable();
-    result
+    Some(Measured::from(scenario, &recorded))
 }
+
+/// The phase with bypassing clients, and when it starts.
+fn bypass_phase(scenario: &Scenario) -> Option<(Duration, &Phase)> {
+    let mut from = Duration::ZERO;
+    for phase in &scenario.phases {
+        if phase.bypass > 0 {
+            return Some((from, phase));
+        }
+        from += phase.length;
+    }
+    None
+}
+
+/// The requests of a scenario: per phase a critical and a sheddable stream (offset by
+/// half a gap from each other), spread over `addrs` in turn, plus any burst.
+fn build_plan(scenario: &Scenario, addrs: &[SocketAddr], backend: &Backend) -> (Plan, Vec<u64>) {
+    let mut plan = Plan::default();
+    let mut work_ms = Vec::new();
+    let mut from = Duration::ZERO;
+    for phase in &scenario.phases {
+        let streams = [
+            (
+                CRITICAL,
+                CHECKOUT,
+                phase.critical_rate,
+                phase.critical_ms,
+                0,
+                0.0,
+            ),
+            (
+                SHEDDABLE,
+                REPORTS,
+                phase.sheddable_rate,
+                phase.sheddable_ms,
+                phase.retries,
+                0.5,
+            ),
+        ];
+        for (kind, route, rate, ms, retries, offset) in streams {
+            let path = format!("{route}?{}", backend.work_query(ms));
+            plan.constant_rate(from, phase.length, rate, offset, |i| Planned {
+                at: Duration::ZERO,
+                addr: addrs[i % addrs.len()],
+                path: path.clone(),
+                kind,
+                retries,
+            });
+            work_ms.resize(plan.requests.len(), ms);
+        }
+        let path = format!("{CHECKOUT}?{}", backend.work_query(BURST_MS));
+        plan.burst(from, phase.burst, |i| Planned {
+            at: Duration::ZERO,
+            addr: addrs[i % addrs.len()],
+            path: path.clone(),
+            kind: CRITICAL,
+            retries: 0,
+        });
+        work_ms.resize(plan.requests.len(), BURST_MS);
+        from += phase.length;
+    }
+    (plan, work_ms)
+}
+
+/// Critical p99 straight at the backend with no other load: 10 requests to warm up,
+/// then 100 at 25 per second (so the p99 is not just the slowest one).
+fn unloaded_p99(backend: &Backend, load_rt: &tokio::runtime::Runtime) -> f64 {
+    let path = format!("{CHECKOUT}?{}", backend.work_query(WORK_MS));
+    let plan = |count: usize| {
+        let mut plan = Plan::default();
+        plan.constant_rate(
+            Duration::ZERO,
+            Duration::from_secs_f64(count as f64 / 25.0),
+            25.0,
+            0.0,
+            |_| Planned {
+                at: Duration::ZERO,
+                addr: backend.addr(),
+                path: path.clone(),
+                kind: CRITICAL,
+                retries: 0,
+            },
+        );
+        plan
+    };
+    let (_, measured) = load_rt.block_on(async {
+        let warm = openloop::run(&plan(10), Instant::now(), CLIENT_TIMEOUT).await;
+        let measured = openloop::run(&plan(100), Instant::now(), CLIENT_TIMEOUT).await;
+        (warm, measured)
+    });
+    let mut latencies: Vec<u32> = measured
+        .iter()
+        .filter(|o| o.ok())
+        .map(|o| micros(o.latency()))
+        .collect();
+    latencies.sort_unstable();
+    common::quantile_us(&latencies, 0.99).map_or(f64::NAN, |us| f64::from(us) / 1000.0)
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+// ---------------------------------------------------------------------------
+// The admission decision
+// ---------------------------------------------------------------------------
 
 /// The admission decision for one request, end to end in memory: read the signal,
 /// decide, reserve the in-flight slot, release it. Medians of several runs.

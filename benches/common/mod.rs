@@ -5,8 +5,13 @@
 //! Not here: anything about what a bench compares; each bench decides its targets.
 #![allow(dead_code)]
 
+pub mod backend;
+pub mod haproxy;
 pub mod hyper_floor;
 pub mod nginx;
+pub mod openloop;
+#[path = "../../tests/support/tomcat.rs"]
+pub mod tomcat;
 pub mod waves;
 
 use std::io::{BufRead, BufReader, Write};
