@@ -31,6 +31,8 @@ pub struct Signal {
     /// The ratio in force: `(own in-flight + external load) / pool`.
     pub utilisation: f64,
     pub source: Source,
+    /// This proxy's requests in flight to the upstream.
+    pub own: usize,
     /// Own in-flight ÷ pool (or ÷ the learned limit when adaptive).
     pub local: f64,
     /// Load the backends report beyond this proxy's own, in workers.
@@ -180,13 +182,8 @@ impl Admission {
             .iter()
             .enumerate()
             .map(|(i, r)| (r.estimate(), slots.backend_in_rotation(i)));
-        let mut parts = signal::combine(
-            slots.inflight() as f64,
-            self.max_workers,
-            backends,
-            now,
-            self.interval,
-        );
+        let own = slots.inflight();
+        let mut parts = signal::combine(own as f64, self.max_workers, backends, now, self.interval);
         let mut source = if parts.reported {
             Source::Reported
         } else {
@@ -200,6 +197,7 @@ impl Admission {
         Signal {
             utilisation: parts.utilisation(),
             source,
+            own,
             local: parts.own / parts.pool,
             external: parts.external,
             pool: parts.pool,
@@ -318,7 +316,7 @@ impl Admission {
         let metrics = decision_metrics();
         // Enforce mode would not have let this proxy pass its room: at the room, a
         // critical request queues and the others are shed.
-        let at_room = signal.local * signal.pool >= signal.room as f64;
+        let at_room = signal.own >= signal.room;
         let outcome = match (class, outcome) {
             (RouteClass::Critical, Outcome::Admit) if at_room => Outcome::Queue,
             (_, Outcome::Admit) if at_room => Outcome::Shed,
@@ -333,7 +331,7 @@ impl Admission {
             ),
             Outcome::Queue => {
                 // The requests beyond the room are the ones that would be waiting.
-                let ahead = (signal.local * signal.pool - signal.room as f64).max(0.0);
+                let ahead = signal.own.saturating_sub(signal.room) as f64;
                 let rate = self.drain.rate(Instant::now());
                 let wait = if rate > 0.0 { ahead / rate } else { 0.0 };
                 if wait > self.config.queue_timeout.as_secs_f64() {
@@ -582,7 +580,7 @@ impl Episode {
             tracing::warn!(
                 upstream,
                 utilisation = format_args!("{:.2}", signal.utilisation),
-                own = format_args!("{:.0}", signal.local * signal.pool),
+                own = signal.own,
                 external = format_args!("{:.1}", signal.external),
                 pool = format_args!("{:.0}", signal.pool),
                 source = %signal.source,
