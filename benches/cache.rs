@@ -46,7 +46,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use loadgate::server::Proxy;
+use loadgate::listener::Proxy;
 use loadgate::sim::{SimBackend, SimConfig, SimRoute, SimStats};
 
 /// The first argument of a helper process.

@@ -55,7 +55,7 @@ use common::backend::{Backend, Choice};
 use common::openloop::{self, Plan, Planned};
 use loadgate::admission::Slots;
 use loadgate::config::{Config, RouteClass};
-use loadgate::server::Proxy;
+use loadgate::listener::Proxy;
 use report::{Measured, Recorded};
 use scenarios::{scenarios, Phase, Scenario};
 use tokio::time::Instant;

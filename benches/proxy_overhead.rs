@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{env_or, fmt_us, median, print_table, Load, Process, Runs};
-use loadgate::server::Proxy;
+use loadgate::listener::Proxy;
 use loadgate::sim::{SimBackend, SimConfig};
 
 /// The first argument of a helper process.

@@ -52,7 +52,7 @@ use common::waves::{WaveRequest, Waves, WavesResult};
 use common::{env_or, fmt_us, median, print_table, quantile_us, Load, LoadResult, Process};
 use http::Method;
 use loadgate::config::Config;
-use loadgate::server::Proxy;
+use loadgate::listener::Proxy;
 use loadgate::sim::{SimBackend, SimConfig};
 
 /// The first argument of a helper process.

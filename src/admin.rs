@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::state::Shared;
+use crate::forward::state::Shared;
 
 /// Serves the admin endpoints until shutdown; also runs the metrics upkeep.
 pub async fn serve(

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
-use crate::server::Proxy;
+use crate::listener::Proxy;
 use crate::sim::SimBackend;
 
 /// Runs until SIGINT or SIGTERM. `path` is the file SIGHUP reloads from.

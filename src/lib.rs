@@ -3,25 +3,31 @@
 //!
 //! # Layout
 //!
+//! Folders are the stages of the data path:
+//!
 //! ```text
 //! main.rs         CLI (clap): run / demo / sim-backend / check-config
 //! app.rs          the long-running commands: signals, reload, drain
 //! config/         TOML → validated Config; every error reported with its line
-//! server.rs       listeners (HTTP/1.1 + h2c), accept loop, connection limits, reload, drain
-//! activity.rs     per-connection activity: header read and keep-alive idle timeouts
-//! framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
-//! stack.rs        the service around the handler: request id; redaction and trace at DEBUG
-//! proxy.rs        the handler: probe → route → forward → respond
-//! routes.rs       host + path prefix → route (upstream, class, cache policy)
-//! headers.rs      hop-by-hop stripping, Via, X-Forwarded-*
+//! listener/       listeners (HTTP/1.1 + h2c), worker threads, accept loop, reload, drain
+//!   workers.rs      worker identity and count (a leaf: the pool keys its stacks by it)
+//!   activity.rs     per-connection header read and keep-alive idle deadlines
+//!   framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
+//! http/           plumbing every stage shares
+//!   body.rs         streamed body types; guards released when a body ends
+//!   headers.rs      hop-by-hop stripping, Via, X-Forwarded-*
+//!   error.rs        the proxy's errors and the one error → status table
+//! forward/        the request path
+//!   stack.rs        the service around the handler: request id; redaction and trace at DEBUG
+//!   handler.rs      the handler: probe → route → cache → admission → forward → respond
+//!   routes.rs       host + path prefix → route (upstream, class, cache policy)
+//!   state.rs        the config generation in force, swapped atomically on reload
+//! cache/          shared HTTP cache per route: key, policy, conditionals, store, fill
+//! admission/      utilisation signal (own + external load, adaptive), the shedding
+//!                 decision, the critical queue, the actuator poller
 //! upstream/       connection pool (retry-once on stale reuse, connect backoff), backends,
 //!                 balancing, passive ejection, health checks
-//! body.rs         streamed body types; guards released when a body ends
-//! state.rs        the config generation in force, swapped atomically on reload
-//! error.rs        the proxy's errors and the one error → status table
 //! metrics.rs      metric names and labels, declared in one place
-//! cache/          shared HTTP cache per route: key, policy, conditionals, store, fill
-//! admission/      utilisation signal (local, actuator, adaptive) and the shedding decision
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
 //! ```
@@ -46,21 +52,14 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod activity;
 pub mod admin;
 pub mod admission;
 pub mod app;
-pub mod body;
 pub mod cache;
 pub mod config;
-pub mod error;
-pub mod framing;
-pub mod headers;
+pub mod forward;
+pub mod http;
+pub mod listener;
 pub mod metrics;
-pub mod proxy;
-pub mod routes;
-pub mod server;
 pub mod sim;
-pub mod stack;
-pub mod state;
 pub mod upstream;

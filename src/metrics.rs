@@ -16,7 +16,7 @@ pub const REQUESTS_TOTAL: &str = "loadgate_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "loadgate_request_duration_seconds";
 /// Requests this proxy has in flight to an upstream, by `upstream`.
 pub const UPSTREAM_INFLIGHT: &str = "loadgate_upstream_inflight";
-/// Failed upstream exchanges, by `upstream` and `kind` (see [`ErrorKind`](crate::error::UpstreamErrorKind)).
+/// Failed upstream exchanges, by `upstream` and `kind` (see [`ErrorKind`](crate::http::error::UpstreamErrorKind)).
 pub const UPSTREAM_ERRORS_TOTAL: &str = "loadgate_upstream_errors_total";
 /// Requests whose reused upstream connection died before any response byte, by
 /// `upstream` and `outcome` (`retried` on a fresh connection, `not_retryable`: answered 502).

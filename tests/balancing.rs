@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use http::Request;
 use http_body_util::BodyExt;
-use loadgate::body::empty;
 use loadgate::config::{Config, HealthConfig, ShedMode};
-use loadgate::server::Proxy;
+use loadgate::http::body::empty;
+use loadgate::listener::Proxy;
 use loadgate::sim::{SimBackend, SimConfig};
 use support::*;
 

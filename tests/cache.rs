@@ -16,10 +16,10 @@ use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use loadgate::body::empty;
 use loadgate::cache::{CacheSettings, CacheStats};
 use loadgate::config::{CachePolicy, Config};
-use loadgate::server::Proxy;
+use loadgate::http::body::empty;
+use loadgate::listener::Proxy;
 use loadgate::sim::{SimBackend, SimConfig};
 use support::*;
 

@@ -10,7 +10,7 @@ use futures_util::stream;
 use http::Request;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
-use loadgate::body::empty;
+use loadgate::http::body::empty;
 use support::*;
 
 #[tokio::test]
@@ -66,7 +66,7 @@ async fn chunked_post_streams_through() {
     let backend = TestBackend::new().start().await;
     let proxy = start_proxy(proxy_config(backend.addr())).await;
     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-    let chunks: Vec<Result<Frame<Bytes>, loadgate::body::BoxError>> =
+    let chunks: Vec<Result<Frame<Bytes>, loadgate::http::body::BoxError>> =
         (0..20).map(|_| Ok(Frame::data(chunk.clone()))).collect();
     let streamed = StreamBody::new(stream::iter(chunks)).boxed_unsync();
     let req = Request::post(format!("http://{}/api/echo", proxy.addr()))

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use loadgate::config::{ActuatorSettings, Config, ShedMode};
-use loadgate::server::Proxy;
+use loadgate::listener::Proxy;
 use support::*;
 
 const WORKERS: usize = 10;

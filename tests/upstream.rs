@@ -28,7 +28,7 @@ async fn tomcat_like() -> SimBackend {
 
 /// A proxy for `backend` whose idle timeout (5 s) is LONGER than the backend's
 /// keep-alive (1 s), so pooled connections go stale on purpose.
-async fn proxy_longer_idle(backend: &SimBackend, upstream: &str) -> loadgate::server::Proxy {
+async fn proxy_longer_idle(backend: &SimBackend, upstream: &str) -> loadgate::listener::Proxy {
     let mut config = proxy_config(backend.addr());
     config.upstreams[0].name = upstream.to_string();
     config.upstreams[0].idle_timeout = Duration::from_secs(5);
@@ -42,7 +42,7 @@ async fn proxy_longer_idle(backend: &SimBackend, upstream: &str) -> loadgate::se
 }
 
 /// The value of the series whose line starts with `series` (name and labels), 0 if absent.
-async fn metric(proxy: &loadgate::server::Proxy, series: &str) -> f64 {
+async fn metric(proxy: &loadgate::listener::Proxy, series: &str) -> f64 {
     let text = get(&client(), &format!("http://{}/metrics", proxy.admin_addr()))
         .await
         .text();
@@ -75,7 +75,7 @@ async fn one(client: &TestClient, method: &str, url: &str, n: usize) -> Got {
     let body = if method == "POST" {
         body(format!("order {n}"))
     } else {
-        loadgate::body::empty()
+        loadgate::http::body::empty()
     };
     send(
         client,
@@ -92,7 +92,7 @@ async fn one(client: &TestClient, method: &str, url: &str, n: usize) -> Got {
 /// rounds of a 64-request burst (32 connections × 2) after an idle gap swept across the backend's 1 s
 /// keep-alive timeout (985…1015 ms), so bursts land just before, at and after it.
 async fn run_pattern(
-    proxy: &loadgate::server::Proxy,
+    proxy: &loadgate::listener::Proxy,
     method: &'static str,
     path: &str,
     concurrent: usize,
@@ -231,7 +231,7 @@ async fn posts_across_stale_connections_are_never_duplicated() {
 
 /// A proxy whose only backend is a closed port, with the default connect policy
 /// (3 attempts, backoff 100 ms doubling, cap 1 s).
-async fn proxy_to_closed_port(upstream: &str, backends: &[String]) -> loadgate::server::Proxy {
+async fn proxy_to_closed_port(upstream: &str, backends: &[String]) -> loadgate::listener::Proxy {
     let mut config = proxy_config_for(backends);
     config.upstreams[0].name = upstream.to_string();
     config.upstreams[0].health.enabled = false;

@@ -20,8 +20,8 @@ use md5::{Digest, Md5};
 use tokio::sync::watch;
 
 use super::{Entry, Inner};
-use crate::body::{BoxError, ProxyBody};
 use crate::cache::policy::Freshness;
+use crate::http::body::{BoxError, ProxyBody};
 
 /// Held by the one request filling a key; followers wake when it is dropped.
 pub struct Fill {

@@ -39,7 +39,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use tokio::sync::watch;
 
-use crate::body::{empty, full, ProxyBody};
+use crate::http::body::{empty, full, ProxyBody};
 use crate::metrics as m;
 use conditional::{Validators, Verdict};
 use policy::{Freshness, RequestRules, StoreRules};

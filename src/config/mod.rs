@@ -108,7 +108,7 @@ pub const MIN_HEADER_BYTES: usize = 8192;
 /// head it accepts must fit the framing scanner's window (`framing::MAX_HEAD`), or the
 /// ambiguous-framing check would be skipped for it.
 pub const MAX_HEADER_BYTES_LIMIT: usize = 128 * 1024;
-const _: () = assert!(2 * MAX_HEADER_BYTES_LIMIT <= crate::framing::MAX_HEAD);
+const _: () = assert!(2 * MAX_HEADER_BYTES_LIMIT <= crate::listener::framing::MAX_HEAD);
 
 impl Default for ServerConfig {
     fn default() -> Self {

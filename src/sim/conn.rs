@@ -4,7 +4,7 @@
 
 use super::body::SimBody;
 use super::handler::{App, Port};
-use crate::activity::{Activity, ActivityIo};
+use crate::listener::activity::{Activity, ActivityIo};
 use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;

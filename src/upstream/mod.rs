@@ -18,9 +18,9 @@ use tokio::time::Instant;
 
 use crate::admission::poller::spawn_poller;
 use crate::admission::{Admission, Slots};
-use crate::body::ProxyBody;
 use crate::config::{ActuatorSettings, RetryConfig, ShedMode, UpstreamConfig};
-use crate::error::UpstreamErrorKind;
+use crate::http::body::ProxyBody;
+use crate::http::error::UpstreamErrorKind;
 use crate::metrics as m;
 
 pub use health::spawn_health_checks;
@@ -165,8 +165,9 @@ pub struct SendError {
 
 impl Upstream {
     /// Builds the upstream and starts its health checks on the current runtime.
-    pub fn start(config: &UpstreamConfig) -> Arc<Upstream> {
-        let mut upstream = Upstream::build(config);
+    /// `workers` is the proxy's worker thread count, for the pool's per-worker stacks.
+    pub fn start(config: &UpstreamConfig, workers: usize) -> Arc<Upstream> {
+        let mut upstream = Upstream::build(config, workers);
         let sweeper = upstream.pool.spawn_sweeper();
         upstream._tasks.push(AbortOnDrop(sweeper));
         if config.health.enabled {
@@ -208,7 +209,7 @@ impl Upstream {
         upstream
     }
 
-    fn build(config: &UpstreamConfig) -> Upstream {
+    fn build(config: &UpstreamConfig, workers: usize) -> Upstream {
         let inflight_gauge =
             metrics::gauge!(m::UPSTREAM_INFLIGHT, m::LABEL_UPSTREAM => config.name.clone());
         let backends: Vec<Arc<Backend>> = config
@@ -221,6 +222,7 @@ impl Upstream {
             max_idle: config.max_idle_per_backend,
             connect_timeout: config.connect_timeout,
             retry: config.retry.clone(),
+            workers,
         };
         Upstream {
             name: config.name.clone(),
@@ -261,7 +263,7 @@ impl Upstream {
             adaptive: None,
             retry: Default::default(),
         };
-        Upstream::build(&config)
+        Upstream::build(&config, 1)
     }
 
     pub fn backends(&self) -> &[Arc<Backend>] {

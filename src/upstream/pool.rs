@@ -52,9 +52,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{fmt_duration, Backend, SendError};
-use crate::body::{empty, BoxError, ProxyBody};
 use crate::config::RetryConfig;
-use crate::error::UpstreamErrorKind;
+use crate::http::body::{empty, BoxError, ProxyBody};
+use crate::http::error::UpstreamErrorKind;
 use crate::metrics as m;
 
 /// The pool's settings, taken from the upstream's config.
@@ -66,6 +66,8 @@ pub(crate) struct PoolSettings {
     pub max_idle: usize,
     pub connect_timeout: Duration,
     pub retry: RetryConfig,
+    /// The proxy's worker threads: one idle stack each, plus one for other threads.
+    pub workers: usize,
 }
 
 /// What the pool has done since it started; the same figures as its metrics.
@@ -206,7 +208,7 @@ struct Idle {
 /// One backend's idle connections: a stack per worker thread, each pushed and popped
 /// at the end (LIFO; see the module docs for both choices).
 struct IdleStacks {
-    /// Indexed by [`crate::server::worker_index`] modulo the length; slot 0 serves
+    /// Indexed by [`crate::listener::workers::worker_index`] modulo the length; slot 0 serves
     /// threads that are not workers (tests, the admin runtime).
     stacks: Box<[Mutex<Vec<Idle>>]>,
     /// Connections on all stacks together.
@@ -214,10 +216,8 @@ struct IdleStacks {
 }
 
 impl IdleStacks {
-    fn new() -> IdleStacks {
-        // One per core plus the non-worker slot: with the default `worker_threads` every
-        // worker has a stack of its own; with more workers than cores some share one.
-        let workers = crate::server::worker_count(0);
+    /// One stack per worker thread plus the non-worker slot.
+    fn new(workers: usize) -> IdleStacks {
         IdleStacks {
             stacks: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
             count: AtomicUsize::new(0),
@@ -226,7 +226,7 @@ impl IdleStacks {
 
     /// The calling thread's stack.
     fn mine(&self) -> &Mutex<Vec<Idle>> {
-        &self.stacks[crate::server::worker_index() % self.stacks.len()]
+        &self.stacks[crate::listener::workers::worker_index() % self.stacks.len()]
     }
 
     /// The connection the calling thread returned last.
@@ -343,7 +343,7 @@ impl Pool {
             .map(|backend| {
                 Arc::new(Host {
                     backend: backend.clone(),
-                    idle: IdleStacks::new(),
+                    idle: IdleStacks::new(settings.workers),
                     learned_timeout_ms: AtomicU64::new(0),
                     learned_max: AtomicU32::new(0),
                     max_candidate: AtomicU32::new(0),
@@ -1064,6 +1064,7 @@ mod tests {
             max_idle: 8,
             connect_timeout: Duration::from_secs(1),
             retry: config.retry,
+            workers: 1,
         };
         Pool::new("pool_unit", settings, &backends)
     }
@@ -1072,7 +1073,7 @@ mod tests {
         let body = if body.is_empty() {
             empty()
         } else {
-            crate::body::full(body)
+            crate::http::body::full(body)
         };
         Request::builder()
             .method(method)

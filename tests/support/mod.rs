@@ -11,12 +11,12 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use loadgate::body::{empty, full, ProxyBody};
 use loadgate::config::{
     ActuatorSettings, AdminConfig, CachePolicy, Config, HealthConfig, RouteClass, RouteConfig,
     ServerConfig, SheddingConfig, UpstreamConfig,
 };
-use loadgate::server::Proxy;
+use loadgate::http::body::{empty, full, ProxyBody};
+use loadgate::listener::Proxy;
 use loadgate::sim::{SimBackend, SimConfig, SimRoute};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

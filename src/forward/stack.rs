@@ -19,10 +19,10 @@ use tower_http::sensitive_headers::{
 };
 use tower_http::trace::TraceLayer;
 
-use crate::activity::Activity;
-use crate::body::ProxyBody;
-use crate::proxy::{handle, ConnInfo, HandledBody};
-use crate::state::Shared;
+use crate::forward::handler::{handle, ConnInfo, HandledBody};
+use crate::forward::state::Shared;
+use crate::http::body::ProxyBody;
+use crate::listener::activity::Activity;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -139,7 +139,7 @@ type StackBody = Either<HandledBody, ProxyBody>;
 /// Boxes the trace layer's response body into the stack's body type.
 fn traced_body<B>(response: Response<B>) -> Response<StackBody>
 where
-    B: http_body::Body<Data = bytes::Bytes, Error = crate::body::BoxError> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes, Error = crate::http::body::BoxError> + Send + 'static,
 {
     response.map(|body| Either::Right(body.boxed_unsync()))
 }

@@ -17,16 +17,16 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::activity::InFlight;
 use crate::admission::Rejection;
-use crate::body::{full, BoxError, OnEnd, Prepend, ProxyBody, WatchedBody};
 use crate::cache::Lookup;
-use crate::error::{ProxyError, UpstreamErrorKind};
-use crate::framing::{FramingVerdicts, Verdict};
-use crate::headers;
+use crate::forward::routes::Route;
+use crate::forward::state::{ClassLabel, Shared};
+use crate::http::body::{full, BoxError, OnEnd, Prepend, ProxyBody, WatchedBody};
+use crate::http::error::{ProxyError, UpstreamErrorKind};
+use crate::http::headers;
+use crate::listener::activity::InFlight;
+use crate::listener::framing::{FramingVerdicts, Verdict};
 use crate::metrics as m;
-use crate::routes::Route;
-use crate::state::{ClassLabel, Shared};
 use crate::upstream::{InflightGuard, Reservation};
 
 /// What the handler knows about the client connection a request arrived on.
@@ -287,7 +287,7 @@ async fn forward(
     // broken chunk framing gets a 400 and the backend never sees it. A request without
     // a body needs none of this, nor the watch: there is nothing to go wrong.
     let (body, client_body) = if body.is_end_stream() {
-        (crate::body::empty(), None)
+        (crate::http::body::empty(), None)
     } else {
         let mut body = body;
         let first = match body.frame().await {

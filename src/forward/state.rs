@@ -9,8 +9,9 @@ use tokio::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, RouteClass};
+use crate::forward::routes::RouteTable;
+use crate::listener::workers::worker_count;
 use crate::metrics as m;
-use crate::routes::RouteTable;
 use crate::upstream::Upstream;
 
 /// Everything one config generation needs to serve requests.
@@ -25,6 +26,7 @@ impl Runtime {
     /// from `previous`, so their pooled connections, in-flight counts and health
     /// state survive a reload.
     pub fn build(config: Config, previous: Option<&Runtime>) -> Runtime {
+        let workers = worker_count(config.server.worker_threads);
         let upstreams: BTreeMap<String, Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -33,7 +35,10 @@ impl Runtime {
                     .and_then(|p| p.upstreams.get(&u.name))
                     .filter(|old| old.config == *u)
                     .cloned();
-                (u.name.clone(), kept.unwrap_or_else(|| Upstream::start(u)))
+                (
+                    u.name.clone(),
+                    kept.unwrap_or_else(|| Upstream::start(u, workers)),
+                )
             })
             .collect();
         let routes = RouteTable::new(&config.routes, |name| {

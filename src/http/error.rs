@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::{full, BodyFault, ProxyBody};
 use crate::config::RouteClass;
+use crate::http::body::{full, BodyFault, ProxyBody};
 
 /// Why an upstream exchange failed; also the `kind` label of the upstream error metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,6 @@
 //! The admin listener, health checks, actuator polls and reloads stay on the runtime
 //! that called [`Proxy::start`].
 
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -34,12 +33,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::activity::{Activity, ActivityIo, ClientTimeouts, Expiry};
+pub mod activity;
+pub mod framing;
+pub mod workers;
+
 use crate::config::{Config, ConfigErrors, ServerConfig, MIN_HEADER_BYTES};
+use crate::forward::handler::ConnInfo;
+use crate::forward::stack::connection_service;
+use crate::forward::state::{Runtime, Shared};
 use crate::metrics as m;
-use crate::proxy::ConnInfo;
-use crate::stack::connection_service;
-use crate::state::{Runtime, Shared};
+use activity::{Activity, ActivityIo, ClientTimeouts, Expiry};
 
 /// A running proxy: data listeners plus the admin listener.
 pub struct Proxy {
@@ -49,25 +52,6 @@ pub struct Proxy {
     shutdown: watch::Sender<bool>,
     workers: Vec<Worker>,
     admin: JoinHandle<()>,
-}
-
-thread_local! {
-    /// 1 + the index of the worker thread running here; 0 on any other thread.
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Which worker thread the caller runs on: 1 ..= `worker_threads`, or 0 when it is
-/// not one (the runtime that started the proxy, a test's runtime).
-pub(crate) fn worker_index() -> usize {
-    WORKER.with(Cell::get)
-}
-
-/// The worker threads to start for `configured` (0: one per core).
-pub fn worker_count(configured: usize) -> usize {
-    if configured > 0 {
-        return configured;
-    }
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// One worker thread, seen from the proxy.
@@ -105,7 +89,7 @@ impl Proxy {
             addrs.push(listener.local_addr()?);
             std_listeners.push(listener.into_std()?);
         }
-        let threads = worker_count(config.server.worker_threads);
+        let threads = workers::worker_count(config.server.worker_threads);
         let shared = Arc::new(Shared::new(Runtime::build(config, None)));
         let (shutdown, _) = watch::channel(false);
         let slots = Slots::default();
@@ -238,7 +222,7 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(format!("loadgate-worker-{index}"))
             .spawn(move || {
-                WORKER.with(|worker| worker.set(index + 1));
+                workers::enter(index);
                 runtime.block_on(async move {
                     let registered: std::io::Result<Vec<TcpListener>> =
                         listeners.into_iter().map(TcpListener::from_std).collect();
@@ -375,10 +359,11 @@ async fn serve(
         connections_total.increment(1);
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
-        let (io, verdicts) = crate::framing::wrap(ActivityIo::new(stream, activity.clone()));
+        let (io, verdicts) =
+            crate::listener::framing::wrap(ActivityIo::new(stream, activity.clone()));
         let info = ConnInfo {
             peer,
-            client_address: crate::headers::client_address(peer.ip()),
+            client_address: crate::http::headers::client_address(peer.ip()),
             verdicts,
             max_body_bytes: server.max_body_bytes,
         };
