@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use http::Request;
 use loadgate::admission::actuator::parse_json_value;
-use loadgate::admission::decision::{DEFAULT_BAND, DEFAULT_SHEDDABLE};
+use loadgate::config::defaults::{BAND, THRESHOLD_SHEDDABLE};
 use loadgate::config::Config;
 use loadgate::http::body::empty;
 use loadgate::listener::Proxy;
@@ -406,7 +406,7 @@ async fn load_that_bypasses_the_proxy_is_seen_and_sheds_sheddable_requests() {
     )
     .await;
     // The external load is smoothed across polls: wait until it is past the band.
-    let shed_all = DEFAULT_SHEDDABLE + DEFAULT_BAND;
+    let shed_all = THRESHOLD_SHEDDABLE + BAND;
     rig.status_until(
         (held_at + Duration::from_millis(3500)).saturating_duration_since(Instant::now()),
         "the utilisation passes the sheddable threshold and band",

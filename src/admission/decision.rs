@@ -10,12 +10,6 @@
 
 use crate::config::RouteClass;
 
-/// Default thresholds per class (DESIGN.md, "Route classes").
-pub const DEFAULT_CRITICAL: f64 = 1.00;
-pub const DEFAULT_NORMAL: f64 = 0.85;
-pub const DEFAULT_SHEDDABLE: f64 = 0.70;
-pub const DEFAULT_BAND: f64 = 0.10;
-
 /// What admission does with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

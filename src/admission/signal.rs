@@ -51,8 +51,6 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
-use super::poller::PollError;
-
 /// Weight of the newest report's external load against the smoothed one before it.
 pub const SMOOTHING: f64 = 0.5;
 /// A report no longer counts at all once it is this many poll intervals old.
@@ -323,7 +321,7 @@ impl ReportedSignal {
     }
 
     /// Counts a failed poll. The last good report is kept: its age fades it out.
-    pub fn record_error(&self, error: &PollError) {
+    pub fn record_error(&self, error: &dyn std::fmt::Display) {
         self.failed_polls.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
     }
@@ -607,7 +605,7 @@ mod tests {
 
         let at = Instant::now();
         signal.record_ok(report(3.0, 8.0, 0.0, at));
-        signal.record_error(&PollError::Status(503));
+        signal.record_error(&"the actuator answered 503 Service Unavailable");
         let latest = signal.latest().expect("kept after an error");
         assert_eq!((latest.busy, latest.max, latest.at), (3.0, 8.0, at));
         assert_eq!((signal.good_polls(), signal.failed_polls()), (1, 1));

@@ -10,6 +10,7 @@ pub use crate::admission::poller::ActuatorSettings;
 use crate::sim::SimConfig;
 
 mod load;
+mod raw;
 mod section;
 #[cfg(test)]
 mod tests;
@@ -17,7 +18,7 @@ mod validate;
 
 /// Every default, in one place. The TOML structs leave an absent key as `None`; validation
 /// fills it in from here. `config/loadgate.toml` documents each one and why.
-mod defaults {
+pub mod defaults {
     use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
     const fn loopback(port: u16) -> SocketAddr {
@@ -55,6 +56,12 @@ mod defaults {
     pub const HEALTH_RISE: u32 = 2;
     pub const HEALTH_FALL: u32 = 3;
 
+    /// Shedding thresholds per route class (DESIGN.md, "Route classes"), and the width
+    /// of the ramp above each over which the reject probability goes from 0 to 1.
+    pub const THRESHOLD_CRITICAL: f64 = 1.00;
+    pub const THRESHOLD_NORMAL: f64 = 0.85;
+    pub const THRESHOLD_SHEDDABLE: f64 = 0.70;
+    pub const BAND: f64 = 0.10;
     /// A memory bound, far above any sane burst: the queue timeout is what bounds waiting.
     pub const QUEUE_SIZE: usize = 10_000;
     pub const QUEUE_TIMEOUT_MS: u64 = 500;
@@ -262,11 +269,11 @@ impl Default for SheddingConfig {
         SheddingConfig {
             mode: ShedMode::Enforce,
             thresholds: Thresholds {
-                critical: crate::admission::decision::DEFAULT_CRITICAL,
-                normal: crate::admission::decision::DEFAULT_NORMAL,
-                sheddable: crate::admission::decision::DEFAULT_SHEDDABLE,
+                critical: defaults::THRESHOLD_CRITICAL,
+                normal: defaults::THRESHOLD_NORMAL,
+                sheddable: defaults::THRESHOLD_SHEDDABLE,
             },
-            band: crate::admission::decision::DEFAULT_BAND,
+            band: defaults::BAND,
             queue_size: defaults::QUEUE_SIZE,
             queue_timeout: Duration::from_millis(defaults::QUEUE_TIMEOUT_MS),
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::load::{
+use super::raw::{
     RawActuator, RawAdaptive, RawAdmin, RawRetry, RawRoute, RawServer, RawShedding, RawUpstream,
 };
 use super::section::{Errors, Section};

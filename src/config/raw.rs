@@ -1,0 +1,177 @@
+//! The raw TOML shapes, as serde reads them. Every key is optional here: defaults come
+//! from `super::defaults`, and a missing required key is reported by validation
+//! (`validate.rs`), with the line of its table header. Plain data: no checks.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use super::{CachePolicy, RouteClass, ShedMode};
+use crate::admission::actuator::ActuatorFormat;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<Vec<SocketAddr>>,
+    pub(super) probe_paths: Option<Vec<String>>,
+    pub(super) drain_timeout_ms: Option<u64>,
+    pub(super) header_read_timeout_ms: Option<u64>,
+    pub(super) idle_timeout_ms: Option<u64>,
+    pub(super) max_header_bytes: Option<usize>,
+    pub(super) max_body_bytes: Option<u64>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) worker_threads: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<SocketAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) name: Option<String>,
+    pub(super) backends: Option<Vec<String>>,
+    pub(super) max_workers: Option<u32>,
+    pub(super) connect_timeout_ms: Option<u64>,
+    pub(super) response_header_timeout_ms: Option<u64>,
+    pub(super) idle_timeout_ms: Option<u64>,
+    pub(super) max_idle_per_backend: Option<usize>,
+    pub(super) management_port: Option<u16>,
+    pub(super) health: Option<RawHealth>,
+    pub(super) shedding: Option<RawShedding>,
+    pub(super) actuator: Option<RawActuator>,
+    pub(super) adaptive: Option<RawAdaptive>,
+    pub(super) retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetry {
+    pub(super) connect_attempts: Option<u32>,
+    pub(super) backoff_base_ms: Option<u64>,
+    pub(super) backoff_cap_ms: Option<u64>,
+    pub(super) idempotent_methods: Option<Vec<String>>,
+    pub(super) eject_after_connect_failures: Option<u32>,
+    pub(super) eject_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShedding {
+    pub(super) mode: Option<RawMode>,
+    pub(super) band: Option<f64>,
+    pub(super) critical: Option<f64>,
+    pub(super) normal: Option<f64>,
+    pub(super) sheddable: Option<f64>,
+    pub(super) queue_size: Option<usize>,
+    pub(super) queue_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawMode {
+    Enforce,
+    Shadow,
+    Off,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawActuator {
+    pub(super) enabled: Option<bool>,
+    pub(super) format: Option<ActuatorFormat>,
+    pub(super) base_url: Option<String>,
+    pub(super) interval_ms: Option<u64>,
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) busy_metric: Option<String>,
+    pub(super) max_metric: Option<String>,
+    pub(super) connector: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdaptive {
+    pub(super) enabled: Option<bool>,
+    pub(super) initial_limit: Option<f64>,
+    pub(super) min_limit: Option<f64>,
+    pub(super) max_limit: Option<f64>,
+    pub(super) smoothing: Option<f64>,
+    pub(super) tolerance: Option<f64>,
+    pub(super) probe_interval_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub(super) enabled: Option<bool>,
+    pub(super) path: Option<String>,
+    pub(super) interval_ms: Option<u64>,
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) rise: Option<u32>,
+    pub(super) fall: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) name: Option<String>,
+    pub(super) host: Option<String>,
+    pub(super) path_prefix: Option<String>,
+    pub(super) upstream: Option<String>,
+    pub(super) class: Option<RawClass>,
+    pub(super) cache: Option<RawCache>,
+    pub(super) cache_max_bytes: Option<usize>,
+    pub(super) cache_max_object_bytes: Option<usize>,
+    pub(super) cache_generate_etag: Option<bool>,
+    pub(super) cache_stale_on_shed_ms: Option<u64>,
+    pub(super) cache_store_set_cookie: Option<bool>,
+    pub(super) cache_coalesce_timeout_ms: Option<u64>,
+    pub(super) threshold: Option<f64>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawClass {
+    Critical,
+    Normal,
+    Sheddable,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawCache {
+    Off,
+    On,
+}
+
+impl From<RawClass> for RouteClass {
+    fn from(c: RawClass) -> Self {
+        match c {
+            RawClass::Critical => RouteClass::Critical,
+            RawClass::Normal => RouteClass::Normal,
+            RawClass::Sheddable => RouteClass::Sheddable,
+        }
+    }
+}
+
+impl From<RawMode> for ShedMode {
+    fn from(m: RawMode) -> Self {
+        match m {
+            RawMode::Enforce => ShedMode::Enforce,
+            RawMode::Shadow => ShedMode::Shadow,
+            RawMode::Off => ShedMode::Off,
+        }
+    }
+}
+
+impl From<RawCache> for CachePolicy {
+    fn from(c: RawCache) -> Self {
+        match c {
+            RawCache::Off => CachePolicy::Off,
+            RawCache::On => CachePolicy::On,
+        }
+    }
+}
