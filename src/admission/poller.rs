@@ -35,9 +35,9 @@ pub struct ActuatorSettings {
     /// Scheme, host and port the actuator is served on, without `/actuator`, e.g.
     /// `http://127.0.0.1:8082` for `management.server.port`. `None`: the backend's own address.
     pub base_url: Option<String>,
-    /// Default 500 ms. A report older than 3 intervals no longer counts.
+    /// Default 250 ms. A report older than 3 intervals no longer counts.
     pub interval: Duration,
-    /// Bound on one whole poll (connect, both requests, bodies). Default 250 ms.
+    /// Bound on one whole poll (connect, both requests, bodies). Default 200 ms.
     pub timeout: Duration,
     /// Metric name overrides, spelt as `format` spells them (Jetty JSON:
     /// `jetty.threads.busy` / `jetty.threads.config.max`). `None`: Tomcat's names.
@@ -54,8 +54,8 @@ impl Default for ActuatorSettings {
             enabled: true,
             format: ActuatorFormat::Json,
             base_url: None,
-            interval: Duration::from_millis(500),
-            timeout: Duration::from_millis(250),
+            interval: Duration::from_millis(250),
+            timeout: Duration::from_millis(200),
             busy_metric: None,
             max_metric: None,
             connector: None,
@@ -590,9 +590,9 @@ mod tests {
         let s = ActuatorSettings::default();
         assert!(s.enabled);
         assert_eq!(s.format, ActuatorFormat::Json);
-        assert_eq!(s.interval, Duration::from_millis(500));
-        assert_eq!(s.timeout, Duration::from_millis(250));
-        assert_eq!(s.stale_after(), Duration::from_millis(1500));
+        assert_eq!(s.interval, Duration::from_millis(250));
+        assert_eq!(s.timeout, Duration::from_millis(200));
+        assert_eq!(s.stale_after(), Duration::from_millis(750));
         assert_eq!(s.metric_names(), MetricNames::tomcat(ActuatorFormat::Json));
         assert!(s.problems().is_empty(), "{:?}", s.problems());
     }
