@@ -187,45 +187,6 @@ fn histogram(statuses: impl IntoIterator<Item = u16>) -> BTreeMap<u16, usize> {
     counts
 }
 
-/// Open-loop load at rates below `open_loop`'s floor (one request per 5 ms tick):
-/// one request every `1 / rate` s for `duration`, cycling through `targets` by weight,
-/// each on its own task whether or not earlier ones returned.
-async fn paced(
-    client: &TestClient,
-    targets: &[(String, u32)],
-    rate: u32,
-    duration: Duration,
-) -> Vec<Outcome> {
-    let schedule: Vec<usize> = targets
-        .iter()
-        .enumerate()
-        .flat_map(|(i, (_, weight))| std::iter::repeat_n(i, *weight as usize))
-        .collect();
-    let total = (f64::from(rate) * duration.as_secs_f64()) as usize;
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
-    // After a stall of this task, carry on at the rate rather than catch up in a burst.
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tasks = Vec::with_capacity(total);
-    for sent in 0..total {
-        ticker.tick().await;
-        let target = schedule[sent % schedule.len()];
-        let (client, url) = (client.clone(), targets[target].0.clone());
-        tasks.push(tokio::spawn(async move {
-            Outcome {
-                target,
-                status: status_of(&client, &url).await,
-                retry_after: None,
-                content_type: None,
-            }
-        }));
-    }
-    let mut outcomes = Vec::with_capacity(total);
-    for task in tasks {
-        outcomes.push(task.await.expect("request task"));
-    }
-    outcomes
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tomcat_reports_its_pool_and_serves_through_the_proxy() {
     let Some(started) = start_tomcat().await else {
@@ -278,7 +239,7 @@ async fn light_load_is_never_shed() {
         (rig.url(&format!("/api/reports?ms={WORK_MS}")), 3),
     ];
 
-    let outcomes = paced(&client(), &targets, CAPACITY / 2, Duration::from_secs(3)).await;
+    let outcomes = open_loop(&client(), &targets, CAPACITY / 2, Duration::from_secs(3)).await;
 
     let counts = histogram(outcomes.iter().map(|o| o.status));
     assert_eq!(

@@ -15,29 +15,12 @@ use super::Process;
 /// haproxy on PATH or in the usual sbin directories, unless `LOADGATE_BENCH_HAPROXY`
 /// names it or says `off`. The error says why the row is skipped.
 pub fn find() -> Result<PathBuf, String> {
-    match std::env::var("LOADGATE_BENCH_HAPROXY").ok().as_deref() {
-        Some("off" | "0" | "no") => return Err("LOADGATE_BENCH_HAPROXY=off".to_string()),
-        Some(path) if !path.is_empty() => {
-            return if Path::new(path).is_file() {
-                Ok(PathBuf::from(path))
-            } else {
-                Err(format!("LOADGATE_BENCH_HAPROXY={path} is not a file"))
-            };
-        }
-        _ => {}
-    }
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    path_dirs
-        .into_iter()
-        .chain(["/usr/sbin", "/usr/local/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join("haproxy"))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            "haproxy is not installed (not on PATH nor in /usr/sbin; e.g. apt-get install haproxy)"
-                .to_string()
-        })
+    super::find_binary(
+        "haproxy",
+        "LOADGATE_BENCH_HAPROXY",
+        &["/usr/sbin", "/usr/local/sbin"],
+        "apt-get install haproxy",
+    )
 }
 
 /// HAProxy in the foreground with a generated config in a temp dir.

@@ -645,3 +645,36 @@ pub fn main_with_helpers(
         std::process::exit(1);
     }
 }
+
+/// A server binary for a baseline row: `env_var`'s path if it names one (or an error if
+/// it says `off`), else `name` on PATH or in `extra_dirs`. The error says why the row is
+/// skipped and how to install it.
+pub fn find_binary(
+    name: &str,
+    env_var: &str,
+    extra_dirs: &[&str],
+    install: &str,
+) -> Result<std::path::PathBuf, String> {
+    use std::path::{Path, PathBuf};
+    match std::env::var(env_var).ok().as_deref() {
+        Some("off" | "0" | "no") => return Err(format!("{env_var}=off")),
+        Some(path) if !path.is_empty() => {
+            return if Path::new(path).is_file() {
+                Ok(PathBuf::from(path))
+            } else {
+                Err(format!("{env_var}={path} is not a file"))
+            };
+        }
+        _ => {}
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(extra_dirs.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            format!("{name} is not installed (not on PATH nor in /usr/sbin; e.g. {install})")
+        })
+}

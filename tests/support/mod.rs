@@ -283,7 +283,8 @@ pub async fn open_loop(
         .flat_map(|(i, (_, weight))| std::iter::repeat_n(i, *weight as usize))
         .collect();
     let total = (f64::from(rate) * duration.as_secs_f64()) as usize;
-    let tick = Duration::from_millis(5);
+    // One tick every 5 ms, or one request per tick at rates below 200/s.
+    let tick = Duration::from_millis(5).max(Duration::from_secs_f64(1.0 / f64::from(rate)));
     let per_tick = (f64::from(rate) * tick.as_secs_f64()).max(1.0) as usize;
     let mut interval = tokio::time::interval(tick);
     let mut tasks = Vec::with_capacity(total);
