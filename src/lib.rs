@@ -8,7 +8,8 @@
 //! ```text
 //! main.rs         CLI (clap): run / demo / sim-backend / check-config
 //! app.rs          the long-running commands: signals, reload, drain
-//! config/         TOML → validated Config; every error reported with its line
+//! config/         TOML → validated Config; every error reported with its line; every
+//!                 default; a leaf of plain data (imports nothing else from the crate)
 //! listener/       listeners (HTTP/1.1 + h2c), worker threads, accept loop, reload, drain
 //!   workers.rs      worker identity and count (a leaf: the pool keys its stacks by it)
 //!   activity.rs     per-connection header read and keep-alive idle deadlines

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use loadgate::config::Config;
+use loadgate::config::{defaults, Config};
 use loadgate::sim::{Distribution, SimConfig};
 
 /// loadgate: an adaptive load-shedding reverse proxy for Spring/Tomcat backends.
@@ -38,26 +38,26 @@ enum Command {
 #[derive(clap::Args)]
 struct SimArgs {
     /// Address of the main (data) port.
-    #[arg(long, default_value = "127.0.0.1:8081")]
+    #[arg(long, default_value_t = defaults::SIM_LISTEN)]
     listen: std::net::SocketAddr,
     /// Separate management port for /actuator/* (Spring's management.server.port);
     /// without it, actuator requests need a worker like any request.
     #[arg(long)]
     management_listen: Option<std::net::SocketAddr>,
     /// Worker pool size (Tomcat maxThreads).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = defaults::SIM_WORKERS)]
     workers: usize,
     /// Service time of a work request, in milliseconds.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = defaults::SIM_SERVICE_TIME_MS)]
     service_time_ms: f64,
     /// Draw service times exponentially around the mean instead of fixed.
     #[arg(long)]
     exponential: bool,
     /// Close idle keep-alive connections after this long (Tomcat keepAliveTimeout).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = defaults::SIM_KEEP_ALIVE_TIMEOUT_MS)]
     keep_alive_timeout_ms: u64,
     /// Close a connection after this many requests (Tomcat maxKeepAliveRequests; 0 = unlimited).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = defaults::SIM_MAX_KEEP_ALIVE_REQUESTS)]
     max_keep_alive_requests: u32,
     /// Cache-Control header on /api/ responses.
     #[arg(long)]

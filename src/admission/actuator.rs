@@ -6,25 +6,8 @@
 
 use serde::Deserialize;
 
-/// Which actuator endpoint the poller reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ActuatorFormat {
-    /// `/actuator/metrics/{busy}` and `/actuator/metrics/{max}`: two requests per poll.
-    #[default]
-    Json,
-    /// `/actuator/prometheus`: one request per poll (needs micrometer-registry-prometheus).
-    Prometheus,
-}
-
-impl ActuatorFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ActuatorFormat::Json => "json",
-            ActuatorFormat::Prometheus => "prometheus",
-        }
-    }
-}
+/// Which actuator endpoint the poller reads: a config setting, declared in `config/`.
+pub use crate::config::ActuatorFormat;
 
 /// The names of the busy and max metrics, as the chosen format spells them
 /// (`tomcat.threads.busy` in JSON is `tomcat_threads_busy_threads` in Prometheus).

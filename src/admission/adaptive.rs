@@ -48,64 +48,13 @@ const DROP_FACTOR: f64 = 0.9;
 /// Limit multiplier applied when a min-RTT probe starts, to drain queues.
 const PROBE_DRAIN_FACTOR: f64 = 0.5;
 
-/// Tuning of one adaptive limit. Check with [`AdaptiveSettings::validate`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct AdaptiveSettings {
-    /// Limit before anything is learned.
-    pub initial_limit: f64,
-    /// The floor: the limit never goes below it (probes included).
-    pub min_limit: f64,
-    /// The ceiling.
-    pub max_limit: f64,
-    /// How far the limit moves toward its target per sample, in (0, 1].
-    pub smoothing: f64,
-    /// Short RTT may exceed the baseline by this factor before the limit shrinks.
-    pub tolerance: f64,
-    /// Mean time between min-RTT probes, jittered ±50%.
-    pub probe_interval: Duration,
-}
+/// Tuning of one adaptive limit: a config setting, declared (with its defaults and
+/// [`AdaptiveSettings::validate`]) in `config/`.
+pub use crate::config::AdaptiveSettings;
 
-impl Default for AdaptiveSettings {
-    fn default() -> Self {
-        Self {
-            initial_limit: 20.0,
-            min_limit: 10.0,
-            max_limit: 1000.0,
-            smoothing: 0.2,
-            tolerance: 1.5,
-            probe_interval: Duration::from_secs(30),
-        }
-    }
-}
-
+// Only the limit repairs its settings; the type and its validation are plain config data
+// in `config/settings.rs`.
 impl AdaptiveSettings {
-    /// Rejects settings that make no sense, for the config layer to report.
-    pub fn validate(&self) -> Result<(), &'static str> {
-        let finite = [self.initial_limit, self.min_limit, self.max_limit]
-            .iter()
-            .chain([self.smoothing, self.tolerance].iter())
-            .all(|v| v.is_finite());
-        if !finite {
-            return Err("adaptive settings must be finite numbers");
-        }
-        if self.min_limit < 1.0 {
-            return Err("adaptive min_limit must be at least 1");
-        }
-        if self.max_limit < self.min_limit {
-            return Err("adaptive max_limit must be at least min_limit");
-        }
-        if !(self.smoothing > 0.0 && self.smoothing <= 1.0) {
-            return Err("adaptive smoothing must be in (0, 1]");
-        }
-        if self.tolerance < 1.0 {
-            return Err("adaptive tolerance must be at least 1");
-        }
-        if self.probe_interval.is_zero() {
-            return Err("adaptive probe_interval must be positive");
-        }
-        Ok(())
-    }
-
     /// Replaces any invalid field by its default, so the bounds always hold.
     fn repaired(mut self) -> Self {
         let d = Self::default();

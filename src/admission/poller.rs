@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::actuator::{parse_json_value, parse_prometheus, ActuatorFormat, MetricNames};
-use super::signal::{validate, Report, ReportedSignal};
+use super::signal::{validate, Report, ReportedSignal, STALE_INTERVALS};
 
 /// Largest actuator body read; a Spring Boot Prometheus scrape is usually well under 1 MiB.
 const MAX_BODY_BYTES: usize = 4 << 20;
@@ -25,44 +25,11 @@ const MAX_BODY_BYTES: usize = 4 << 20;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const USER_AGENT: &str = "loadgate-actuator-poller";
 
-/// How to poll one upstream's actuator.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ActuatorSettings {
-    /// Poll at all. Default true.
-    pub enabled: bool,
-    /// Default JSON (`/actuator/metrics/...`, two requests per poll).
-    pub format: ActuatorFormat,
-    /// Scheme, host and port the actuator is served on, without `/actuator`, e.g.
-    /// `http://127.0.0.1:8082` for `management.server.port`. `None`: the backend's own address.
-    pub base_url: Option<String>,
-    /// Default 250 ms. A report older than 3 intervals no longer counts.
-    pub interval: Duration,
-    /// Bound on one whole poll (connect, both requests, bodies). Default 200 ms.
-    pub timeout: Duration,
-    /// Metric name overrides, spelt as `format` spells them (Jetty JSON:
-    /// `jetty.threads.busy` / `jetty.threads.config.max`). `None`: Tomcat's names.
-    pub busy_metric: Option<String>,
-    pub max_metric: Option<String>,
-    /// The connector (`name` tag, e.g. `http-nio-8080`) to read when there are several.
-    /// `None`: Prometheus picks the busiest connector; JSON reads the sum over all of them.
-    pub connector: Option<String>,
-}
+/// How to poll one upstream's actuator: a config setting, declared in `config/`.
+pub use crate::config::ActuatorSettings;
 
-impl Default for ActuatorSettings {
-    fn default() -> Self {
-        ActuatorSettings {
-            enabled: true,
-            format: ActuatorFormat::Json,
-            base_url: None,
-            interval: Duration::from_millis(250),
-            timeout: Duration::from_millis(200),
-            busy_metric: None,
-            max_metric: None,
-            connector: None,
-        }
-    }
-}
-
+// What the poller does with its settings. The type, its defaults and its validation rules
+// (`problems`) are plain config data in `config/settings.rs`.
 impl ActuatorSettings {
     /// The metric names in use: the overrides, else Tomcat's names for the format.
     pub fn metric_names(&self) -> MetricNames {
@@ -73,50 +40,9 @@ impl ActuatorSettings {
         }
     }
 
-    /// Age from which a report no longer counts: 3 poll intervals.
+    /// Age from which a report no longer counts at all: [`STALE_INTERVALS`] poll intervals.
     pub fn stale_after(&self) -> Duration {
-        self.interval.saturating_mul(3)
-    }
-
-    /// What is wrong with these settings, for the config validator; empty when usable.
-    pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        if self.interval.is_zero() {
-            problems.push("actuator interval must be above 0".to_string());
-        }
-        if self.timeout.is_zero() {
-            problems.push("actuator timeout must be above 0".to_string());
-        } else if self.timeout >= self.interval {
-            problems.push(format!(
-                "actuator timeout ({:?}) must be shorter than the interval ({:?})",
-                self.timeout, self.interval
-            ));
-        }
-        if let Some(base) = &self.base_url {
-            match base.parse::<http::Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
-                    if uri.path().trim_end_matches('/').ends_with("/actuator") {
-                        problems.push(format!(
-                            "actuator base_url {base:?} must not include /actuator, \
-                             e.g. \"http://127.0.0.1:8082\""
-                        ));
-                    }
-                }
-                _ => problems.push(format!(
-                    "actuator base_url {base:?} must be an http:// URL with a host, \
-                     e.g. \"http://127.0.0.1:8082\""
-                )),
-            }
-        }
-        for (which, name) in [
-            ("busy_metric", &self.busy_metric),
-            ("max_metric", &self.max_metric),
-        ] {
-            if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-                problems.push(format!("actuator {which} must not be empty"));
-            }
-        }
-        problems
+        self.interval.saturating_mul(STALE_INTERVALS)
     }
 
     /// Whether polls go to the backend's own connector (no `base_url`, or one naming

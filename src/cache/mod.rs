@@ -32,7 +32,7 @@ pub mod store;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -51,36 +51,8 @@ const CACHE_NAME: &str = "loadgate";
 const ENTRY_OVERHEAD: usize = 256;
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
-/// Per-route cache settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CacheSettings {
-    /// Bound on the bytes stored. Default 64 MiB.
-    pub max_bytes: usize,
-    /// Responses larger than this stream through uncached. Default 1 MiB, at most 64 MiB.
-    pub max_object_bytes: usize,
-    /// Add a strong ETag (md5 of the body) to stored 200s that have none. Default off.
-    pub generate_etag: bool,
-    /// When shedding would reject a GET, answer from a stored copy up to this far
-    /// past its freshness instead. Default `None` (off).
-    pub stale_on_shed: Option<Duration>,
-    /// Store responses carrying `Set-Cookie`. Default off.
-    pub store_set_cookie: bool,
-    /// How long concurrent misses wait for the one request sent for them. Default 5 s.
-    pub coalesce_timeout: Duration,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        CacheSettings {
-            max_bytes: 64 << 20,
-            max_object_bytes: 1 << 20,
-            generate_etag: false,
-            stale_on_shed: None,
-            store_set_cookie: false,
-            coalesce_timeout: Duration::from_secs(5),
-        }
-    }
-}
+/// Per-route cache settings: a config setting, declared in `config/`.
+pub use crate::config::CacheSettings;
 
 /// A stored response.
 #[derive(Debug)]

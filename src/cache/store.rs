@@ -15,6 +15,8 @@ use tinyufo::TinyUfo;
 pub const UNIT: usize = 1024;
 /// The largest object TinyUFO can weigh.
 pub const MAX_OBJECT_BYTES: usize = u16::MAX as usize * UNIT;
+// Config accepts no `cache_max_object_bytes` the store cannot weigh.
+const _: () = assert!(crate::config::CACHE_MAX_OBJECT_BYTES_LIMIT <= MAX_OBJECT_BYTES);
 
 /// Counters of one store.
 #[derive(Debug, Default)]

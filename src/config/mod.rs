@@ -1,23 +1,29 @@
 //! Configuration: the validated `Config` the proxy runs on, and the TOML loader that
 //! builds it. Loading reports every error at once, each with its line.
+//!
+//! A leaf of plain data: it imports nothing from the rest of the crate. The settings types
+//! other layers run on (actuator, adaptive limit, cache in `settings.rs`; the simulated
+//! backend in `sim.rs`) are declared here, and every default is in [`defaults`].
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-pub use crate::admission::adaptive::AdaptiveSettings;
-pub use crate::admission::poller::ActuatorSettings;
-use crate::sim::SimConfig;
-
 mod load;
 mod raw;
 mod section;
+mod settings;
+mod sim;
 #[cfg(test)]
 mod tests;
 mod validate;
 
+pub use settings::{ActuatorFormat, ActuatorSettings, AdaptiveSettings, CacheSettings};
+pub use sim::{Distribution, SimConfig, SimRoute};
+
 /// Every default, in one place. The TOML structs leave an absent key as `None`; validation
-/// fills it in from here. `config/loadgate.toml` documents each one and why.
+/// fills it in from here, and every `Default` impl in `config/` reads it from here too.
+/// `config/loadgate.toml` documents each one and why.
 pub mod defaults {
     use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
@@ -33,6 +39,8 @@ pub mod defaults {
     pub const MAX_HEADER_BYTES: usize = 64 * 1024;
     pub const MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
     pub const MAX_CONNECTIONS: usize = 10_000;
+    /// 0: one per core.
+    pub const WORKER_THREADS: usize = 0;
 
     pub const ADMIN_LISTEN: SocketAddr = loopback(9901);
 
@@ -65,6 +73,37 @@ pub mod defaults {
     /// A memory bound, far above any sane burst: the queue timeout is what bounds waiting.
     pub const QUEUE_SIZE: usize = 10_000;
     pub const QUEUE_TIMEOUT_MS: u64 = 500;
+
+    // `[upstream.actuator]`.
+    pub const ACTUATOR_ENABLED: bool = true;
+    pub const ACTUATOR_INTERVAL_MS: u64 = 250;
+    pub const ACTUATOR_TIMEOUT_MS: u64 = 200;
+
+    // `[upstream.adaptive]`.
+    pub const ADAPTIVE_ENABLED: bool = false;
+    pub const ADAPTIVE_INITIAL_LIMIT: f64 = 20.0;
+    pub const ADAPTIVE_MIN_LIMIT: f64 = 10.0;
+    pub const ADAPTIVE_MAX_LIMIT: f64 = 1000.0;
+    pub const ADAPTIVE_SMOOTHING: f64 = 0.2;
+    pub const ADAPTIVE_TOLERANCE: f64 = 1.5;
+    pub const ADAPTIVE_PROBE_INTERVAL_MS: u64 = 30_000;
+
+    // The `cache_*` keys of a `[[route]]`.
+    pub const CACHE_MAX_BYTES: usize = 64 << 20;
+    pub const CACHE_MAX_OBJECT_BYTES: usize = 1 << 20;
+    pub const CACHE_GENERATE_ETAG: bool = false;
+    pub const CACHE_STORE_SET_COOKIE: bool = false;
+    pub const CACHE_COALESCE_TIMEOUT_MS: u64 = 5_000;
+
+    // `[sim]` and the `loadgate sim-backend` flags: a stock Spring Boot on Tomcat.
+    pub const SIM_LISTEN: SocketAddr = loopback(8081);
+    pub const SIM_WORKERS: usize = 200;
+    pub const SIM_SERVICE_TIME_MS: f64 = 20.0;
+    pub const SIM_KEEP_ALIVE_TIMEOUT_MS: u64 = 20_000;
+    pub const SIM_MAX_KEEP_ALIVE_REQUESTS: u32 = 100;
+    pub const SIM_MAX_CONNECTIONS: usize = 8192;
+    pub const SIM_ACCEPT_COUNT: u32 = 100;
+    pub const SIM_CONNECTOR_NAME: &str = "http-nio-8080";
 }
 
 /// The whole, validated configuration.
@@ -113,9 +152,12 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 pub const MIN_HEADER_BYTES: usize = 8192;
 /// The largest `max_header_bytes`: hyper's size check can overshoot by one read, and every
 /// head it accepts must fit the framing scanner's window (`framing::MAX_HEAD`), or the
-/// ambiguous-framing check would be skipped for it.
+/// ambiguous-framing check would be skipped for it (asserted at compile time there).
 pub const MAX_HEADER_BYTES_LIMIT: usize = 128 * 1024;
-const _: () = assert!(2 * MAX_HEADER_BYTES_LIMIT <= crate::listener::framing::MAX_HEAD);
+
+/// The largest `cache_max_object_bytes`: the most the cache store can weigh one object
+/// (TinyUFO weights are `u16`, in 1 KiB units; asserted at compile time in `cache/store.rs`).
+pub const CACHE_MAX_OBJECT_BYTES_LIMIT: usize = u16::MAX as usize * 1024;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -131,7 +173,7 @@ impl Default for ServerConfig {
             max_header_bytes: defaults::MAX_HEADER_BYTES,
             max_body_bytes: Some(defaults::MAX_BODY_BYTES),
             max_connections: defaults::MAX_CONNECTIONS,
-            worker_threads: 0,
+            worker_threads: defaults::WORKER_THREADS,
         }
     }
 }
@@ -334,8 +376,8 @@ pub struct RouteConfig {
     pub cache: CachePolicy,
     /// Keys `cache_max_bytes`, `cache_max_object_bytes`, `cache_generate_etag`,
     /// `cache_stale_on_shed_ms`, `cache_store_set_cookie`, `cache_coalesce_timeout_ms`;
-    /// defaults in [`CacheSettings::default`](crate::cache::CacheSettings).
-    pub cache_settings: crate::cache::CacheSettings,
+    /// defaults in [`CacheSettings::default`].
+    pub cache_settings: CacheSettings,
     /// Overrides the upstream's threshold for this route's class.
     pub threshold: Option<f64>,
 }

@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::{CachePolicy, RouteClass, ShedMode};
-use crate::admission::actuator::ActuatorFormat;
+use super::{ActuatorFormat, CachePolicy, RouteClass, ShedMode};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

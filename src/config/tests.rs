@@ -703,7 +703,7 @@ fn client_protection_keys_are_checked_with_their_lines() {
 #[test]
 fn cache_keys_defaults_and_overrides() {
     let r = &parse(BASE).routes[0];
-    assert_eq!(r.cache_settings, crate::cache::CacheSettings::default());
+    assert_eq!(r.cache_settings, CacheSettings::default());
     let s = &r.cache_settings;
     assert_eq!(s.max_bytes, 64 << 20);
     assert_eq!(s.max_object_bytes, 1 << 20);

@@ -10,12 +10,11 @@ use super::raw::{
 };
 use super::section::{Errors, Section};
 use super::{
-    defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, HealthConfig,
-    RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, Thresholds, UpstreamConfig,
-    MAX_HEADER_BYTES_LIMIT, MAX_WORKER_THREADS, MIN_HEADER_BYTES,
+    defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, CacheSettings,
+    HealthConfig, RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, SimConfig,
+    Thresholds, UpstreamConfig, CACHE_MAX_OBJECT_BYTES_LIMIT, MAX_HEADER_BYTES_LIMIT,
+    MAX_WORKER_THREADS, MIN_HEADER_BYTES,
 };
-use crate::cache::CacheSettings;
-use crate::sim::SimConfig;
 
 pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> ServerConfig {
     let default = ServerConfig::default();
@@ -477,7 +476,7 @@ fn build_actuator(s: &Section, raw: RawActuator, errs: &mut Errors) -> ActuatorS
         max_metric: raw.max_metric,
         connector: raw.connector,
     };
-    // The poller owns the rules for its settings; each problem is reported at the table.
+    // The rules live with the settings type (`settings.rs`); each problem is reported at the table.
     for problem in settings.problems() {
         errs.push(s.line(&["actuator"]), s.say(problem));
     }
@@ -572,7 +571,9 @@ fn build_adaptive(s: &Section, raw: RawAdaptive, errs: &mut Errors) -> Option<Ad
     if let Err(why) = settings.validate() {
         errs.push(s.line(&["adaptive"]), s.say(format!("[adaptive]: {why}")));
     }
-    raw.enabled.unwrap_or(false).then_some(settings)
+    raw.enabled
+        .unwrap_or(defaults::ADAPTIVE_ENABLED)
+        .then_some(settings)
 }
 
 pub(super) fn build_route(
@@ -669,12 +670,11 @@ fn cache_settings(s: &Section, errs: &mut Errors, raw: &RawRoute) -> CacheSettin
             s.say("cache_max_bytes must be greater than 0"),
         );
     }
-    if settings.max_object_bytes > crate::cache::store::MAX_OBJECT_BYTES {
+    if settings.max_object_bytes > CACHE_MAX_OBJECT_BYTES_LIMIT {
         errs.push(
             s.line(&["cache_max_object_bytes"]),
             s.say(format!(
-                "cache_max_object_bytes must be at most {}",
-                crate::cache::store::MAX_OBJECT_BYTES
+                "cache_max_object_bytes must be at most {CACHE_MAX_OBJECT_BYTES_LIMIT}"
             )),
         );
     } else if settings.max_object_bytes > settings.max_bytes && settings.max_bytes > 0 {

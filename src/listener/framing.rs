@@ -27,6 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Largest request head scanned; equal to hyper's default maximum read buffer, so every
 /// head hyper accepts with default settings fits.
 pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
+// Every head hyper accepts under the largest `max_header_bytes` config allows (its size
+// check can overshoot by one read) fits, or the framing check would be skipped for it.
+const _: () = assert!(2 * crate::config::MAX_HEADER_BYTES_LIMIT <= MAX_HEAD);
 /// Header slots for parsing a head; above hyper's default limit of 100.
 const MAX_HEADERS: usize = 256;
 

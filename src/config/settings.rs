@@ -1,0 +1,208 @@
+//! The settings types of one upstream or route that other layers run on: the actuator
+//! poller's, the adaptive limit's and the cache's. Plain data with their defaults (read
+//! from `super::defaults`) and the pure checks the validator calls.
+//!
+//! Not here: what uses them. Behaviour on these types (poll URLs, metric names, repairing
+//! adaptive settings) is written as `impl` blocks beside its users in `admission/`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::defaults;
+
+/// Which actuator endpoint the poller reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ActuatorFormat {
+    /// `/actuator/metrics/{busy}` and `/actuator/metrics/{max}`: two requests per poll.
+    #[default]
+    Json,
+    /// `/actuator/prometheus`: one request per poll (needs micrometer-registry-prometheus).
+    Prometheus,
+}
+
+impl ActuatorFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActuatorFormat::Json => "json",
+            ActuatorFormat::Prometheus => "prometheus",
+        }
+    }
+}
+
+/// How to poll one upstream's actuator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActuatorSettings {
+    /// Poll at all. Default true.
+    pub enabled: bool,
+    /// Default JSON (`/actuator/metrics/...`, two requests per poll).
+    pub format: ActuatorFormat,
+    /// Scheme, host and port the actuator is served on, without `/actuator`, e.g.
+    /// `http://127.0.0.1:8082` for `management.server.port`. `None`: the backend's own address.
+    pub base_url: Option<String>,
+    /// Default 250 ms. A report older than 3 intervals no longer counts.
+    pub interval: Duration,
+    /// Bound on one whole poll (connect, both requests, bodies). Default 200 ms.
+    pub timeout: Duration,
+    /// Metric name overrides, spelt as `format` spells them (Jetty JSON:
+    /// `jetty.threads.busy` / `jetty.threads.config.max`). `None`: Tomcat's names.
+    pub busy_metric: Option<String>,
+    pub max_metric: Option<String>,
+    /// The connector (`name` tag, e.g. `http-nio-8080`) to read when there are several.
+    /// `None`: Prometheus picks the busiest connector; JSON reads the sum over all of them.
+    pub connector: Option<String>,
+}
+
+impl Default for ActuatorSettings {
+    fn default() -> Self {
+        ActuatorSettings {
+            enabled: defaults::ACTUATOR_ENABLED,
+            format: ActuatorFormat::Json,
+            base_url: None,
+            interval: Duration::from_millis(defaults::ACTUATOR_INTERVAL_MS),
+            timeout: Duration::from_millis(defaults::ACTUATOR_TIMEOUT_MS),
+            busy_metric: None,
+            max_metric: None,
+            connector: None,
+        }
+    }
+}
+
+// The rules for these settings live beside them, so the validator needs nothing outside
+// `config/`. What the poller does with them (`urls`, `metric_names`, `stale_after`,
+// `on_main_connector`) is in `admission/poller.rs`.
+impl ActuatorSettings {
+    /// What is wrong with these settings, for the config validator; empty when usable.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.interval.is_zero() {
+            problems.push("actuator interval must be above 0".to_string());
+        }
+        if self.timeout.is_zero() {
+            problems.push("actuator timeout must be above 0".to_string());
+        } else if self.timeout >= self.interval {
+            problems.push(format!(
+                "actuator timeout ({:?}) must be shorter than the interval ({:?})",
+                self.timeout, self.interval
+            ));
+        }
+        if let Some(base) = &self.base_url {
+            match base.parse::<http::Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
+                    if uri.path().trim_end_matches('/').ends_with("/actuator") {
+                        problems.push(format!(
+                            "actuator base_url {base:?} must not include /actuator, \
+                             e.g. \"http://127.0.0.1:8082\""
+                        ));
+                    }
+                }
+                _ => problems.push(format!(
+                    "actuator base_url {base:?} must be an http:// URL with a host, \
+                     e.g. \"http://127.0.0.1:8082\""
+                )),
+            }
+        }
+        for (which, name) in [
+            ("busy_metric", &self.busy_metric),
+            ("max_metric", &self.max_metric),
+        ] {
+            if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                problems.push(format!("actuator {which} must not be empty"));
+            }
+        }
+        problems
+    }
+}
+
+/// Tuning of one adaptive limit. Check with [`AdaptiveSettings::validate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaptiveSettings {
+    /// Limit before anything is learned.
+    pub initial_limit: f64,
+    /// The floor: the limit never goes below it (probes included).
+    pub min_limit: f64,
+    /// The ceiling.
+    pub max_limit: f64,
+    /// How far the limit moves toward its target per sample, in (0, 1].
+    pub smoothing: f64,
+    /// Short RTT may exceed the baseline by this factor before the limit shrinks.
+    pub tolerance: f64,
+    /// Mean time between min-RTT probes, jittered ±50%.
+    pub probe_interval: Duration,
+}
+
+impl Default for AdaptiveSettings {
+    fn default() -> Self {
+        Self {
+            initial_limit: defaults::ADAPTIVE_INITIAL_LIMIT,
+            min_limit: defaults::ADAPTIVE_MIN_LIMIT,
+            max_limit: defaults::ADAPTIVE_MAX_LIMIT,
+            smoothing: defaults::ADAPTIVE_SMOOTHING,
+            tolerance: defaults::ADAPTIVE_TOLERANCE,
+            probe_interval: Duration::from_millis(defaults::ADAPTIVE_PROBE_INTERVAL_MS),
+        }
+    }
+}
+
+// `validate` lives beside the type because the validator calls it; `repaired`, which only
+// the limit itself uses, is in `admission/adaptive.rs`.
+impl AdaptiveSettings {
+    /// Rejects settings that make no sense, for the config layer to report.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let finite = [self.initial_limit, self.min_limit, self.max_limit]
+            .iter()
+            .chain([self.smoothing, self.tolerance].iter())
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err("adaptive settings must be finite numbers");
+        }
+        if self.min_limit < 1.0 {
+            return Err("adaptive min_limit must be at least 1");
+        }
+        if self.max_limit < self.min_limit {
+            return Err("adaptive max_limit must be at least min_limit");
+        }
+        if !(self.smoothing > 0.0 && self.smoothing <= 1.0) {
+            return Err("adaptive smoothing must be in (0, 1]");
+        }
+        if self.tolerance < 1.0 {
+            return Err("adaptive tolerance must be at least 1");
+        }
+        if self.probe_interval.is_zero() {
+            return Err("adaptive probe_interval must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Per-route cache settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheSettings {
+    /// Bound on the bytes stored. Default 64 MiB.
+    pub max_bytes: usize,
+    /// Responses larger than this stream through uncached. Default 1 MiB, at most 64 MiB.
+    pub max_object_bytes: usize,
+    /// Add a strong ETag (md5 of the body) to stored 200s that have none. Default off.
+    pub generate_etag: bool,
+    /// When shedding would reject a GET, answer from a stored copy up to this far
+    /// past its freshness instead. Default `None` (off).
+    pub stale_on_shed: Option<Duration>,
+    /// Store responses carrying `Set-Cookie`. Default off.
+    pub store_set_cookie: bool,
+    /// How long concurrent misses wait for the one request sent for them. Default 5 s.
+    pub coalesce_timeout: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_bytes: defaults::CACHE_MAX_BYTES,
+            max_object_bytes: defaults::CACHE_MAX_OBJECT_BYTES,
+            generate_etag: defaults::CACHE_GENERATE_ETAG,
+            stale_on_shed: None,
+            store_set_cookie: defaults::CACHE_STORE_SET_COOKIE,
+            coalesce_timeout: Duration::from_millis(defaults::CACHE_COALESCE_TIMEOUT_MS),
+        }
+    }
+}
