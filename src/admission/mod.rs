@@ -71,7 +71,6 @@ pub trait Slots {
     /// Held while the request is in flight; dropping it frees the slot.
     type Reservation;
     fn inflight(&self) -> usize;
-    fn backends_in_rotation(&self) -> usize;
     /// Whether backend `i` (in config order) is in rotation.
     fn backend_in_rotation(&self, i: usize) -> bool;
     /// Counts one more request in flight, unless that would pass `limit`.
@@ -813,9 +812,6 @@ mod tests {
         type Reservation = FakeReservation;
         fn inflight(&self) -> usize {
             self.inflight.load(Ordering::Acquire)
-        }
-        fn backends_in_rotation(&self) -> usize {
-            1
         }
         fn backend_in_rotation(&self, _: usize) -> bool {
             true

@@ -400,10 +400,6 @@ impl Slots for Arc<Upstream> {
         Upstream::inflight(self)
     }
 
-    fn backends_in_rotation(&self) -> usize {
-        self.healthy_count()
-    }
-
     fn backend_in_rotation(&self, i: usize) -> bool {
         self.backends.get(i).is_some_and(|b| b.is_healthy())
     }
