@@ -54,7 +54,7 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
-            for upstream in shared.runtime.load().upstreams.values() {
+            for upstream in shared.generation.load().upstreams.values() {
                 upstream.publish_gauges();
             }
             let mut response = text(StatusCode::OK, &crate::metrics::handle().render());
@@ -83,8 +83,8 @@ fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
             &json!({"ready": false, "reasons": ["draining"]}),
         );
     }
-    let runtime = shared.runtime.load();
-    let reasons: Vec<String> = runtime
+    let generation = shared.generation.load();
+    let reasons: Vec<String> = generation
         .upstreams
         .values()
         .filter(|u| !u.is_ready())
@@ -102,8 +102,8 @@ fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
 
 /// The `/status` document: routes, upstreams with their backends and in-flight counts.
 pub fn status(shared: &Shared) -> serde_json::Value {
-    let runtime = shared.runtime.load();
-    let routes: Vec<_> = runtime
+    let generation = shared.generation.load();
+    let routes: Vec<_> = generation
         .routes
         .iter()
         .map(|r| {
@@ -126,7 +126,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             })
         })
         .collect();
-    let upstreams: Vec<_> = runtime
+    let upstreams: Vec<_> = generation
         .upstreams
         .values()
         .map(|u| {

@@ -129,8 +129,8 @@ fn cached_config(backend: SocketAddr, settings: CacheSettings) -> Config {
 }
 
 fn stats(proxy: &Proxy, route: &str) -> CacheStats {
-    let runtime = proxy.shared().runtime.load();
-    let route = runtime.routes.iter().find(|r| r.name == route).unwrap();
+    let generation = proxy.shared().generation.load();
+    let route = generation.routes.iter().find(|r| r.name == route).unwrap();
     route.http_cache.as_ref().unwrap().stats()
 }
 
@@ -709,7 +709,7 @@ async fn a_stale_copy_is_served_instead_of_a_429_while_shedding() {
         eventually(Duration::from_secs(5), || origin.requests() == 6).await,
         "the held requests reached the origin"
     );
-    let upstream = proxy.shared().runtime.load().upstreams["app"].clone();
+    let upstream = proxy.shared().generation.load().upstreams["app"].clone();
     assert_eq!(upstream.inflight(), 4);
 
     let got = get(&client, &format!("{base}/api/reports/recent")).await;
@@ -758,7 +758,7 @@ async fn a_stale_copy_is_served_instead_of_a_429_while_shedding() {
     }
     let lookups = proxy
         .shared()
-        .runtime
+        .generation
         .load()
         .routes
         .iter()

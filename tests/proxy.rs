@@ -282,7 +282,7 @@ async fn inflight_counts_until_the_response_body_ends() {
         })
         .collect();
     let shared = proxy.shared().clone();
-    let upstream = || shared.runtime.load().upstreams["app"].inflight();
+    let upstream = || shared.generation.load().upstreams["app"].inflight();
     assert!(eventually(Duration::from_secs(3), || upstream() == 3).await);
     for p in pending {
         assert_eq!(p.await.unwrap(), 200);

@@ -178,8 +178,8 @@ async fn traffic_bypassing_the_proxy_is_seen_through_the_reported_signal() {
     // External load is smoothed over reports: it nears the full pool within a few polls,
     // and leaves this proxy no room once it is past 7.5 of the 8 workers.
     let reported_full = || {
-        let runtime = shared.runtime.load();
-        let upstream = &runtime.upstreams["app"];
+        let generation = shared.generation.load();
+        let upstream = &generation.upstreams["app"];
         let signal = upstream.admission.signal(upstream);
         signal.reported == Some(1.0) && signal.external > 7.5 && signal.room == 0
     };
@@ -213,8 +213,8 @@ async fn traffic_bypassing_the_proxy_is_seen_through_the_reported_signal() {
         assert_eq!(h.await.unwrap(), 200);
     }
     let reported_low = || {
-        let runtime = shared.runtime.load();
-        let upstream = &runtime.upstreams["app"];
+        let generation = shared.generation.load();
+        let upstream = &generation.upstreams["app"];
         upstream
             .admission
             .signal(upstream)
@@ -267,8 +267,10 @@ async fn a_critical_request_at_the_hard_limit_waits_for_a_slot() {
         .collect();
     let shared = proxy.shared().clone();
     assert!(
-        eventually(Duration::from_secs(3), || shared.runtime.load().upstreams
-            ["app"]
+        eventually(Duration::from_secs(3), || shared
+            .generation
+            .load()
+            .upstreams["app"]
             .inflight()
             == 2)
         .await
@@ -320,7 +322,11 @@ async fn a_proxy_started_before_its_backend_sheds_nothing_until_the_signal_is_re
     let shared = proxy.shared().clone();
     assert!(
         eventually(Duration::from_secs(3), || {
-            shared.runtime.load().upstreams["app"].admission.reports()[0].good_polls() > 0
+            shared.generation.load().upstreams["app"]
+                .admission
+                .reports()[0]
+                .good_polls()
+                > 0
         })
         .await,
         "the poller never reached the backend"
@@ -346,8 +352,8 @@ async fn management_port_carries_health_checks_and_actuator_polls() {
     let proxy = start_proxy(config).await;
     let shared = proxy.shared().clone();
     let ready_and_polled = || {
-        let runtime = shared.runtime.load();
-        let upstream = &runtime.upstreams["app"];
+        let generation = shared.generation.load();
+        let upstream = &generation.upstreams["app"];
         upstream.is_ready() && upstream.admission.reports()[0].good_polls() > 0
     };
     assert!(

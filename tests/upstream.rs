@@ -158,7 +158,7 @@ async fn ten_thousand_gets_across_stale_connections_all_succeed() {
         failures.first()
     );
 
-    let stats = proxy.shared().runtime.load().upstreams["stale_get"].pool_stats();
+    let stats = proxy.shared().generation.load().upstreams["stale_get"].pool_stats();
     let retried = metric(
         &proxy,
         "loadgate_upstream_stale_reuse_total{upstream=\"stale_get\",outcome=\"retried\"}",
@@ -206,7 +206,7 @@ async fn posts_across_stale_connections_are_never_duplicated() {
     let ok = tally.ok.load(Ordering::Relaxed) as u64;
     let failures = tally.failures.lock().unwrap().clone();
     let received = backend.stats().requests_by_method("POST", "/api/orders");
-    let stats = proxy.shared().runtime.load().upstreams["stale_post"].pool_stats();
+    let stats = proxy.shared().generation.load().upstreams["stale_post"].pool_stats();
     println!(
         "{sent} POSTs: {ok} 2xx, {} failed; backend received {received}; {stats:?}",
         failures.len()

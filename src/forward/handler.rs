@@ -24,7 +24,7 @@ use crate::forward::state::{ClassLabel, Shared};
 use crate::http::body::{full, BoxError, OnEnd, Prepend, ProxyBody, WatchedBody};
 use crate::http::error::{ProxyError, UpstreamErrorKind};
 use crate::http::headers;
-use crate::listener::activity::InFlight;
+use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
 use crate::metrics as m;
 use crate::upstream::{InflightGuard, Reservation};
@@ -48,7 +48,7 @@ pub struct RequestDone {
     started: Instant,
     _inflight: Option<InflightGuard>,
     /// Keeps the client connection's idle and header timeouts off this request.
-    _on_connection: InFlight,
+    _on_connection: ActiveRequest,
 }
 
 impl Drop for RequestDone {
@@ -69,7 +69,7 @@ pub async fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<Incoming>,
-    on_connection: InFlight,
+    on_connection: ActiveRequest,
 ) -> Response<HandledBody> {
     let started = Instant::now();
     let (class, result) = route_and_forward(&shared, &conn, req).await;
@@ -124,13 +124,19 @@ async fn route_and_forward(
             Err(ProxyError::PayloadTooLarge { limit, declared }),
         );
     }
-    let runtime = shared.runtime.load();
+    let generation = shared.generation.load();
     let path = req.uri().path();
-    if runtime.config.server.probe_paths.iter().any(|p| p == path) {
+    if generation
+        .config
+        .server
+        .probe_paths
+        .iter()
+        .any(|p| p == path)
+    {
         return (ClassLabel::None, Ok((probe(shared), None)));
     }
     let host = request_host(&req).unwrap_or_default();
-    let Some(route) = runtime.routes.find(host, path) else {
+    let Some(route) = generation.routes.find(host, path) else {
         let error = ProxyError::NoRoute {
             host: host.to_string(),
             path: path.to_string(),
@@ -138,7 +144,7 @@ async fn route_and_forward(
         return (ClassLabel::None, Err(error));
     };
     let route = route.clone();
-    drop(runtime);
+    drop(generation);
     let class = ClassLabel::Route(route.class);
     let mut pending = None;
     if let Some(cache) = &route.http_cache {

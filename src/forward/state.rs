@@ -15,17 +15,17 @@ use crate::metrics as m;
 use crate::upstream::Upstream;
 
 /// Everything one config generation needs to serve requests.
-pub struct Runtime {
+pub struct Generation {
     pub config: Config,
     pub routes: RouteTable,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
 }
 
-impl Runtime {
+impl Generation {
     /// Builds a generation. Upstreams whose config did not change are carried over
     /// from `previous`, so their pooled connections, in-flight counts and health
     /// state survive a reload.
-    pub fn build(config: Config, previous: Option<&Runtime>) -> Runtime {
+    pub fn build(config: Config, previous: Option<&Generation>) -> Generation {
         let workers = worker_count(config.server.worker_threads);
         let upstreams: BTreeMap<String, Arc<Upstream>> = config
             .upstreams
@@ -47,7 +47,7 @@ impl Runtime {
                 .cloned()
                 .expect("config validation guarantees every route names an upstream")
         });
-        Runtime {
+        Generation {
             config,
             routes,
             upstreams,
@@ -57,16 +57,17 @@ impl Runtime {
 
 /// State shared by every connection of one proxy.
 pub struct Shared {
-    pub runtime: ArcSwap<Runtime>,
+    /// The config generation in force; a reload swaps in the next one.
+    pub generation: ArcSwap<Generation>,
     /// Set on shutdown: probes answer 503 so load balancers stop sending.
     pub draining: AtomicBool,
     pub metrics: RequestMetrics,
 }
 
 impl Shared {
-    pub fn new(runtime: Runtime) -> Shared {
+    pub fn new(generation: Generation) -> Shared {
         Shared {
-            runtime: ArcSwap::from_pointee(runtime),
+            generation: ArcSwap::from_pointee(generation),
             draining: AtomicBool::new(false),
             metrics: RequestMetrics::new(),
         }

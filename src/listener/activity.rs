@@ -87,13 +87,13 @@ impl Activity {
 
     /// Marks a request in flight until the returned guard is dropped; attach the guard to
     /// the response body so the request counts until its body has ended or been abandoned.
-    pub fn request_started(self: &Arc<Self>, version: Version) -> InFlight {
+    pub fn request_started(self: &Arc<Self>, version: Version) -> ActiveRequest {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.requests.fetch_add(1, Ordering::SeqCst);
         if version == Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
         }
-        InFlight(Arc::clone(self))
+        ActiveRequest(Arc::clone(self))
     }
 
     /// Requests started on this connection so far.
@@ -156,9 +156,9 @@ impl Activity {
 
 /// Ends a request's in-flight mark on drop; see [`Activity::request_started`].
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub struct ActiveRequest(Arc<Activity>);
 
-impl Drop for InFlight {
+impl Drop for ActiveRequest {
     fn drop(&mut self) {
         let activity = &self.0;
         let now = activity.now();

@@ -40,7 +40,7 @@ pub mod workers;
 use crate::config::{Config, ConfigErrors, ServerConfig, MIN_HEADER_BYTES};
 use crate::forward::handler::ConnInfo;
 use crate::forward::stack::connection_service;
-use crate::forward::state::{Runtime, Shared};
+use crate::forward::state::{Generation, Shared};
 use crate::metrics as m;
 use activity::{Activity, ActivityIo, ClientTimeouts, Expiry};
 
@@ -90,9 +90,9 @@ impl Proxy {
             std_listeners.push(listener.into_std()?);
         }
         let threads = workers::worker_count(config.server.worker_threads);
-        let shared = Arc::new(Shared::new(Runtime::build(config, None)));
+        let shared = Arc::new(Shared::new(Generation::build(config, None)));
         let (shutdown, _) = watch::channel(false);
-        let slots = Slots::default();
+        let slots = ConnectionSlots::default();
         let mut workers = Vec::new();
         for index in 0..threads {
             let listeners = std_listeners
@@ -158,7 +158,7 @@ impl Proxy {
     /// generation they started with; connections stay open. Listener addresses
     /// are fixed for the life of the process.
     pub fn apply(&self, config: Config) {
-        let current = self.shared.runtime.load();
+        let current = self.shared.generation.load();
         if config.server.listen != current.config.server.listen
             || config.admin.listen != current.config.admin.listen
         {
@@ -167,8 +167,8 @@ impl Proxy {
         if config.server.worker_threads != current.config.server.worker_threads {
             tracing::warn!("worker_threads changed in the config; it takes effect on restart");
         }
-        let next = Runtime::build(config, Some(&current));
-        self.shared.runtime.store(Arc::new(next));
+        let next = Generation::build(config, Some(&current));
+        self.shared.generation.store(Arc::new(next));
     }
 
     /// Reloads the config file: a valid file takes effect, an invalid one is
@@ -211,7 +211,7 @@ impl Worker {
         index: usize,
         listeners: Vec<std::net::TcpListener>,
         shared: Arc<Shared>,
-        slots: Slots,
+        slots: ConnectionSlots,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -265,17 +265,17 @@ impl Worker {
 
 /// Client connections open on all data listeners, counted against `max_connections`.
 #[derive(Clone, Default)]
-struct Slots(Arc<AtomicUsize>);
+struct ConnectionSlots(Arc<AtomicUsize>);
 
 /// One open client connection; frees its slot when dropped.
-struct Slot {
+struct ConnectionSlot {
     open: Arc<AtomicUsize>,
     gauge: metrics::Gauge,
 }
 
-impl Slots {
+impl ConnectionSlots {
     /// A slot, unless `max` connections are open already.
-    fn try_take(&self, max: usize) -> Option<Slot> {
+    fn try_take(&self, max: usize) -> Option<ConnectionSlot> {
         self.0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
                 (open < max).then_some(open + 1)
@@ -283,14 +283,14 @@ impl Slots {
             .ok()?;
         let gauge = metrics::gauge!(m::CONNECTIONS_OPEN);
         gauge.increment(1.0);
-        Some(Slot {
+        Some(ConnectionSlot {
             open: self.0.clone(),
             gauge,
         })
     }
 }
 
-impl Drop for Slot {
+impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
         self.gauge.decrement(1.0);
@@ -323,7 +323,7 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
 async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    slots: Slots,
+    slots: ConnectionSlots,
     shutdown: watch::Receiver<bool>,
 ) {
     let (abort, _) = watch::channel(false);
@@ -345,8 +345,8 @@ async fn serve(
             },
             () = raised(&mut stop) => break,
         };
-        let runtime = shared.runtime.load();
-        let server = &runtime.config.server;
+        let generation = shared.generation.load();
+        let server = &generation.config.server;
         // Over the limit, the connection is accepted and closed at once rather than left in
         // the kernel's backlog: the client learns now instead of after a SYN timeout, and
         // the refusal is counted.
@@ -388,7 +388,7 @@ async fn serve(
     }
     drop(listener);
     drop(open_tx);
-    let deadline = shared.runtime.load().config.server.drain_timeout;
+    let deadline = shared.generation.load().config.server.drain_timeout;
     tokio::select! {
         _ = all_closed.recv() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(deadline) => {
@@ -581,7 +581,7 @@ mod tests {
 
     #[test]
     fn slots_refuse_past_the_limit_and_free_on_drop() {
-        let slots = Slots::default();
+        let slots = ConnectionSlots::default();
         let a = slots.try_take(2).expect("first");
         let _b = slots.try_take(2).expect("second");
         assert!(slots.try_take(2).is_none(), "third of two");
