@@ -88,12 +88,20 @@ const DURATION_BUCKETS: &[f64] = &[
 
 /// The `1xx`…`5xx` label value of a status code.
 pub fn status_class(status: http::StatusCode) -> &'static str {
+    STATUS_CLASSES[status_class_index(status)]
+}
+
+/// The `status` label values, in the order of [`status_class_index`].
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The place of `status`'s class in [`STATUS_CLASSES`]; codes of 500 and above count as 5xx.
+pub fn status_class_index(status: http::StatusCode) -> usize {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 

@@ -753,11 +753,6 @@ const DECISION_LABELS: [&str; 8] = [
     "would_queue",
     "would_reject",
 ];
-const CLASSES: [RouteClass; 3] = [
-    RouteClass::Critical,
-    RouteClass::Normal,
-    RouteClass::Sheddable,
-];
 
 /// Decision counters by class and outcome, registered once.
 struct DecisionMetrics {
@@ -767,15 +762,14 @@ struct DecisionMetrics {
 
 impl DecisionMetrics {
     fn count(&self, class: RouteClass, label: DecisionLabel) {
-        let class_index = CLASSES.iter().position(|c| *c == class).unwrap_or(1);
-        self.decisions[class_index][label as usize].increment(1);
+        self.decisions[class.index()][label as usize].increment(1);
     }
 }
 
 fn decision_metrics() -> &'static DecisionMetrics {
     static METRICS: OnceLock<DecisionMetrics> = OnceLock::new();
     METRICS.get_or_init(|| DecisionMetrics {
-        decisions: CLASSES.map(|class| {
+        decisions: RouteClass::ALL.map(|class| {
             DECISION_LABELS.map(|outcome| {
                 metrics::counter!(m::ADMISSION_DECISIONS_TOTAL,
                     m::LABEL_CLASS => class.as_str(), m::LABEL_OUTCOME => outcome)

@@ -346,6 +346,22 @@ pub enum RouteClass {
 }
 
 impl RouteClass {
+    /// Every class, in the order of [`RouteClass::index`].
+    pub const ALL: [RouteClass; 3] = [
+        RouteClass::Critical,
+        RouteClass::Normal,
+        RouteClass::Sheddable,
+    ];
+
+    /// The class's place in [`RouteClass::ALL`], for tables indexed by class.
+    pub fn index(self) -> usize {
+        match self {
+            RouteClass::Critical => 0,
+            RouteClass::Normal => 1,
+            RouteClass::Sheddable => 2,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RouteClass::Critical => "critical",

@@ -82,18 +82,16 @@ pub enum ClassLabel {
 }
 
 impl ClassLabel {
+    /// The label's place in `CLASS_LABELS`: the route classes in their order, then `none`.
     fn index(self) -> usize {
         match self {
-            ClassLabel::Route(RouteClass::Critical) => 0,
-            ClassLabel::Route(RouteClass::Normal) => 1,
-            ClassLabel::Route(RouteClass::Sheddable) => 2,
-            ClassLabel::None => 3,
+            ClassLabel::Route(class) => class.index(),
+            ClassLabel::None => RouteClass::ALL.len(),
         }
     }
 }
 
 const CLASS_LABELS: [&str; 4] = ["critical", "normal", "sheddable", "none"];
-const STATUS_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Request counters and duration histograms, registered once so the hot path does
 /// not look metric keys up per request.
@@ -108,7 +106,7 @@ impl RequestMetrics {
             requests: CLASS_LABELS
                 .iter()
                 .map(|class| {
-                    STATUS_LABELS.map(|status| {
+                    m::STATUS_CLASSES.map(|status| {
                         metrics::counter!(m::REQUESTS_TOTAL,
                             m::LABEL_CLASS => *class, m::LABEL_STATUS => status)
                     })
@@ -123,11 +121,38 @@ impl RequestMetrics {
 
     /// Records one finished request.
     pub fn record(&self, class: ClassLabel, status: http::StatusCode, started: Instant) {
-        let status_index = STATUS_LABELS
-            .iter()
-            .position(|s| *s == m::status_class(status))
-            .unwrap_or(4);
-        self.requests[class.index()][status_index].increment(1);
+        self.requests[class.index()][m::status_class_index(status)].increment(1);
         self.durations[class.index()].record(started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_labels_follow_the_class_index() {
+        for class in RouteClass::ALL {
+            assert_eq!(
+                CLASS_LABELS[ClassLabel::Route(class).index()],
+                class.as_str()
+            );
+        }
+        assert_eq!(CLASS_LABELS[ClassLabel::None.index()], "none");
+    }
+
+    #[test]
+    fn status_classes_follow_the_status_index() {
+        for (code, label) in [
+            (101, "1xx"),
+            (204, "2xx"),
+            (304, "3xx"),
+            (429, "4xx"),
+            (503, "5xx"),
+        ] {
+            let status = http::StatusCode::from_u16(code).unwrap();
+            assert_eq!(m::STATUS_CLASSES[m::status_class_index(status)], label);
+            assert_eq!(m::status_class(status), label);
+        }
     }
 }
