@@ -161,6 +161,21 @@ fn describe() {
         "1 when the backend passes its health check, else 0."
     );
     describe_gauge!(
+        UPSTREAM_UTILISATION,
+        "Utilisation of each upstream by source: local (own in-flight / pool), reported (the \
+         backends' busy / max), in_force ((own + external) / pool, what admission compares)."
+    );
+    describe_gauge!(
+        SIGNAL_SOURCE,
+        "1 for the utilisation signal in force for each upstream (local, reported, adaptive), else 0."
+    );
+    describe_counter!(
+        ADMISSION_DECISIONS_TOTAL,
+        "Admission decisions by route class and outcome (admitted, shed, queued, queue_timeout, \
+         queue_full; in shadow mode would_shed, would_queue, would_reject)."
+    );
+    describe_counter!(SHED_TOTAL, "Requests shed with 429.");
+    describe_gauge!(
         UPSTREAM_EXTERNAL_LOAD,
         "Busy workers the backends report beyond this proxy's own requests (other proxies, \
          traffic that bypasses it), smoothed and faded by the report's age."

@@ -119,6 +119,14 @@ async fn overload_sheds_sheddable_and_normal_and_serves_every_critical_request()
             .contains("loadgate_admission_decisions_total{class=\"sheddable\",outcome=\"shed\"}"),
         "{metrics}"
     );
+    // Every metric the scrape shows is described.
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        assert!(
+            metrics.contains(&format!("# HELP {name} ")),
+            "{name} has no description"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
