@@ -1,0 +1,353 @@
+//! One upstream connection's life: opened (connect attempts with backoff), one
+//! exchange driven on it, and its check-in: the response body that hands it back to
+//! the idle stack at its end, or counts why it is not reused.
+//!
+//! Not here: choosing between an idle connection and a new one, and the retry after a
+//! stale reuse (`mod.rs`); the idle stacks (`idle.rs`); parsing the backend's
+//! keep-alive limits (`keepalive.rs`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Largest read from a backend connection, and so the largest response chunk. Each
+/// read becomes one chunk of the response body, held until the client takes it;
+/// hyper's default (~400 KiB) would hold about 1 MiB per slow client (read buffer,
+/// chunk in hand, chunk queued); 64 KiB keeps it near 200 KiB at no cost in throughput.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::keepalive::{at_request_limit, parse_keep_alive, wants_close};
+use super::stats::Event;
+use super::{Host, Inner};
+use crate::http::body::{BoxError, ProxyBody};
+use crate::http::error::UpstreamErrorKind;
+use crate::upstream::{fmt_duration, SendError};
+
+/// hyper's side of one upstream connection: the future that reads and writes it.
+type ConnIo = http1::Connection<TokioIo<TcpStream>, ProxyBody>;
+
+/// One HTTP/1.1 connection. Its I/O future is not spawned: the request using the
+/// connection drives it from its own task (while waiting for the response head, then
+/// from the response body's `poll_frame` until the body ends), so an exchange never
+/// hops between tasks or worker threads. An idle connection is not polled at all; a
+/// backend close is seen when it is next checked out (or by the sweep).
+pub(super) struct Conn {
+    pub(super) tx: http1::SendRequest<ProxyBody>,
+    /// `None` once the connection has ended (dropping it also fails a request still
+    /// queued on `tx`, handing the request back unsent).
+    io: Option<Pin<Box<ConnIo>>>,
+    /// Requests sent on it so far.
+    served: u32,
+    /// Further requests the backend allows, from `Keep-Alive: max=N`.
+    allowed: Option<u32>,
+}
+
+impl Conn {
+    /// Drives the connection's I/O; `Ready` once it has ended (closed by either side,
+    /// or failed).
+    pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(());
+        };
+        let result = std::task::ready!(io.as_mut().poll(cx));
+        if let Err(error) = result {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+        self.io = None;
+        Poll::Ready(())
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.io.is_none() || self.tx.is_closed()
+    }
+}
+
+impl Inner {
+    /// Opens a connection, retrying failed attempts after an exponential backoff with jitter.
+    pub(super) async fn connect(&self, host: &Host) -> Result<Conn, SendError> {
+        let retry = &self.settings.retry;
+        let timeout = self.settings.connect_timeout;
+        let authority = host.backend.authority.as_str();
+        let mut attempt = 1;
+        loop {
+            let failure = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+                Ok(Ok(stream)) => {
+                    host.backend.connect_succeeded();
+                    let _ = stream.set_nodelay(true);
+                    let (tx, connection) = http1::Builder::new()
+                        .max_buf_size(UPSTREAM_READ_BUFFER)
+                        .handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| SendError {
+                            kind: UpstreamErrorKind::Protocol,
+                            detail: format!("HTTP/1.1 handshake failed: {e}"),
+                        })?;
+                    self.counters.event(Event::Opened);
+                    return Ok(Conn {
+                        tx,
+                        io: Some(Box::pin(connection)),
+                        served: 0,
+                        allowed: None,
+                    });
+                }
+                Ok(Err(error)) => SendError {
+                    kind: UpstreamErrorKind::Connect,
+                    detail: format!("cannot connect: {error}"),
+                },
+                Err(_) => SendError {
+                    kind: UpstreamErrorKind::ConnectTimeout,
+                    detail: format!("connect timed out after {}", fmt_duration(timeout)),
+                },
+            };
+            host.backend.connect_failed(retry);
+            if attempt >= retry.connect_attempts {
+                let mut failure = failure;
+                if attempt > 1 {
+                    failure.detail = format!("{} ({attempt} attempts)", failure.detail);
+                }
+                return Err(failure);
+            }
+            let delay = backoff(
+                attempt,
+                retry.backoff_base,
+                retry.backoff_cap,
+                rand::random(),
+            );
+            self.counters.connect_retries.inc();
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// Learns from the response head, decides whether the connection may be reused,
+    /// and wraps the body so the connection goes back to the pool when it ends.
+    pub(super) fn finish(
+        self: &Arc<Self>,
+        host: &Arc<Host>,
+        mut conn: Conn,
+        response: Response<Incoming>,
+    ) -> Response<ProxyBody> {
+        let headers = response.headers();
+        let keep_alive = parse_keep_alive(headers);
+        if let Some(timeout) = keep_alive.timeout {
+            let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            host.learned_timeout_ms.store(ms, Ordering::Relaxed);
+        }
+        if keep_alive.max.is_some() {
+            conn.allowed = keep_alive.max;
+        }
+        let close = wants_close(headers) || response.version() < Version::HTTP_11;
+        if close {
+            host.observe_close_after(conn.served);
+        }
+        let retire = if close {
+            Some(Event::ClosedByBackend)
+        } else if at_request_limit(conn.served, conn.allowed, host.learned_max()) {
+            Some(Event::RetiredMax)
+        } else {
+            None
+        };
+        let (parts, body) = response.into_parts();
+        let mut checkin = CheckIn {
+            pool: self.clone(),
+            host: host.clone(),
+            conn: Some(conn),
+            retire,
+        };
+        if body.is_end_stream() {
+            // Nobody will poll an empty body to its end: the exchange is over now.
+            checkin.give_back();
+        }
+        let body = PooledBody {
+            inner: body,
+            checkin: Some(checkin),
+        };
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+}
+
+/// Returns a connection to its host's idle stack, or counts why it is not.
+struct CheckIn {
+    pool: Arc<Inner>,
+    host: Arc<Host>,
+    conn: Option<Conn>,
+    retire: Option<Event>,
+}
+
+impl CheckIn {
+    fn give_back(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let counters = &self.pool.counters;
+        if let Some(event) = self.retire {
+            counters.event(event);
+            return;
+        }
+        if conn.is_closed() {
+            counters.event(Event::ClosedByBackend);
+            return;
+        }
+        if self
+            .host
+            .idle
+            .push(conn, self.pool.settings.max_idle)
+            .is_err()
+        {
+            counters.event(Event::Discarded);
+        }
+    }
+}
+
+impl Drop for CheckIn {
+    fn drop(&mut self) {
+        // Body dropped or failed before its end: hyper closes the connection.
+        if self.conn.take().is_some() {
+            self.pool.counters.event(Event::Discarded);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that hands its connection back to the pool at its end.
+    struct PooledBody {
+        #[pin]
+        inner: Incoming,
+        checkin: Option<CheckIn>,
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        // The connection's I/O is driven from here until the body ends (see `Conn`).
+        if let Some(conn) = this.checkin.as_mut().and_then(|c| c.conn.as_mut()) {
+            let _ = conn.poll_io(cx);
+        }
+        let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        let ended = match &polled {
+            None => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Err(_)) => {
+                this.checkin.take();
+                false
+            }
+        };
+        if ended {
+            if let Some(mut checkin) = this.checkin.take() {
+                checkin.give_back();
+            }
+        }
+        Poll::Ready(polled.map(|frame| frame.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A failed exchange on one connection.
+pub(super) struct Failed {
+    pub(super) error: hyper::Error,
+    /// The request, when hyper gave it back unwritten.
+    pub(super) unsent: Option<Request<ProxyBody>>,
+    /// The connection broke (closed, reset) rather than the backend speaking bad HTTP.
+    pub(super) stale: bool,
+}
+
+pub(super) async fn exchange(
+    mut conn: Conn,
+    req: Request<ProxyBody>,
+) -> Result<(Response<Incoming>, Conn), Failed> {
+    conn.served += 1;
+    let mut response = std::pin::pin!(conn.tx.try_send_request(req));
+    // Drive the connection in this task while waiting for the response head. When
+    // the connection ends first, dropping it fails the response future (or hands the
+    // request back unsent), so this always finishes.
+    let result = std::future::poll_fn(|cx| {
+        let _ = conn.poll_io(cx);
+        response.as_mut().poll(cx)
+    })
+    .await;
+    match result {
+        Ok(response) => Ok((response, conn)),
+        Err(mut error) => {
+            let unsent = error.take_message();
+            let error = error.into_error();
+            let stale = unsent.is_some() || is_broken_connection(&error);
+            Err(Failed {
+                error,
+                unsent,
+                stale,
+            })
+        }
+    }
+}
+
+/// True for errors that mean the connection itself is gone: closed, reset, cut short.
+fn is_broken_connection(error: &hyper::Error) -> bool {
+    if error.is_user() || error.is_parse() {
+        return false;
+    }
+    if error.is_incomplete_message() || error.is_canceled() || error.is_closed() {
+        return true;
+    }
+    use std::io::ErrorKind::*;
+    matches!(
+        crate::upstream::find_source::<std::io::Error>(error).map(|e| e.kind()),
+        Some(ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+    )
+}
+
+/// The wait before connect attempt `attempt + 1`: `base · 2^(attempt−1)`, capped at
+/// `cap`, then scaled into [½, 1] of itself by `jitter` ∈ [0, 1) ("equal jitter": many
+/// proxies retrying at once spread out, and every wait is at least half the nominal one).
+pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration, jitter: f64) -> Duration {
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    let nominal = base.saturating_mul(factor).min(cap);
+    nominal.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered_into_the_upper_half() {
+        let (base, cap) = (Duration::from_millis(100), Duration::from_secs(1));
+        let ms = |attempt, jitter| backoff(attempt, base, cap, jitter).as_millis();
+        assert_eq!(ms(1, 1.0), 100);
+        assert_eq!(ms(2, 1.0), 200);
+        assert_eq!(ms(3, 1.0), 400);
+        assert_eq!(ms(4, 1.0), 800);
+        assert_eq!(ms(5, 1.0), 1000);
+        assert_eq!(ms(40, 1.0), 1000);
+        assert_eq!(ms(1, 0.0), 50);
+        assert_eq!(ms(5, 0.0), 500);
+        assert_eq!(ms(2, 0.5), 150);
+    }
+}
