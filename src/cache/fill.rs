@@ -5,6 +5,9 @@
 //! a clone of its bytes (a reference count, not a copy) is kept. Buffering stops
 //! and is dropped the moment the body passes the object limit or the cache's
 //! buffering budget, so a large response streams through and is never held whole.
+//!
+//! Not here: whether a response is stored and with what headers and freshness
+//! (`pending.rs`), or answering from the store (`lookup.rs`).
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;

@@ -14,8 +14,14 @@
 //! date.rs         HTTP-date parsing, lenient on case and day name
 //! range.rs        a single byte range, answered from a stored complete response
 //! store.rs        TinyUFO bounded by bytes and object size, with counters
+//! lookup.rs       serving from the store: `Cache::lookup`, hits, 304s, ranges
+//! pending.rs      the forwarded request: prepare, finish (store, 304 refresh,
+//!                 invalidate), stale-on-shed
 //! fill.rs         the body that tees into the store while streaming; coalescing
 //! ```
+//!
+//! This file holds the [`Cache`] itself: its settings, stats and lookup counts,
+//! and the store operations both sides share (find, insert, invalidate).
 //!
 //! Not here: the routing decision (`cache = "on"` per route, `routes.rs`) and the
 //! shedding decision (`admission/`); [`Pending::stale_on_shed`] only offers a
@@ -25,9 +31,14 @@ pub mod conditional;
 pub mod date;
 mod fill;
 pub mod key;
+mod lookup;
+mod pending;
 pub mod policy;
 pub mod range;
 pub mod store;
+
+pub use lookup::Lookup;
+pub use pending::Pending;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,14 +46,12 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
 use tokio::sync::watch;
 
-use crate::http::body::{empty, full, ProxyBody};
 use crate::metrics as m;
-use conditional::{Validators, Verdict};
-use policy::{Freshness, RequestRules, StoreRules};
+use policy::Freshness;
 use store::Store;
 
 /// The cache's name in `Cache-Status`.
@@ -162,15 +171,6 @@ struct Inner {
     lookup_metrics: [metrics::Counter; Outcome::COUNT],
 }
 
-/// The result of a lookup.
-pub enum Lookup {
-    /// Answer with this response; nothing goes to the origin.
-    Respond(Response<ProxyBody>),
-    /// Forward the request (after [`Pending::prepare`]) and pass the response to
-    /// [`Pending::finish`].
-    Forward(Box<Pending>),
-}
-
 /// The lookup outcome label of `loadgate_cache_lookups_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -203,32 +203,6 @@ impl Outcome {
             Outcome::Uncacheable => "uncacheable",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Forwarded untouched, never stored (method, Range, If-Match, HEAD miss…).
-    Bypass,
-    /// An unsafe method: invalidate the target on success.
-    Invalidate,
-    /// A GET miss: fetch the full response and store it.
-    Fetch,
-    /// A GET with a stored response that must be validated first.
-    Revalidate,
-}
-
-/// A request the cache could not answer; it travels with the request to the origin.
-pub struct Pending {
-    inner: Arc<Inner>,
-    mode: Mode,
-    method: Method,
-    authority: String,
-    key: String,
-    request: HeaderMap,
-    rules: RequestRules,
-    stale: Option<Arc<Entry>>,
-    fill: Option<fill::Fill>,
-    request_time: SystemTime,
 }
 
 impl Cache {
@@ -277,111 +251,6 @@ impl Cache {
             uncacheable: n(Outcome::Uncacheable),
         }
     }
-
-    /// Looks the request up. `authority` is the request's host (the `Host` header
-    /// or the URI authority).
-    pub async fn lookup<B>(&self, req: &Request<B>, authority: &str) -> Lookup {
-        let inner = &self.inner;
-        let method = req.method().clone();
-        let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let key = key::primary(authority, path_and_query);
-        let headers = req.headers();
-        let rules = RequestRules::of(headers);
-        // The hot path first: a usable stored response, answered before anything is
-        // copied for a forward (request headers, URI) that will not happen.
-        let cacheable = method == Method::GET || method == Method::HEAD;
-        if cacheable && !needs_origin(headers) {
-            if let Some(entry) = inner.find(&key, headers) {
-                let now = inner.clock.now();
-                if policy::reusable(&entry.freshness, &rules, now) {
-                    let answer = match headers.get(header::RANGE) {
-                        None => Some(inner.answer(&entry, &method, headers, now)),
-                        Some(range) => inner.answer_range(&entry, &method, headers, range, now),
-                    };
-                    if let Some(answer) = answer {
-                        return Lookup::Respond(answer);
-                    }
-                }
-            }
-        }
-        let mut pending = Pending {
-            inner: inner.clone(),
-            mode: Mode::Bypass,
-            method: method.clone(),
-            authority: authority.to_string(),
-            key,
-            request: headers.clone(),
-            rules,
-            stale: None,
-            fill: None,
-            request_time: inner.clock.now(),
-        };
-        if !cacheable {
-            if !method.is_safe() {
-                pending.mode = Mode::Invalidate;
-            }
-            return Lookup::Forward(Box::new(pending));
-        }
-        // A range the stored response could not answer (none, stale, or a range
-        // form served by the origin only) is forwarded as it came and not stored.
-        if needs_origin(headers) || headers.contains_key(header::RANGE) {
-            inner.count(Outcome::Uncacheable);
-            return Lookup::Forward(Box::new(pending));
-        }
-
-        let mut waited = false;
-        loop {
-            let now = inner.clock.now();
-            let found = inner.find(&pending.key, headers);
-            if let Some(entry) = &found {
-                if policy::reusable(&entry.freshness, &rules, now) {
-                    return Lookup::Respond(inner.answer(entry, &method, headers, now));
-                }
-            }
-            if rules.only_if_cached {
-                inner.count(Outcome::Miss);
-                let mut response = Response::new(empty());
-                *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-                inner.status_header(response.headers_mut(), "fwd=miss; detail=only-if-cached");
-                return Lookup::Respond(response);
-            }
-            pending.stale = found;
-            if method == Method::HEAD {
-                // A HEAD cannot refresh a stored GET body: forward it as it is.
-                return Lookup::Forward(Box::new(pending));
-            }
-            pending.mode = if pending.stale.is_some() {
-                Mode::Revalidate
-            } else {
-                Mode::Fetch
-            };
-            if waited || rules.no_cache {
-                return Lookup::Forward(Box::new(pending));
-            }
-            match fill::join(inner, &pending.key) {
-                fill::Joined::Leader(fill) => {
-                    pending.fill = Some(fill);
-                    return Lookup::Forward(Box::new(pending));
-                }
-                fill::Joined::Follower(mut done) => {
-                    let _ =
-                        tokio::time::timeout(inner.settings.coalesce_timeout, done.changed()).await;
-                    waited = true;
-                }
-            }
-        }
-    }
-}
-
-/// Preconditions the cache does not evaluate need the origin's answer.
-fn needs_origin(headers: &HeaderMap) -> bool {
-    [
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-        header::IF_RANGE,
-    ]
-    .iter()
-    .any(|h| headers.contains_key(h))
 }
 
 impl Inner {
@@ -445,416 +314,6 @@ impl Inner {
         let value = format!("{CACHE_NAME}; {params}");
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.append(CACHE_STATUS, value);
-        }
-    }
-
-    /// `Cache-Status: loadgate; hit; ttl=<ttl>`, written without `format!`: the
-    /// header of every hit.
-    fn hit_status_header(headers: &mut HeaderMap, ttl: i64) {
-        const PREFIX: &[u8] = b"loadgate; hit; ttl=";
-        const _: () = assert!(PREFIX.len() == CACHE_NAME.len() + 11);
-        let mut buf = [0u8; PREFIX.len() + 20];
-        buf[..PREFIX.len()].copy_from_slice(PREFIX);
-        let mut len = PREFIX.len();
-        if ttl < 0 {
-            buf[len] = b'-';
-            len += 1;
-        }
-        let mut digits = [0u8; 20];
-        let mut n = ttl.unsigned_abs();
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let digits = &digits[at..];
-        buf[len..len + digits.len()].copy_from_slice(digits);
-        len += digits.len();
-        if let Ok(value) = HeaderValue::from_bytes(&buf[..len]) {
-            headers.append(CACHE_STATUS, value);
-        }
-    }
-
-    /// Answers a request from a usable stored entry: 304 or the stored response.
-    fn answer(
-        &self,
-        entry: &Entry,
-        method: &Method,
-        request: &HeaderMap,
-        now: SystemTime,
-    ) -> Response<ProxyBody> {
-        let ttl = entry.freshness.ttl(now);
-        let mut response = self.respond_with(entry, method, request, now);
-        let outcome = if response.status() == StatusCode::NOT_MODIFIED {
-            Outcome::NotModified
-        } else {
-            Outcome::Hit
-        };
-        self.count(outcome);
-        Inner::hit_status_header(response.headers_mut(), ttl);
-        response
-    }
-
-    /// Answers a `Range` request from a fresh stored `200`: a `206` with the one
-    /// byte range asked for (or the `304` its conditionals call for). `None` when
-    /// the origin should answer instead.
-    fn answer_range(
-        &self,
-        entry: &Entry,
-        method: &Method,
-        request: &HeaderMap,
-        range: &HeaderValue,
-        now: SystemTime,
-    ) -> Option<Response<ProxyBody>> {
-        if entry.status != StatusCode::OK {
-            return None;
-        }
-        let received = entry.freshness.response_time;
-        // RFC 9110 §13.2.2: preconditions come before the range.
-        if conditional::evaluate_stored(request, &entry.headers, received) == Verdict::NotModified {
-            return Some(self.answer(entry, method, request, now));
-        }
-        let len = entry.body.len() as u64;
-        let (first, last) = range::single(range.to_str().ok()?, len)?;
-        let body = if *method == Method::HEAD {
-            empty()
-        } else {
-            full(entry.body.slice(first as usize..=last as usize))
-        };
-        let mut response = Response::new(body);
-        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-        let headers = response.headers_mut();
-        *headers = entry.headers.clone();
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
-        let content_range = format!("bytes {first}-{last}/{len}");
-        headers.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&content_range).ok()?,
-        );
-        headers.insert(
-            header::AGE,
-            HeaderValue::from(entry.freshness.age(now).as_secs()),
-        );
-        self.count(Outcome::Hit);
-        Inner::hit_status_header(headers, entry.freshness.ttl(now));
-        Some(response)
-    }
-
-    /// The stored entry as a response to this request (conditionals evaluated), with `Age`.
-    fn respond_with(
-        &self,
-        entry: &Entry,
-        method: &Method,
-        request: &HeaderMap,
-        now: SystemTime,
-    ) -> Response<ProxyBody> {
-        let received = entry.freshness.response_time;
-        let verdict = if entry.status.is_success() {
-            conditional::evaluate_stored(request, &entry.headers, received)
-        } else {
-            Verdict::Full
-        };
-        let mut response = match verdict {
-            Verdict::NotModified => not_modified(&entry.headers),
-            Verdict::Full => {
-                let body = if *method == Method::HEAD {
-                    empty()
-                } else {
-                    full(entry.body.clone())
-                };
-                let mut response = Response::new(body);
-                *response.status_mut() = entry.status;
-                *response.headers_mut() = entry.headers.clone();
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
-                response
-            }
-        };
-        response.headers_mut().insert(
-            header::AGE,
-            HeaderValue::from(entry.freshness.age(now).as_secs()),
-        );
-        response
-    }
-}
-
-/// A 304 built from a response's header fields (RFC 9110 §15.4.5).
-fn not_modified(headers: &HeaderMap) -> Response<ProxyBody> {
-    const COPY: [HeaderName; 8] = [
-        header::ETAG,
-        header::CACHE_CONTROL,
-        header::EXPIRES,
-        header::VARY,
-        header::DATE,
-        header::CONTENT_LOCATION,
-        header::VIA,
-        header::LAST_MODIFIED,
-    ];
-    let mut response = Response::new(empty());
-    *response.status_mut() = StatusCode::NOT_MODIFIED;
-    let with_etag = headers.contains_key(header::ETAG);
-    let out = response.headers_mut();
-    out.reserve(COPY.len() + 2);
-    for name in &COPY {
-        if *name == header::LAST_MODIFIED && with_etag {
-            continue;
-        }
-        for value in headers.get_all(name) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    response
-}
-
-impl Pending {
-    /// Adjusts the headers of the request about to be forwarded: a miss is fetched
-    /// whole (the client's own validators are evaluated here afterwards), a stale
-    /// entry is revalidated with its stored validators.
-    pub fn prepare(&mut self, headers: &mut HeaderMap) {
-        self.request_time = self.inner.clock.now();
-        if !matches!(self.mode, Mode::Fetch | Mode::Revalidate) {
-            return;
-        }
-        headers.remove(header::IF_NONE_MATCH);
-        headers.remove(header::IF_MODIFIED_SINCE);
-        if let Some(entry) = &self.stale {
-            if let Some(etag) = entry.headers.get(header::ETAG) {
-                headers.insert(header::IF_NONE_MATCH, etag.clone());
-            }
-            if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
-                headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
-            }
-        }
-    }
-
-    /// When shedding would reject this request: a stored copy to answer with
-    /// instead, if the route allows it and the response permits serving stale.
-    pub fn stale_on_shed(&self) -> Option<Response<ProxyBody>> {
-        let limit = self.inner.settings.stale_on_shed?;
-        let entry = self.stale.as_ref()?;
-        let f = &entry.freshness;
-        let now = self.inner.clock.now();
-        if f.no_cache || f.no_stale || self.rules.no_cache || f.staleness(now) > limit {
-            return None;
-        }
-        let mut response = self
-            .inner
-            .respond_with(entry, &self.method, &self.request, now);
-        self.inner.count(Outcome::Stale);
-        self.inner.status_header(
-            response.headers_mut(),
-            &format!("hit; ttl={}; detail=stale-on-shed", f.ttl(now)),
-        );
-        Some(response)
-    }
-
-    /// Takes the origin's response: stores it while it streams, refreshes a stale
-    /// entry from a 304, or invalidates after an unsafe method.
-    pub fn finish(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
-        let inner = self.inner.clone();
-        match self.mode {
-            Mode::Bypass => {
-                inner.count(Outcome::Uncacheable);
-                let mut response = response;
-                inner.status_header(response.headers_mut(), "fwd=bypass");
-                response
-            }
-            Mode::Invalidate => {
-                let status = response.status();
-                if status.is_success() || status.is_redirection() {
-                    self.invalidate_targets(response.headers());
-                }
-                let mut response = response;
-                inner.status_header(response.headers_mut(), "fwd=method");
-                response
-            }
-            Mode::Revalidate if response.status() == StatusCode::NOT_MODIFIED => {
-                self.refresh(response)
-            }
-            Mode::Fetch | Mode::Revalidate => self.store(response),
-        }
-    }
-
-    fn fwd(&self) -> &'static str {
-        if self.rules.no_cache {
-            "request"
-        } else if self.stale.is_some() {
-            "stale"
-        } else {
-            "miss"
-        }
-    }
-
-    /// RFC 9111 §4.4: the target and same-origin Location / Content-Location.
-    fn invalidate_targets(&self, response: &HeaderMap) {
-        self.inner.invalidate(&self.key);
-        for name in [header::LOCATION, header::CONTENT_LOCATION] {
-            let Some(value) = response.get(&name).and_then(|v| v.to_str().ok()) else {
-                continue;
-            };
-            let Ok(uri) = value.parse::<Uri>() else {
-                continue;
-            };
-            let same_origin = match uri.authority() {
-                None => value.starts_with('/'),
-                Some(a) => a.as_str().eq_ignore_ascii_case(&self.authority),
-            };
-            if let (true, Some(pq)) = (same_origin, uri.path_and_query()) {
-                self.inner
-                    .invalidate(&key::primary(&self.authority, pq.as_str()));
-            }
-        }
-    }
-
-    /// The origin answered our revalidation with 304: update the stored fields.
-    fn refresh(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
-        let inner = self.inner.clone();
-        let stale = self.stale.take().expect("revalidation has a stored entry");
-        let new_etag = response
-            .headers()
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .and_then(conditional::parse_etag);
-        let old_etag = stale
-            .headers
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .and_then(conditional::parse_etag);
-        let selected = match (new_etag, old_etag) {
-            (Some(new), Some(old)) => new.weak_eq(&old),
-            (Some(_), None) => false,
-            (None, _) => true,
-        };
-        if !selected {
-            // Not a validation of what we hold: drop it and pass the 304 on.
-            inner.invalidate(&self.key);
-            inner.count(Outcome::Stale);
-            let mut response = response;
-            inner.status_header(response.headers_mut(), "fwd=stale; fwd-status=304");
-            return response;
-        }
-        let now = inner.clock.now();
-        let headers = policy::freshen(&stale.headers, response.headers());
-        let mut for_age = headers.clone();
-        if let Some(age) = response.headers().get(header::AGE) {
-            for_age.insert(header::AGE, age.clone());
-        }
-        let entry = Entry {
-            status: stale.status,
-            freshness: Freshness::of(stale.status, &for_age, self.request_time, now),
-            headers,
-            body: stale.body.clone(),
-            vary_names: stale.vary_names.clone(),
-            vary_values: stale.vary_values.clone(),
-        };
-        let still_storable = policy::storable(
-            &Method::GET,
-            &self.request,
-            entry.status,
-            &entry.headers,
-            self.store_rules(),
-        )
-        .is_ok()
-            && !self.rules.no_store;
-        let mut answer = inner.respond_with(&entry, &self.method, &self.request, now);
-        let stored = if still_storable {
-            inner.insert(&self.key, entry)
-        } else {
-            inner.invalidate(&self.key);
-            false
-        };
-        inner.count(Outcome::Revalidated);
-        let detail = if stored {
-            "fwd=stale; fwd-status=304; stored"
-        } else {
-            "fwd=stale; fwd-status=304"
-        };
-        inner.status_header(answer.headers_mut(), detail);
-        answer
-    }
-
-    fn store_rules(&self) -> StoreRules {
-        StoreRules {
-            store_set_cookie: self.inner.settings.store_set_cookie,
-        }
-    }
-
-    /// A full response to a GET we fetched or revalidated: store it while it streams.
-    fn store(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
-        let inner = self.inner.clone();
-        let (mut parts, body) = response.into_parts();
-        let now = inner.clock.now();
-        let fwd = self.fwd();
-        let length = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let storable = !self.rules.no_store
-            && policy::storable(
-                &Method::GET,
-                &self.request,
-                parts.status,
-                &parts.headers,
-                self.store_rules(),
-            )
-            .is_ok()
-            && length.is_none_or(|l| l <= inner.store.max_object() as u64);
-        // The client's own validators were taken off the forwarded request.
-        let verdict = if parts.status == StatusCode::OK {
-            conditional::evaluate(&self.request, Validators::of(&parts.headers, now))
-        } else {
-            Verdict::Full
-        };
-        let outcome = match (&self.stale, storable) {
-            (_, false) => Outcome::Uncacheable,
-            (Some(_), true) => Outcome::Stale,
-            (None, true) => Outcome::Miss,
-        };
-        inner.count(outcome);
-        if !storable {
-            self.fill.take();
-            let mut response = match verdict {
-                Verdict::NotModified => not_modified(&parts.headers),
-                Verdict::Full => Response::from_parts(parts, body),
-            };
-            inner.status_header(response.headers_mut(), &format!("fwd={fwd}"));
-            return response;
-        }
-        let names = match key::vary(&parts.headers) {
-            key::Vary::Names(names) => names,
-            _ => Vec::new(),
-        };
-        let values = key::values(&self.request, &names);
-        let freshness = Freshness::of(parts.status, &parts.headers, self.request_time, now);
-        let commit = fill::Commit {
-            inner: inner.clone(),
-            key: self.key.clone(),
-            status: parts.status,
-            headers: policy::stored_headers(&parts.headers),
-            freshness,
-            vary_names: names,
-            vary_values: values,
-            expected: length,
-            _fill: self.fill.take(),
-        };
-        let body = fill::StoreBody::new(body, commit);
-        inner.status_header(&mut parts.headers, &format!("fwd={fwd}; stored"));
-        match verdict {
-            Verdict::NotModified => {
-                // The client gets its 304 now; the body is read into the store behind it.
-                let response = not_modified(&parts.headers);
-                tokio::spawn(fill::drain(body));
-                let mut response = response;
-                inner.status_header(response.headers_mut(), &format!("fwd={fwd}; stored"));
-                response
-            }
-            Verdict::Full => Response::from_parts(parts, body.boxed()),
         }
     }
 }

@@ -1,0 +1,294 @@
+//! A request the cache could not answer, on its way to the origin and back:
+//! [`Pending::prepare`] sets the forwarded validators, [`Pending::stale_on_shed`]
+//! offers a stored copy instead of a shed, and [`Pending::finish`] stores the
+//! response, refreshes a stale entry from a `304`, or invalidates after an unsafe
+//! method.
+//!
+//! Not here: answering from the store (`lookup.rs`), coalescing and the body that
+//! copies into the store while streaming (`fill.rs`).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::{self, HeaderMap};
+use http::{Method, Response, StatusCode, Uri};
+
+use super::conditional::{self, Validators, Verdict};
+use super::lookup::not_modified;
+use super::policy::{self, Freshness, RequestRules, StoreRules};
+use super::{fill, key, Entry, Inner, Outcome};
+use crate::http::body::ProxyBody;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Forwarded untouched, never stored (method, Range, If-Match, HEAD miss…).
+    Bypass,
+    /// An unsafe method: invalidate the target on success.
+    Invalidate,
+    /// A GET miss: fetch the full response and store it.
+    Fetch,
+    /// A GET with a stored response that must be validated first.
+    Revalidate,
+}
+
+/// A request the cache could not answer; it travels with the request to the origin.
+pub struct Pending {
+    pub(super) inner: Arc<Inner>,
+    pub(super) mode: Mode,
+    pub(super) method: Method,
+    pub(super) authority: String,
+    pub(super) key: String,
+    pub(super) request: HeaderMap,
+    pub(super) rules: RequestRules,
+    pub(super) stale: Option<Arc<Entry>>,
+    pub(super) fill: Option<fill::Fill>,
+    pub(super) request_time: SystemTime,
+}
+
+impl Pending {
+    /// Adjusts the headers of the request about to be forwarded: a miss is fetched
+    /// whole (the client's own validators are evaluated here afterwards), a stale
+    /// entry is revalidated with its stored validators.
+    pub fn prepare(&mut self, headers: &mut HeaderMap) {
+        self.request_time = self.inner.clock.now();
+        if !matches!(self.mode, Mode::Fetch | Mode::Revalidate) {
+            return;
+        }
+        headers.remove(header::IF_NONE_MATCH);
+        headers.remove(header::IF_MODIFIED_SINCE);
+        if let Some(entry) = &self.stale {
+            if let Some(etag) = entry.headers.get(header::ETAG) {
+                headers.insert(header::IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
+                headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+            }
+        }
+    }
+
+    /// When shedding would reject this request: a stored copy to answer with
+    /// instead, if the route allows it and the response permits serving stale.
+    pub fn stale_on_shed(&self) -> Option<Response<ProxyBody>> {
+        let limit = self.inner.settings.stale_on_shed?;
+        let entry = self.stale.as_ref()?;
+        let f = &entry.freshness;
+        let now = self.inner.clock.now();
+        if f.no_cache || f.no_stale || self.rules.no_cache || f.staleness(now) > limit {
+            return None;
+        }
+        let mut response = self
+            .inner
+            .respond_with(entry, &self.method, &self.request, now);
+        self.inner.count(Outcome::Stale);
+        self.inner.status_header(
+            response.headers_mut(),
+            &format!("hit; ttl={}; detail=stale-on-shed", f.ttl(now)),
+        );
+        Some(response)
+    }
+
+    /// Takes the origin's response: stores it while it streams, refreshes a stale
+    /// entry from a 304, or invalidates after an unsafe method.
+    pub fn finish(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        let inner = self.inner.clone();
+        match self.mode {
+            Mode::Bypass => {
+                inner.count(Outcome::Uncacheable);
+                let mut response = response;
+                inner.status_header(response.headers_mut(), "fwd=bypass");
+                response
+            }
+            Mode::Invalidate => {
+                let status = response.status();
+                if status.is_success() || status.is_redirection() {
+                    self.invalidate_targets(response.headers());
+                }
+                let mut response = response;
+                inner.status_header(response.headers_mut(), "fwd=method");
+                response
+            }
+            Mode::Revalidate if response.status() == StatusCode::NOT_MODIFIED => {
+                self.refresh(response)
+            }
+            Mode::Fetch | Mode::Revalidate => self.store(response),
+        }
+    }
+
+    fn fwd(&self) -> &'static str {
+        if self.rules.no_cache {
+            "request"
+        } else if self.stale.is_some() {
+            "stale"
+        } else {
+            "miss"
+        }
+    }
+
+    /// RFC 9111 §4.4: the target and same-origin Location / Content-Location.
+    fn invalidate_targets(&self, response: &HeaderMap) {
+        self.inner.invalidate(&self.key);
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(value) = response.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let Ok(uri) = value.parse::<Uri>() else {
+                continue;
+            };
+            let same_origin = match uri.authority() {
+                None => value.starts_with('/'),
+                Some(a) => a.as_str().eq_ignore_ascii_case(&self.authority),
+            };
+            if let (true, Some(pq)) = (same_origin, uri.path_and_query()) {
+                self.inner
+                    .invalidate(&key::primary(&self.authority, pq.as_str()));
+            }
+        }
+    }
+
+    /// The origin answered our revalidation with 304: update the stored fields.
+    fn refresh(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        let inner = self.inner.clone();
+        let stale = self.stale.take().expect("revalidation has a stored entry");
+        let new_etag = response
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .and_then(conditional::parse_etag);
+        let old_etag = stale
+            .headers
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .and_then(conditional::parse_etag);
+        let selected = match (new_etag, old_etag) {
+            (Some(new), Some(old)) => new.weak_eq(&old),
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if !selected {
+            // Not a validation of what we hold: drop it and pass the 304 on.
+            inner.invalidate(&self.key);
+            inner.count(Outcome::Stale);
+            let mut response = response;
+            inner.status_header(response.headers_mut(), "fwd=stale; fwd-status=304");
+            return response;
+        }
+        let now = inner.clock.now();
+        let headers = policy::freshen(&stale.headers, response.headers());
+        let mut for_age = headers.clone();
+        if let Some(age) = response.headers().get(header::AGE) {
+            for_age.insert(header::AGE, age.clone());
+        }
+        let entry = Entry {
+            status: stale.status,
+            freshness: Freshness::of(stale.status, &for_age, self.request_time, now),
+            headers,
+            body: stale.body.clone(),
+            vary_names: stale.vary_names.clone(),
+            vary_values: stale.vary_values.clone(),
+        };
+        let still_storable = policy::storable(
+            &Method::GET,
+            &self.request,
+            entry.status,
+            &entry.headers,
+            self.store_rules(),
+        )
+        .is_ok()
+            && !self.rules.no_store;
+        let mut answer = inner.respond_with(&entry, &self.method, &self.request, now);
+        let stored = if still_storable {
+            inner.insert(&self.key, entry)
+        } else {
+            inner.invalidate(&self.key);
+            false
+        };
+        inner.count(Outcome::Revalidated);
+        let detail = if stored {
+            "fwd=stale; fwd-status=304; stored"
+        } else {
+            "fwd=stale; fwd-status=304"
+        };
+        inner.status_header(answer.headers_mut(), detail);
+        answer
+    }
+
+    fn store_rules(&self) -> StoreRules {
+        StoreRules {
+            store_set_cookie: self.inner.settings.store_set_cookie,
+        }
+    }
+
+    /// A full response to a GET we fetched or revalidated: store it while it streams.
+    fn store(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        let inner = self.inner.clone();
+        let (mut parts, body) = response.into_parts();
+        let now = inner.clock.now();
+        let fwd = self.fwd();
+        let length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let storable = !self.rules.no_store
+            && policy::storable(
+                &Method::GET,
+                &self.request,
+                parts.status,
+                &parts.headers,
+                self.store_rules(),
+            )
+            .is_ok()
+            && length.is_none_or(|l| l <= inner.store.max_object() as u64);
+        // The client's own validators were taken off the forwarded request.
+        let verdict = if parts.status == StatusCode::OK {
+            conditional::evaluate(&self.request, Validators::of(&parts.headers, now))
+        } else {
+            Verdict::Full
+        };
+        let outcome = match (&self.stale, storable) {
+            (_, false) => Outcome::Uncacheable,
+            (Some(_), true) => Outcome::Stale,
+            (None, true) => Outcome::Miss,
+        };
+        inner.count(outcome);
+        if !storable {
+            self.fill.take();
+            let mut response = match verdict {
+                Verdict::NotModified => not_modified(&parts.headers),
+                Verdict::Full => Response::from_parts(parts, body),
+            };
+            inner.status_header(response.headers_mut(), &format!("fwd={fwd}"));
+            return response;
+        }
+        let names = match key::vary(&parts.headers) {
+            key::Vary::Names(names) => names,
+            _ => Vec::new(),
+        };
+        let values = key::values(&self.request, &names);
+        let freshness = Freshness::of(parts.status, &parts.headers, self.request_time, now);
+        let commit = fill::Commit {
+            inner: inner.clone(),
+            key: self.key.clone(),
+            status: parts.status,
+            headers: policy::stored_headers(&parts.headers),
+            freshness,
+            vary_names: names,
+            vary_values: values,
+            expected: length,
+            _fill: self.fill.take(),
+        };
+        let body = fill::StoreBody::new(body, commit);
+        inner.status_header(&mut parts.headers, &format!("fwd={fwd}; stored"));
+        match verdict {
+            Verdict::NotModified => {
+                // The client gets its 304 now; the body is read into the store behind it.
+                let response = not_modified(&parts.headers);
+                tokio::spawn(fill::drain(body));
+                let mut response = response;
+                inner.status_header(response.headers_mut(), &format!("fwd={fwd}; stored"));
+                response
+            }
+            Verdict::Full => Response::from_parts(parts, body.boxed()),
+        }
+    }
+}
