@@ -103,11 +103,6 @@ pub struct Report {
 }
 
 impl Report {
-    /// `busy / max`; meaningful only for a report that passed [`validate`].
-    pub fn ratio(&self) -> f64 {
-        self.busy / self.max
-    }
-
     /// The busy workers this proxy did not put there, never below zero.
     pub fn external(&self) -> f64 {
         (self.busy - self.own - self.poll_workers).max(0.0)
