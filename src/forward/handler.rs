@@ -1,9 +1,12 @@
-//! The request handler of the data plane: probe → route → forward → respond.
+//! The request handler of the data plane, as stages over one request:
+//! framing check → probe → route → cache → admission → forward → respond.
 //!
-//! Each step that can refuse a request returns a [`ProxyError`], turned into a
-//! response in one place (`error.rs`). Bodies are streamed in both directions;
-//! the in-flight count and the request metrics are released when the response
-//! body ends or is abandoned, not when this function returns.
+//! Each stage passes the request on, answers it, or refuses it with a
+//! [`ProxyError`], which `http/error.rs` turns into a response in one place. The
+//! request's [`RequestDone`] guard travels with it: routing names its class,
+//! admission hands it the reservation, and it rides on the response body, so the
+//! in-flight count and the request metrics are released when the body ends or is
+//! abandoned, not when this function returns. Bodies stream in both directions.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -20,14 +23,14 @@ use hyper::body::Incoming;
 use crate::admission::Rejection;
 use crate::cache::Lookup;
 use crate::forward::routes::Route;
-use crate::forward::state::{ClassLabel, Shared};
+use crate::forward::state::{ClassLabel, Generation, Shared};
 use crate::http::body::{full, BoxError, OnEnd, Prepend, ProxyBody, WatchedBody};
 use crate::http::error::{ProxyError, UpstreamErrorKind};
 use crate::http::headers;
 use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
 use crate::metrics as m;
-use crate::upstream::{InflightGuard, Reservation};
+use crate::upstream::Reservation;
 
 /// What the handler knows about the client connection a request arrived on.
 #[derive(Clone)]
@@ -40,13 +43,15 @@ pub struct ConnInfo {
     pub max_body_bytes: Option<u64>,
 }
 
-/// Records the request's metrics when dropped, i.e. when its response body is done.
+/// One request's completion: records its metrics and frees its upstream slot when
+/// dropped, i.e. when its response body is done. The stages fill it in as the request
+/// goes: routing sets the class, admission the reservation.
 pub struct RequestDone {
     shared: Arc<Shared>,
     class: ClassLabel,
     status: StatusCode,
     started: Instant,
-    _inflight: Option<InflightGuard>,
+    reservation: Option<Reservation>,
     /// Keeps the client connection's idle and header timeouts off this request.
     _on_connection: ActiveRequest,
 }
@@ -71,116 +76,146 @@ pub async fn handle(
     req: Request<Incoming>,
     on_connection: ActiveRequest,
 ) -> Response<HandledBody> {
-    let started = Instant::now();
-    let (class, result) = route_and_forward(&shared, &conn, req).await;
-    let (response, inflight) = match result {
-        Ok(done) => done,
-        Err(error) => {
-            if let ProxyError::Upstream { upstream, kind, .. } = &error {
-                metrics::counter!(m::UPSTREAM_ERRORS_TOTAL,
-                    m::LABEL_UPSTREAM => upstream.clone(), m::LABEL_KIND => kind.as_str())
-                .increment(1);
-            }
-            if matches!(error, ProxyError::BadRequest(_)) {
-                metrics::counter!(m::BAD_REQUESTS_TOTAL).increment(1);
-            }
-            tracing::debug!(%error, "answered by the proxy");
-            (error.into_response(), None)
-        }
-    };
-    let (parts, body) = response.into_parts();
-    let done = RequestDone {
-        shared,
-        class,
-        status: parts.status,
-        started,
-        _inflight: inflight,
+    let mut done = RequestDone {
+        shared: shared.clone(),
+        class: ClassLabel::None,
+        status: StatusCode::OK,
+        started: Instant::now(),
+        reservation: None,
         _on_connection: on_connection,
     };
+    let response = match serve(&shared, &conn, req, &mut done).await {
+        Ok(response) => response,
+        Err(error) => refusal(error),
+    };
+    done.status = response.status();
+    let (parts, body) = response.into_parts();
     Response::from_parts(parts, OnEnd::new(body, done))
 }
 
-type Forwarded = (Response<ProxyBody>, Option<InflightGuard>);
-
-async fn route_and_forward(
-    shared: &Arc<Shared>,
+/// The stages, in order. Each `?` is a refusal; each early `return Ok` an answer given
+/// without the backend.
+async fn serve(
+    shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
-) -> (ClassLabel, Result<Forwarded, ProxyError>) {
-    if req.version() <= Version::HTTP_11 {
-        if let Verdict::Ambiguous(why) = conn.verdicts.next_request() {
-            return (
-                ClassLabel::None,
-                Err(ProxyError::BadRequest(why.to_string())),
-            );
+    done: &mut RequestDone,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    check_framing(conn, &req)?;
+    let generation = shared.generation.load();
+    if is_probe(&generation, &req) {
+        return Ok(probe(shared));
+    }
+    let routed = find_route(&generation, &req)?;
+    drop(generation);
+    let route = &routed.route;
+    done.class = ClassLabel::Route(route.class);
+
+    let mut req = req;
+    let mut pending = None;
+    if let Some(cache) = &route.http_cache {
+        match cache.lookup(&req, routed.host()).await {
+            Lookup::Respond(response) => return Ok(response),
+            Lookup::Forward(mut p) => {
+                p.prepare(req.headers_mut());
+                pending = Some(p);
+            }
         }
     }
-    // A declared length over the limit is refused before anything is read or forwarded.
+
+    let reservation = match admit(route).await {
+        Ok(reservation) => done.reservation.insert(reservation),
+        // A shed request is answered from a stale copy when the cache allows it.
+        Err(error @ ProxyError::Shed { .. }) => {
+            let stale = pending.as_ref().and_then(|p| p.stale_on_shed());
+            return stale.ok_or(error);
+        }
+        Err(error) => return Err(error),
+    };
+
+    let response = forward(&routed, reservation, conn, req).await?;
+    Ok(match pending {
+        Some(p) => p.finish(response),
+        None => response,
+    })
+}
+
+/// A refusal as the client sees it, counted and logged at debug.
+fn refusal(error: ProxyError) -> Response<ProxyBody> {
+    if let ProxyError::Upstream { upstream, kind, .. } = &error {
+        metrics::counter!(m::UPSTREAM_ERRORS_TOTAL,
+            m::LABEL_UPSTREAM => upstream.clone(), m::LABEL_KIND => kind.as_str())
+        .increment(1);
+    }
+    if matches!(error, ProxyError::BadRequest(_)) {
+        metrics::counter!(m::BAD_REQUESTS_TOTAL).increment(1);
+    }
+    tracing::debug!(%error, "answered by the proxy");
+    error.into_response()
+}
+
+/// Refuses an HTTP/1 request whose raw bytes framed it ambiguously, and a declared
+/// length over the limit, before anything is read or forwarded.
+fn check_framing(conn: &ConnInfo, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    if req.version() <= Version::HTTP_11 {
+        if let Verdict::Ambiguous(why) = conn.verdicts.next_request() {
+            return Err(ProxyError::BadRequest(why.to_string()));
+        }
+    }
     let declared = req.body().size_hint().lower();
     if let Some(limit) = conn.max_body_bytes.filter(|limit| declared > *limit) {
         let declared = Some(declared);
-        return (
-            ClassLabel::None,
-            Err(ProxyError::PayloadTooLarge { limit, declared }),
-        );
+        return Err(ProxyError::PayloadTooLarge { limit, declared });
     }
-    let generation = shared.generation.load();
+    Ok(())
+}
+
+fn is_probe<B>(generation: &Generation, req: &Request<B>) -> bool {
     let path = req.uri().path();
-    if generation
+    generation
         .config
         .server
         .probe_paths
         .iter()
         .any(|p| p == path)
-    {
-        return (ClassLabel::None, Ok((probe(shared), None)));
+}
+
+/// A request matched to its route.
+struct Routed {
+    route: Arc<Route>,
+    /// The host it was routed on: the target's authority, else the `Host` header,
+    /// whose value is reused without a copy. Empty when the request named none.
+    host: HeaderValue,
+}
+
+impl Routed {
+    fn host(&self) -> &str {
+        self.host.to_str().unwrap_or_default()
     }
-    let host = request_host(&req).unwrap_or_default();
+}
+
+fn find_route<B>(generation: &Generation, req: &Request<B>) -> Result<Routed, ProxyError> {
+    let host = request_host(req).unwrap_or_default();
+    let path = req.uri().path();
     let Some(route) = generation.routes.find(host, path) else {
-        let error = ProxyError::NoRoute {
+        return Err(ProxyError::NoRoute {
             host: host.to_string(),
             path: path.to_string(),
-        };
-        return (ClassLabel::None, Err(error));
+        });
     };
-    let route = route.clone();
-    drop(generation);
-    let class = ClassLabel::Route(route.class);
-    let mut pending = None;
-    if let Some(cache) = &route.http_cache {
-        match cache.lookup(&req, host).await {
-            Lookup::Respond(response) => return (class, Ok((response, None))),
-            Lookup::Forward(p) => pending = Some(p),
-        }
-    }
-    // The host as the header value sent on. It came from the `Host` header unless the
-    // request target carried an authority; the header's value is reused without a copy.
     let host = match req.uri().authority() {
-        _ if host.is_empty() => None,
-        None => req.headers().get(header::HOST).cloned(),
-        Some(_) => HeaderValue::from_str(host).ok(),
+        _ if host.is_empty() => HeaderValue::from_static(""),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("")),
+        Some(_) => HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("")),
     };
-    let mut req = req;
-    if let Some(p) = &mut pending {
-        p.prepare(req.headers_mut());
-    }
-    let reservation = match admit(&route).await {
-        Ok(reservation) => reservation,
-        Err(error) => {
-            let stale = matches!(error, ProxyError::Shed { .. })
-                .then(|| pending.as_ref().and_then(|p| p.stale_on_shed()))
-                .flatten();
-            return match stale {
-                Some(response) => (class, Ok((response, None))),
-                None => (class, Err(error)),
-            };
-        }
-    };
-    let result = forward(&route, reservation, conn, req, host).await;
-    match (result, pending) {
-        (Ok((response, inflight)), Some(p)) => (class, Ok((p.finish(response), inflight))),
-        (result, _) => (class, result),
-    }
+    Ok(Routed {
+        route: route.clone(),
+        host,
+    })
 }
 
 /// Admission: shed (429) or queue (critical) by the upstream's utilisation.
@@ -263,14 +298,15 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     })
 }
 
+/// Sends the request to a backend of the route's upstream and streams the response
+/// back. `reservation` is the request's slot, bound here to the backend picked.
 async fn forward(
-    route: &Route,
-    reservation: Reservation,
+    routed: &Routed,
+    reservation: &mut Reservation,
     conn: &ConnInfo,
     req: Request<Incoming>,
-    host: Option<HeaderValue>,
-) -> Result<Forwarded, ProxyError> {
-    let upstream = &route.upstream;
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let upstream = &routed.route.upstream;
     let upstream_error =
         |backend: &str, kind: UpstreamErrorKind, detail: String| ProxyError::Upstream {
             upstream: upstream.name.clone(),
@@ -324,6 +360,7 @@ async fn forward(
     // The client's body is already on its way; a 100-continue handshake with the
     // backend would only add a round trip.
     parts.headers.remove(header::EXPECT);
+    let host = (!routed.host.is_empty()).then(|| routed.host.clone());
     if let Some(value) = &host {
         if !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, value.clone());
@@ -333,7 +370,7 @@ async fn forward(
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();
-    let inflight = reservation.bind(&backend);
+    reservation.bind(&backend);
     let request = Request::from_parts(parts, body);
     let sent = Instant::now();
     let result = upstream.send(&backend, request).await;
@@ -354,5 +391,5 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::append_via(&mut parts.headers, Version::HTTP_11);
-    Ok((Response::from_parts(parts, body), Some(inflight)))
+    Ok(Response::from_parts(parts, body))
 }

@@ -357,39 +357,30 @@ impl Upstream {
 }
 
 /// One request counted in flight to an upstream, from admission until its response
-/// body ends or is dropped. Dropping it frees the slot and wakes a queued request.
+/// body ends or is dropped, and to its backend once [`bind`](Reservation::bind) names
+/// one. Dropping it frees both counts and wakes a queued request.
 pub struct Reservation {
     upstream: Arc<Upstream>,
+    backend: Option<Arc<Backend>>,
 }
 
 impl Reservation {
     /// Also counts the request against the backend it is sent to.
-    pub fn bind(self, backend: &Arc<Backend>) -> InflightGuard {
-        backend.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard {
-            _reservation: self,
-            backend: backend.clone(),
+    pub fn bind(&mut self, backend: &Arc<Backend>) {
+        if let Some(previous) = self.backend.replace(backend.clone()) {
+            previous.inflight.fetch_sub(1, Ordering::Relaxed);
         }
+        backend.inflight.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        if let Some(backend) = &self.backend {
+            backend.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
         self.upstream.inflight.fetch_sub(1, Ordering::AcqRel);
         self.upstream.admission.on_release();
-    }
-}
-
-/// A [`Reservation`] bound to a backend: attach it to the response body so the
-/// request counts until its body has been delivered or abandoned.
-pub struct InflightGuard {
-    _reservation: Reservation,
-    backend: Arc<Backend>,
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.backend.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -414,6 +405,7 @@ impl Slots for Arc<Upstream> {
         counted.ok()?;
         Some(Reservation {
             upstream: self.clone(),
+            backend: None,
         })
     }
 }
