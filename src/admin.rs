@@ -17,7 +17,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admission::Decision;
 use crate::forward::state::Shared;
+use crate::metrics::Label as _;
 
 /// Serves the admin endpoints until shutdown; also runs the metrics upkeep.
 pub async fn serve(
@@ -108,7 +110,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         .iter()
         .map(|r| {
             let c = &r.counters;
-            json!({
+            let mut route = json!({
                 "name": r.name,
                 "path_prefix": r.path_prefix(),
                 "upstream": r.upstream.name,
@@ -116,14 +118,14 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "threshold": r.upstream.admission.threshold(r.class, r.threshold),
                 "cache": matches!(r.cache, crate::config::CachePolicy::On),
                 "cache_stats": r.http_cache.as_ref().map(cache_status),
-                "admitted": c.admitted.load(Ordering::Relaxed),
-                "shed": c.shed.load(Ordering::Relaxed),
-                "queued": c.queued.load(Ordering::Relaxed),
-                "queue_rejected": c.queue_rejected.load(Ordering::Relaxed),
-                "would_shed": c.would_shed.load(Ordering::Relaxed),
-                "would_queue": c.would_queue.load(Ordering::Relaxed),
-                "would_reject": c.would_reject.load(Ordering::Relaxed),
-            })
+                // Both ways the critical queue refuses, together.
+                "queue_rejected": c.get(Decision::QueueTimeout) + c.get(Decision::QueueFull),
+            });
+            // One field per admission decision, from the counters behind the metric.
+            for (decision, count) in c.values() {
+                route[decision.as_str()] = count.into();
+            }
+            route
         })
         .collect();
     let upstreams: Vec<_> = generation

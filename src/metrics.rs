@@ -4,6 +4,8 @@
 //! endpoint and the code agree. Label values come from small closed sets (route
 //! class, status class, error kind, upstream name from config), never raw paths.
 
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -102,6 +104,115 @@ pub fn status_class_index(status: http::StatusCode) -> usize {
         300..=399 => 2,
         400..=499 => 3,
         _ => 4,
+    }
+}
+
+/// The values of one metric label, as a field-less enum: a [`CounterTable`] keeps one
+/// counter per value. Declare one with [`label_values!`], which keeps the index and
+/// the order of [`ALL`](Label::ALL) the same by construction.
+pub trait Label: Copy + std::fmt::Debug + 'static {
+    /// Every value, in index order.
+    const ALL: &'static [Self];
+    /// The value's place in `ALL`.
+    fn index(self) -> usize;
+    /// The label value as Prometheus and `/status` show it.
+    fn as_str(self) -> &'static str;
+}
+
+/// Declares a field-less enum whose variants are the values of a metric label:
+/// `label_values! { pub enum Event { Opened => "opened", Reused => "reused" } }`.
+#[macro_export]
+macro_rules! label_values {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident => $value:literal),+ $(,)?
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $vis enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $crate::metrics::Label for $name {
+            const ALL: &'static [Self] = &[$($name::$variant),+];
+            fn index(self) -> usize {
+                self as usize
+            }
+            fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $value),+ }
+            }
+        }
+    };
+}
+pub use label_values;
+
+/// A Prometheus counter registered once, with a local copy of its value that
+/// `/status` and tests read: one increment feeds both.
+pub struct Count {
+    metric: metrics::Counter,
+    value: AtomicU64,
+}
+
+impl Count {
+    pub fn new(metric: metrics::Counter) -> Count {
+        Count {
+            metric,
+            value: AtomicU64::new(0),
+        }
+    }
+
+    pub fn increment(&self) {
+        self.metric.increment(1);
+        self.value.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// One [`Count`] per value of label `L`: the counters behind one metric for one
+/// owner (an upstream, a route), registered up front so the hot path never looks a
+/// metric up by name.
+pub struct CounterTable<L: Label> {
+    counts: Box<[Count]>,
+    label: PhantomData<L>,
+}
+
+impl<L: Label> std::fmt::Debug for CounterTable<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.values().map(|(l, n)| (l.as_str(), n)))
+            .finish()
+    }
+}
+
+impl<L: Label> CounterTable<L> {
+    /// `register` gives the metric for one label value: the caller names the metric
+    /// and its other labels.
+    pub fn new(mut register: impl FnMut(L) -> metrics::Counter) -> CounterTable<L> {
+        CounterTable {
+            counts: L::ALL.iter().map(|&l| Count::new(register(l))).collect(),
+            label: PhantomData,
+        }
+    }
+
+    pub fn increment(&self, label: L) {
+        self.counts[label.index()].increment();
+    }
+
+    pub fn get(&self, label: L) -> u64 {
+        self.counts[label.index()].get()
+    }
+
+    /// Every label value with its count, in index order: the `/status` view.
+    pub fn values(&self) -> impl Iterator<Item = (L, u64)> + '_ {
+        L::ALL.iter().map(|&l| (l, self.get(l)))
+    }
+
+    /// The counts as a JSON object keyed by label value.
+    pub fn to_json(&self) -> serde_json::Value {
+        self.values()
+            .map(|(l, n)| (l.as_str().to_string(), serde_json::Value::from(n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 }
 
@@ -213,4 +324,46 @@ fn describe() {
         CONNECTIONS_TIMED_OUT_TOTAL,
         "Client connections closed by the header read (kind=header) or idle (kind=idle) timeout."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    label_values! {
+        enum Fruit { Apple => "apple", Pear => "pear", Plum => "plum" }
+    }
+
+    #[test]
+    fn label_values_index_in_declaration_order() {
+        for (i, fruit) in Fruit::ALL.iter().enumerate() {
+            assert_eq!(fruit.index(), i);
+        }
+        assert_eq!(Fruit::Pear.as_str(), "pear");
+    }
+
+    #[test]
+    fn one_increment_feeds_prometheus_and_the_local_copy() {
+        let handle = handle();
+        let table = CounterTable::new(
+            |fruit: Fruit| metrics::counter!("loadgate_test_fruit_total", "fruit" => fruit.as_str()),
+        );
+        table.increment(Fruit::Pear);
+        table.increment(Fruit::Pear);
+        table.increment(Fruit::Plum);
+
+        assert_eq!(
+            table.values().collect::<Vec<_>>(),
+            [(Fruit::Apple, 0), (Fruit::Pear, 2), (Fruit::Plum, 1)]
+        );
+        assert_eq!(
+            table.to_json(),
+            serde_json::json!({"apple": 0, "pear": 2, "plum": 1})
+        );
+        let scraped = handle.render();
+        assert!(
+            scraped.contains("loadgate_test_fruit_total{fruit=\"pear\"} 2"),
+            "{scraped}"
+        );
+    }
 }

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{RouteClass, ShedMode, UpstreamConfig};
-use crate::metrics as m;
+use crate::metrics::{self as m, CounterTable, Label as _};
 use adaptive::AdaptiveLimit;
 use decision::Outcome;
 use signal::{ReportedSignal, Source};
@@ -77,19 +77,37 @@ pub trait Slots {
     fn try_reserve(&self, limit: Option<usize>) -> Option<Self::Reservation>;
 }
 
-/// Per-route admission counters, shown in `/status`.
-#[derive(Debug, Default)]
-pub struct RouteCounters {
-    pub admitted: AtomicU64,
-    pub shed: AtomicU64,
-    pub queued: AtomicU64,
-    pub queue_rejected: AtomicU64,
-    /// Shadow mode: sheddable and normal requests enforce mode would have shed.
-    pub would_shed: AtomicU64,
-    /// Shadow mode: critical requests that would have waited in the queue.
-    pub would_queue: AtomicU64,
-    /// Shadow mode: critical requests the queue would have answered 503.
-    pub would_reject: AtomicU64,
+crate::metrics::label_values! {
+    /// What admission did with a request: the `outcome` label of
+    /// `loadgate_admission_decisions_total`, and a route's counts in `/status`.
+    pub enum Decision {
+        Admitted => "admitted",
+        Shed => "shed",
+        Queued => "queued",
+        /// Refused by the critical queue: no slot within the timeout, or none expected.
+        QueueTimeout => "queue_timeout",
+        /// Refused by the critical queue: it held `queue_size` requests already.
+        QueueFull => "queue_full",
+        /// Shadow mode: a sheddable or normal request enforce mode would have shed.
+        WouldShed => "would_shed",
+        /// Shadow mode: a critical request that would have waited in the queue.
+        WouldQueue => "would_queue",
+        /// Shadow mode: a critical request the queue would have answered 503.
+        WouldReject => "would_reject",
+    }
+}
+
+/// A route's admission decisions: each one counts in
+/// `loadgate_admission_decisions_total{class, outcome}` and in the route's `/status`.
+pub type RouteCounters = CounterTable<Decision>;
+
+impl CounterTable<Decision> {
+    pub fn for_class(class: RouteClass) -> RouteCounters {
+        CounterTable::new(|outcome: Decision| {
+            metrics::counter!(m::ADMISSION_DECISIONS_TOTAL,
+                m::LABEL_CLASS => class.as_str(), m::LABEL_OUTCOME => outcome.as_str())
+        })
+    }
 }
 
 /// How long no request may be shed or queued before a shedding episode ends.
@@ -274,11 +292,9 @@ impl Admission {
                 };
             }
         }
-        let metrics = decision_metrics();
         match (outcome, reserved) {
             (Outcome::Admit, Some(reservation)) => {
-                counters.admitted.fetch_add(1, Ordering::Relaxed);
-                metrics.count(class, DecisionLabel::Admitted);
+                counters.increment(Decision::Admitted);
                 Ok(reservation)
             }
             (Outcome::Queue, _) => {
@@ -289,9 +305,8 @@ impl Admission {
             _ => {
                 self.episode
                     .pressure(&self.upstream, Pressure::Shed, &signal);
-                counters.shed.fetch_add(1, Ordering::Relaxed);
-                metrics.count(class, DecisionLabel::Shed);
-                metrics.shed_total.increment(1);
+                counters.increment(Decision::Shed);
+                shed_total().increment(1);
                 Err(Rejection::Shed {
                     class,
                     signal,
@@ -312,7 +327,6 @@ impl Admission {
         counters: &RouteCounters,
         admit: impl FnOnce() -> R,
     ) -> R {
-        let metrics = decision_metrics();
         // Enforce mode would not have let this proxy pass its room: at the room, a
         // critical request queues and the others are shed.
         let at_room = signal.own >= signal.room;
@@ -321,35 +335,22 @@ impl Admission {
             (_, Outcome::Admit) if at_room => Outcome::Shed,
             (_, outcome) => outcome,
         };
-        let (label, pressure, counter) = match outcome {
-            Outcome::Admit => (DecisionLabel::Admitted, None, &counters.admitted),
-            Outcome::Shed => (
-                DecisionLabel::WouldShed,
-                Some(Pressure::Shed),
-                &counters.would_shed,
-            ),
+        let (decision, pressure) = match outcome {
+            Outcome::Admit => (Decision::Admitted, None),
+            Outcome::Shed => (Decision::WouldShed, Some(Pressure::Shed)),
             Outcome::Queue => {
                 // The requests beyond the room are the ones that would be waiting.
                 let ahead = signal.own.saturating_sub(signal.room) as f64;
                 let rate = self.drain.rate(Instant::now());
                 let wait = if rate > 0.0 { ahead / rate } else { 0.0 };
                 if wait > self.config.queue_timeout.as_secs_f64() {
-                    (
-                        DecisionLabel::WouldReject,
-                        Some(Pressure::Rejected),
-                        &counters.would_reject,
-                    )
+                    (Decision::WouldReject, Some(Pressure::Rejected))
                 } else {
-                    (
-                        DecisionLabel::WouldQueue,
-                        Some(Pressure::Queued),
-                        &counters.would_queue,
-                    )
+                    (Decision::WouldQueue, Some(Pressure::Queued))
                 }
             }
         };
-        counter.fetch_add(1, Ordering::Relaxed);
-        metrics.count(class, label);
+        counters.increment(decision);
         if let Some(pressure) = pressure {
             self.episode.pressure(&self.upstream, pressure, signal);
         }
@@ -368,15 +369,13 @@ impl Admission {
         slots: &S,
         first: Signal,
     ) -> Result<S::Reservation, Rejection> {
-        let metrics = decision_metrics();
-        let class = RouteClass::Critical;
         let entered = Instant::now();
         let ahead = self.queued.fetch_add(1, Ordering::AcqRel);
         let _leave = QueueSlot(self);
         let completed_at_entry = self.drain.completed();
         let timeout = self.config.queue_timeout;
         let reject = |signal: Signal, predicted: bool| {
-            counters.queue_rejected.fetch_add(1, Ordering::Relaxed);
+            counters.increment(Decision::QueueTimeout);
             self.episode
                 .pressure(&self.upstream, Pressure::Rejected, &signal);
             Rejection::QueueTimeout {
@@ -386,8 +385,7 @@ impl Admission {
             }
         };
         if ahead >= self.config.queue_size {
-            counters.queue_rejected.fetch_add(1, Ordering::Relaxed);
-            metrics.count(class, DecisionLabel::QueueFull);
+            counters.increment(Decision::QueueFull);
             self.episode
                 .pressure(&self.upstream, Pressure::Rejected, &first);
             return Err(Rejection::QueueFull {
@@ -399,25 +397,21 @@ impl Admission {
         if rate
             .is_some_and(|r| expected_wait(ahead as f64, r) > timeout.mul_f64(EARLY_REFUSAL_MARGIN))
         {
-            metrics.count(class, DecisionLabel::QueueTimeout);
             return Err(reject(first, true));
         }
-        counters.queued.fetch_add(1, Ordering::Relaxed);
-        metrics.count(class, DecisionLabel::Queued);
+        counters.increment(Decision::Queued);
         let deadline = entered + timeout;
         loop {
             let freed = self.slot_freed.notified();
             let signal = self.signal(slots);
             if signal.utilisation < threshold {
                 if let Some(reservation) = slots.try_reserve(Some(signal.room)) {
-                    counters.admitted.fetch_add(1, Ordering::Relaxed);
-                    metrics.count(class, DecisionLabel::Admitted);
+                    counters.increment(Decision::Admitted);
                     return Ok(reservation);
                 }
             }
             let now = Instant::now();
             if now >= deadline {
-                metrics.count(class, DecisionLabel::QueueTimeout);
                 return Err(reject(signal, false));
             }
             // Requests ahead move up as requests complete; give up early once the
@@ -428,7 +422,6 @@ impl Admission {
                 if expected_wait(still_ahead as f64, rate)
                     > (deadline - now).mul_f64(EARLY_REFUSAL_MARGIN)
                 {
-                    metrics.count(class, DecisionLabel::QueueTimeout);
                     return Err(reject(signal, true));
                 }
             }
@@ -731,52 +724,10 @@ impl SignalGauges {
     }
 }
 
-#[derive(Clone, Copy)]
-enum DecisionLabel {
-    Admitted,
-    Shed,
-    Queued,
-    QueueTimeout,
-    QueueFull,
-    WouldShed,
-    WouldQueue,
-    WouldReject,
-}
-
-const DECISION_LABELS: [&str; 8] = [
-    "admitted",
-    "shed",
-    "queued",
-    "queue_timeout",
-    "queue_full",
-    "would_shed",
-    "would_queue",
-    "would_reject",
-];
-
-/// Decision counters by class and outcome, registered once.
-struct DecisionMetrics {
-    decisions: [[metrics::Counter; 8]; 3],
-    shed_total: metrics::Counter,
-}
-
-impl DecisionMetrics {
-    fn count(&self, class: RouteClass, label: DecisionLabel) {
-        self.decisions[class.index()][label as usize].increment(1);
-    }
-}
-
-fn decision_metrics() -> &'static DecisionMetrics {
-    static METRICS: OnceLock<DecisionMetrics> = OnceLock::new();
-    METRICS.get_or_init(|| DecisionMetrics {
-        decisions: RouteClass::ALL.map(|class| {
-            DECISION_LABELS.map(|outcome| {
-                metrics::counter!(m::ADMISSION_DECISIONS_TOTAL,
-                    m::LABEL_CLASS => class.as_str(), m::LABEL_OUTCOME => outcome)
-            })
-        }),
-        shed_total: metrics::counter!(m::SHED_TOTAL),
-    })
+/// `loadgate_shed_total`, registered once.
+fn shed_total() -> &'static metrics::Counter {
+    static SHED_TOTAL: OnceLock<metrics::Counter> = OnceLock::new();
+    SHED_TOTAL.get_or_init(|| metrics::counter!(m::SHED_TOTAL))
 }
 
 #[cfg(test)]
@@ -843,7 +794,7 @@ mod tests {
         service: Duration,
     ) -> Vec<(Result<(), bool>, Duration)> {
         let started = Instant::now();
-        let counters = Arc::new(RouteCounters::default());
+        let counters = Arc::new(RouteCounters::for_class(RouteClass::Critical));
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let slots = slots.clone();
@@ -906,7 +857,7 @@ mod tests {
     async fn an_episode_ends_after_the_dwell_without_a_request() {
         let slots = setup(2, ShedMode::Enforce);
         let admission = &slots.admission;
-        let counters = RouteCounters::default();
+        let counters = RouteCounters::for_class(RouteClass::Critical);
         let _held: Vec<_> = (0..2).map(|_| slots.try_reserve(None).unwrap()).collect();
         let shed = admission
             .admit(RouteClass::Sheddable, None, &counters, &*slots)
@@ -925,7 +876,7 @@ mod tests {
     async fn shadow_mode_counts_what_enforce_mode_would_do_per_class() {
         let slots = setup(2, ShedMode::Shadow);
         let admission = &slots.admission;
-        let counters = RouteCounters::default();
+        let counters = RouteCounters::for_class(RouteClass::Critical);
         let mut held: Vec<_> = (0..2).map(|_| slots.try_reserve(None).unwrap()).collect();
         for class in [
             RouteClass::Critical,
@@ -935,16 +886,16 @@ mod tests {
             let admitted = admission.admit(class, None, &counters, &*slots).await;
             held.push(admitted.expect("shadow mode admits everything"));
         }
-        assert_eq!(counters.would_queue.load(Ordering::Relaxed), 1);
-        assert_eq!(counters.would_shed.load(Ordering::Relaxed), 2);
-        assert_eq!(counters.shed.load(Ordering::Relaxed), 0);
-        assert_eq!(counters.admitted.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.get(Decision::WouldQueue), 1);
+        assert_eq!(counters.get(Decision::WouldShed), 2);
+        assert_eq!(counters.get(Decision::Shed), 0);
+        assert_eq!(counters.get(Decision::Admitted), 0);
         assert!(admission.is_shedding());
         drop(held);
         let idle = admission
             .admit(RouteClass::Sheddable, None, &counters, &*slots)
             .await;
         assert!(idle.is_ok());
-        assert_eq!(counters.admitted.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.get(Decision::Admitted), 1);
     }
 }

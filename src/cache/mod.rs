@@ -41,7 +41,7 @@ pub use lookup::Lookup;
 pub use pending::Pending;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -50,7 +50,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use tokio::sync::watch;
 
-use crate::metrics as m;
+use crate::metrics::{self as m, CounterTable, Label as _};
 use policy::Freshness;
 use store::Store;
 
@@ -164,44 +164,20 @@ struct Inner {
     buffering: AtomicUsize,
     buffer_budget: usize,
     clock: Clock,
-    /// Lookups by [`Outcome`], indexed by `Outcome as usize`.
-    lookups: [AtomicU64; Outcome::COUNT],
     /// `loadgate_cache_lookups_total` for this route by outcome, registered once
     /// (a lookup by name and label per request would cost more than the hit itself).
-    lookup_metrics: [metrics::Counter; Outcome::COUNT],
+    lookups: CounterTable<Outcome>,
 }
 
-/// The lookup outcome label of `loadgate_cache_lookups_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Hit,
-    NotModified,
-    Miss,
-    Stale,
-    Revalidated,
-    Uncacheable,
-}
-
-impl Outcome {
-    const COUNT: usize = 6;
-    const ALL: [Outcome; Outcome::COUNT] = [
-        Outcome::Hit,
-        Outcome::NotModified,
-        Outcome::Miss,
-        Outcome::Stale,
-        Outcome::Revalidated,
-        Outcome::Uncacheable,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::NotModified => "not_modified",
-            Outcome::Miss => "miss",
-            Outcome::Stale => "stale",
-            Outcome::Revalidated => "revalidated",
-            Outcome::Uncacheable => "uncacheable",
-        }
+crate::metrics::label_values! {
+    /// The lookup outcome, the `result` label of `loadgate_cache_lookups_total`.
+    pub enum Outcome {
+        Hit => "hit",
+        NotModified => "not_modified",
+        Miss => "miss",
+        Stale => "stale",
+        Revalidated => "revalidated",
+        Uncacheable => "uncacheable",
     }
 }
 
@@ -218,8 +194,7 @@ impl Cache {
                 buffering: AtomicUsize::new(0),
                 buffer_budget,
                 clock: Clock::new(),
-                lookups: Default::default(),
-                lookup_metrics: Outcome::ALL.map(|o| {
+                lookups: CounterTable::new(|o: Outcome| {
                     metrics::counter!(m::CACHE_LOOKUPS_TOTAL,
                         m::LABEL_ROUTE => route.to_string(), m::LABEL_RESULT => o.as_str())
                 }),
@@ -241,7 +216,7 @@ impl Cache {
     }
 
     pub fn lookups(&self) -> LookupCounts {
-        let n = |o: Outcome| self.inner.lookups[o as usize].load(Ordering::Relaxed);
+        let n = |o: Outcome| self.inner.lookups.get(o);
         LookupCounts {
             hit: n(Outcome::Hit),
             not_modified: n(Outcome::NotModified),
@@ -255,8 +230,7 @@ impl Cache {
 
 impl Inner {
     fn count(&self, outcome: Outcome) {
-        self.lookups[outcome as usize].fetch_add(1, Ordering::Relaxed);
-        self.lookup_metrics[outcome as usize].increment(1);
+        self.lookups.increment(outcome);
     }
 
     fn publish(&self) {

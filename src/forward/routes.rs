@@ -98,7 +98,7 @@ impl RouteTable {
                         .then(|| Cache::new(&c.name, c.cache_settings)),
                     upstream: upstream_of(&c.upstream),
                     threshold: c.threshold,
-                    counters: RouteCounters::default(),
+                    counters: RouteCounters::for_class(c.class),
                     host: HostMatch::parse(c.host.as_deref()),
                     path_prefix: c.path_prefix.clone(),
                 })

@@ -125,7 +125,7 @@ impl Inner {
                 retry.backoff_cap,
                 rand::random(),
             );
-            self.counters.connect_retries.inc();
+            self.counters.connect_retries.increment();
             tokio::time::sleep(delay).await;
             attempt += 1;
         }

@@ -54,7 +54,7 @@ use crate::http::error::UpstreamErrorKind;
 use conn::{exchange, Conn};
 use idle::{Idle, IdleStacks};
 pub use stats::PoolStats;
-use stats::{Counters, Event};
+use stats::{Counters, Event, Stale};
 
 /// The pool's settings, taken from the upstream's config.
 #[derive(Debug, Clone)]
@@ -173,7 +173,7 @@ impl Pool {
             _ => None,
         };
         let Some(retry) = retry else {
-            inner.counters.stale_not_retryable.inc();
+            inner.counters.stale.increment(Stale::NotRetryable);
             let why = if idempotent {
                 "its body cannot be replayed".to_string()
             } else {
@@ -188,7 +188,7 @@ impl Pool {
                 ),
             });
         };
-        inner.counters.stale_retried.inc();
+        inner.counters.stale.increment(Stale::Retried);
         tracing::debug!(backend = %host.backend.authority, %method, error = %failed.error,
             "reused connection died before a response; retrying once on a new connection");
         // Boxed, as is every path an exchange rarely takes: the future of `send` is built
