@@ -10,7 +10,7 @@ pub mod haproxy;
 pub mod hyper_floor;
 pub mod nginx;
 pub mod openloop;
-#[path = "../../tests/support/tomcat.rs"]
+#[path = "../../tests/it/support/tomcat.rs"]
 pub mod tomcat;
 pub mod waves;
 

@@ -2,53 +2,36 @@
 //! idle and after 100 requests, like Tomcat): no client-visible errors for GETs, no
 //! duplicate POSTs, connect retries that stop at the cap.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Request;
-use loadgate::sim::{SimBackend, SimConfig};
-use support::*;
+use loadgate::listener::Proxy;
+use loadgate::sim::SimBackend;
+
+use crate::support::*;
 
 /// A Tomcat-like backend: keep-alive timeout 1 s, `maxKeepAliveRequests` 100.
 async fn tomcat_like() -> SimBackend {
-    SimBackend::start(SimConfig {
-        listen: LOCAL0.parse().unwrap(),
-        workers: 64,
-        service_time_ms: 0.0,
-        keep_alive_timeout_ms: 1000,
-        max_keep_alive_requests: 100,
-        ..SimConfig::default()
-    })
-    .await
-    .expect("sim starts")
+    TestBackend::new()
+        .workers(64)
+        .keep_alive_timeout_ms(1000)
+        .max_keep_alive_requests(100)
+        .start()
+        .await
 }
 
 /// A proxy for `backend` whose idle timeout (5 s) is LONGER than the backend's
 /// keep-alive (1 s), so pooled connections go stale on purpose.
-async fn proxy_longer_idle(backend: &SimBackend, upstream: &str) -> loadgate::listener::Proxy {
+async fn proxy_longer_idle(backend: &SimBackend, upstream: &str) -> Proxy {
     let mut config = proxy_config(backend.addr());
-    config.upstreams[0].name = upstream.to_string();
+    name_upstream(&mut config, upstream);
     config.upstreams[0].idle_timeout = Duration::from_secs(5);
     config.upstreams[0].health.enabled = false;
     // This is about connections, not admission: never shed.
     config.upstreams[0].shedding.mode = loadgate::config::ShedMode::Off;
-    for route in &mut config.routes {
-        route.upstream = upstream.to_string();
-    }
     start_proxy(config).await
-}
-
-/// The value of the series whose line starts with `series` (name and labels), 0 if absent.
-async fn metric(proxy: &loadgate::listener::Proxy, series: &str) -> f64 {
-    let text = get(&client(), &format!("http://{}/metrics", proxy.admin_addr()))
-        .await
-        .text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[derive(Default)]
@@ -92,7 +75,7 @@ async fn one(client: &TestClient, method: &str, url: &str, n: usize) -> Got {
 /// rounds of a 64-request burst (32 connections × 2) after an idle gap swept across the backend's 1 s
 /// keep-alive timeout (985…1015 ms), so bursts land just before, at and after it.
 async fn run_pattern(
-    proxy: &loadgate::listener::Proxy,
+    proxy: &Proxy,
     method: &'static str,
     path: &str,
     concurrent: usize,
@@ -159,19 +142,22 @@ async fn ten_thousand_gets_across_stale_connections_all_succeed() {
     );
 
     let stats = proxy.shared().generation.load().upstreams["stale_get"].pool_stats();
-    let retried = metric(
+    let retried = admin::counter(
         &proxy,
-        "loadgate_upstream_stale_reuse_total{upstream=\"stale_get\",outcome=\"retried\"}",
+        "loadgate_upstream_stale_reuse_total",
+        &[("upstream", "stale_get"), ("outcome", "retried")],
     )
     .await;
-    let opened = metric(
+    let opened = admin::counter(
         &proxy,
-        "loadgate_upstream_connections_total{upstream=\"stale_get\",event=\"opened\"}",
+        "loadgate_upstream_connections_total",
+        &[("upstream", "stale_get"), ("event", "opened")],
     )
     .await;
-    let reused = metric(
+    let reused = admin::counter(
         &proxy,
-        "loadgate_upstream_connections_total{upstream=\"stale_get\",event=\"reused\"}",
+        "loadgate_upstream_connections_total",
+        &[("upstream", "stale_get"), ("event", "reused")],
     )
     .await;
     println!(
@@ -221,9 +207,10 @@ async fn posts_across_stale_connections_are_never_duplicated() {
         assert!(body.contains("not retried"), "{body}");
         assert!(body.contains("stale_connection"), "{body}");
     }
-    let not_retryable = metric(
+    let not_retryable = admin::counter(
         &proxy,
-        "loadgate_upstream_stale_reuse_total{upstream=\"stale_post\",outcome=\"not_retryable\"}",
+        "loadgate_upstream_stale_reuse_total",
+        &[("upstream", "stale_post"), ("outcome", "not_retryable")],
     )
     .await;
     assert_eq!(not_retryable as usize, failures.len());
@@ -231,14 +218,11 @@ async fn posts_across_stale_connections_are_never_duplicated() {
 
 /// A proxy whose only backend is a closed port, with the default connect policy
 /// (3 attempts, backoff 100 ms doubling, cap 1 s).
-async fn proxy_to_closed_port(upstream: &str, backends: &[String]) -> loadgate::listener::Proxy {
+async fn proxy_to_closed_port(upstream: &str, backends: &[String]) -> Proxy {
     let mut config = proxy_config_for(backends);
-    config.upstreams[0].name = upstream.to_string();
+    name_upstream(&mut config, upstream);
     config.upstreams[0].health.enabled = false;
     config.upstreams[0].shedding.mode = loadgate::config::ShedMode::Off;
-    for route in &mut config.routes {
-        route.upstream = upstream.to_string();
-    }
     start_proxy(config).await
 }
 
@@ -256,9 +240,10 @@ async fn connect_failures_are_retried_with_backoff_then_502() {
     // Two waits: 100 ms and 200 ms nominal, each jittered into [½, 1] of itself.
     assert!(elapsed >= Duration::from_millis(150), "{elapsed:?}");
     assert!(elapsed < Duration::from_millis(1_500), "{elapsed:?}");
-    let retries = metric(
+    let retries = admin::counter(
         &proxy,
-        "loadgate_upstream_connect_retries_total{upstream=\"connect_retry\"}",
+        "loadgate_upstream_connect_retries_total",
+        &[("upstream", "connect_retry")],
     )
     .await;
     assert_eq!(retries, 2.0);
@@ -269,12 +254,9 @@ async fn consecutive_connect_failures_eject_the_backend() {
     let live = TestBackend::new().start().await;
     let dead = closed_port().await;
     let mut config = proxy_config_for(&[dead.to_string(), live.addr().to_string()]);
-    config.upstreams[0].name = "eject".to_string();
+    name_upstream(&mut config, "eject");
     config.upstreams[0].health.enabled = false;
     config.upstreams[0].retry.eject_after_connect_failures = 3;
-    for route in &mut config.routes {
-        route.upstream = "eject".to_string();
-    }
     let proxy = start_proxy(config).await;
     let c = client();
     let url = format!("http://{}/api/x", proxy.addr());
@@ -298,10 +280,8 @@ async fn consecutive_connect_failures_eject_the_backend() {
             "an ejected backend is not picked"
         );
     }
-    let ejections = metric(
-        &proxy,
-        &format!("loadgate_backend_ejections_total{{upstream=\"eject\",backend=\"{dead}\"}}"),
-    )
-    .await;
+    let backend = dead.to_string();
+    let labels = [("upstream", "eject"), ("backend", backend.as_str())];
+    let ejections = admin::counter(&proxy, "loadgate_backend_ejections_total", &labels).await;
     assert_eq!(ejections, 1.0);
 }

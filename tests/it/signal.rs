@@ -4,24 +4,18 @@
 //! Real clock (the poller does real I/O, which a paused clock would time out at once);
 //! every wait is bounded by a deadline, no test sleeps for a fixed time and hopes.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use loadgate::admission::actuator::ActuatorFormat;
 use loadgate::admission::poller::{spawn_poller, ActuatorSettings};
 use loadgate::admission::signal::ReportedSignal;
 use loadgate::sim::SimBackend;
-use support::{client, closed_port, eventually, get, TestBackend, LOCAL0};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+use crate::support::origin::{Origin, Stalled};
+use crate::support::{client, closed_port, eventually, get, TestBackend};
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -190,15 +184,8 @@ async fn a_404_actuator_gives_no_report_and_says_how_to_fix_it() {
 #[tokio::test]
 async fn a_stalled_actuator_times_out_every_poll() {
     // Accepts connections and never answers.
-    let listener = TcpListener::bind(LOCAL0).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stall = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
-        }
-    });
-    let (signal, task) = poll(addr, impatient(ActuatorFormat::Prometheus));
+    let stalled = Stalled::start().await;
+    let (signal, task) = poll(stalled.addr(), impatient(ActuatorFormat::Prometheus));
 
     // Each poll ends at its timeout, so failures keep coming.
     assert!(eventually(DEADLINE, || signal.failed_polls() >= 4).await);
@@ -208,7 +195,6 @@ async fn a_stalled_actuator_times_out_every_poll() {
         "the actuator did not answer within 40ms"
     );
     task.abort();
-    stall.abort();
 }
 
 #[tokio::test]
@@ -237,47 +223,26 @@ async fn an_unreachable_actuator_is_a_connect_error() {
     task.abort();
 }
 
-/// A one-endpoint server that answers every request with `status` and `body`.
-async fn canned(status: StatusCode, body: &'static str) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind(LOCAL0).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = service_fn(move |_req| async move {
-                let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                *response.status_mut() = status;
-                Ok::<_, std::convert::Infallible>(response)
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service),
-            );
-        }
-    });
-    (addr, server)
-}
-
 #[tokio::test]
 async fn minus_one_max_is_refused_with_its_cause() {
     let text = "# HELP tomcat_threads_config_max_threads  \n\
                 # TYPE tomcat_threads_config_max_threads gauge\n\
                 tomcat_threads_config_max_threads{application=\"shop\",name=\"http-nio-8080\",} -1.0\n\
                 tomcat_threads_busy_threads{application=\"shop\",name=\"http-nio-8080\",} 0.0\n";
-    let (addr, server) = canned(StatusCode::OK, text).await;
-    let (signal, task) = poll(addr, settings(ActuatorFormat::Prometheus, None));
+    let origin = Origin::canned(200, text).await;
+    let (signal, task) = poll(origin.addr(), settings(ActuatorFormat::Prometheus, None));
 
     assert!(eventually(DEADLINE, || signal.failed_polls() >= 2).await);
     assert!(signal.latest().is_none());
     let error = signal.last_error().unwrap();
     assert!(error.contains("max is -1: Spring Boot 3.3"), "{error}");
     task.abort();
-    server.abort();
 }
 
 #[tokio::test]
 async fn malformed_json_and_other_statuses_are_errors() {
-    let (addr, server) = canned(StatusCode::OK, "<html>Whitelabel Error Page</html>").await;
-    let (signal, task) = poll(addr, settings(ActuatorFormat::Json, None));
+    let origin = Origin::canned(200, "<html>Whitelabel Error Page</html>").await;
+    let (signal, task) = poll(origin.addr(), settings(ActuatorFormat::Json, None));
     assert!(eventually(DEADLINE, || signal.failed_polls() >= 2).await);
     let error = signal.last_error().unwrap();
     assert!(
@@ -285,10 +250,10 @@ async fn malformed_json_and_other_statuses_are_errors() {
         "{error}"
     );
     task.abort();
-    server.abort();
+    drop(origin);
 
-    let (addr, server) = canned(StatusCode::UNAUTHORIZED, "").await;
-    let (signal, task) = poll(addr, settings(ActuatorFormat::Json, None));
+    let origin = Origin::canned(401, "").await;
+    let (signal, task) = poll(origin.addr(), settings(ActuatorFormat::Json, None));
     assert!(eventually(DEADLINE, || signal.failed_polls() >= 2).await);
     let error = signal.last_error().unwrap();
     assert!(
@@ -296,7 +261,6 @@ async fn malformed_json_and_other_statuses_are_errors() {
         "{error}"
     );
     task.abort();
-    server.abort();
 }
 
 #[tokio::test]

@@ -4,8 +4,6 @@
 //! at once. Real sockets on 127.0.0.1, asserted through what a user sees: HTTP
 //! answers, `/status`, `/readyz`, `/metrics` and the backends' own request counts.
 
-mod support;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +15,10 @@ use http_body_util::BodyExt;
 use loadgate::config::{Config, HealthConfig, ShedMode};
 use loadgate::http::body::empty;
 use loadgate::listener::Proxy;
-use loadgate::sim::{SimBackend, SimConfig};
-use support::*;
+use loadgate::sim::SimBackend;
+
+use crate::support::origin::Stalled;
+use crate::support::*;
 
 const PATH: &str = "/api/items";
 const HEALTH_PATH: &str = "/actuator/health";
@@ -75,13 +75,13 @@ async fn sim(latency_ms: f64) -> SimBackend {
 async fn restart_on(addr: SocketAddr, latency_ms: f64) -> SimBackend {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let cfg = SimConfig {
-            listen: addr,
-            workers: 64,
-            service_time_ms: latency_ms,
-            ..SimConfig::default()
-        };
-        match SimBackend::start(cfg).await {
+        let restarted = TestBackend::new()
+            .listen(addr)
+            .workers(64)
+            .latency_ms(latency_ms)
+            .try_start()
+            .await;
+        match restarted {
             Ok(sim) => return sim,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("rebind {addr}: {e}; retrying");
@@ -112,9 +112,7 @@ where
 
 /// `healthy` of `backend` in the admin `/status` document.
 async fn status_healthy(proxy: &Proxy, backend: SocketAddr) -> bool {
-    let status = get(&client(), &format!("http://{}/status", proxy.admin_addr()))
-        .await
-        .json();
+    let status = admin::status(proxy).await;
     let backends = status["upstreams"][0]["backends"]
         .as_array()
         .expect("backends listed")
@@ -128,24 +126,15 @@ async fn status_healthy(proxy: &Proxy, backend: SocketAddr) -> bool {
 
 /// The value of `loadgate_backend_healthy` for `backend`, from the admin `/metrics`.
 async fn health_metric(proxy: &Proxy, backend: SocketAddr) -> Option<f64> {
-    let text = get(&client(), &format!("http://{}/metrics", proxy.admin_addr()))
-        .await
-        .text();
-    let label = format!("backend=\"{backend}\"");
-    text.lines()
-        .filter(|l| l.starts_with("loadgate_backend_healthy{"))
-        .filter(|l| l.contains(&label) && l.contains("upstream=\"app\""))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-async fn readyz(proxy: &Proxy) -> Got {
-    get(&client(), &format!("http://{}/readyz", proxy.admin_addr())).await
+    let backend = backend.to_string();
+    let labels = [("upstream", "app"), ("backend", backend.as_str())];
+    admin::metric(proxy, "loadgate_backend_healthy", &labels).await
 }
 
 /// Waits until `/readyz` says ready, i.e. a backend has passed a check.
 async fn wait_ready(proxy: &Proxy) {
     let ready = until(VERDICT_WITHIN, || async {
-        readyz(proxy).await.status == 200
+        admin::readyz(proxy).await.status == 200
     })
     .await;
     assert!(ready, "/readyz never became ready");
@@ -266,7 +255,7 @@ async fn killed_backend_is_ejected_and_comes_back_after_restart() {
     assert_eq!(health_metric(&proxy, a_addr).await, Some(0.0));
     assert_eq!(health_metric(&proxy, b_addr).await, Some(1.0));
     assert!(status_healthy(&proxy, b_addr).await);
-    let ready = readyz(&proxy).await;
+    let ready = admin::readyz(&proxy).await;
     assert_eq!(
         ready.status,
         200,
@@ -412,7 +401,7 @@ async fn backend_failing_its_health_check_gets_no_requests() {
     );
     assert_eq!(health_metric(&proxy, failing.addr()).await, Some(0.0));
     assert!(status_healthy(&proxy, good.addr()).await);
-    assert_eq!(readyz(&proxy).await.status, 200);
+    assert_eq!(admin::readyz(&proxy).await.status, 200);
 
     let before = failing.stats().requests(PATH);
     let checks_before = failing.stats().requests(HEALTH_PATH);
@@ -439,8 +428,8 @@ async fn no_healthy_backend_gives_a_fast_503_with_retry_after() {
     // One backend refuses connections; the other accepts them and never answers,
     // so a request routed to it would wait out the header timeout.
     let refused = closed_port().await;
-    let stalled = tokio::net::TcpListener::bind(LOCAL0).await.unwrap();
-    let stalled_addr = stalled.local_addr().unwrap();
+    let stalled = Stalled::start().await;
+    let stalled_addr = stalled.addr();
     let mut config = config(&[refused.addr(), stalled_addr]);
     config.upstreams[0].connect_timeout = Duration::from_secs(2);
     config.upstreams[0].response_header_timeout = Duration::from_secs(5);
@@ -478,21 +467,19 @@ async fn readyz_is_503_while_every_backend_is_down_and_200_after_recovery() {
     drop(a);
     drop(b);
     let down = until(VERDICT_WITHIN, || async {
-        readyz(&proxy).await.status == 503
+        admin::readyz(&proxy).await.status == 503
     })
     .await;
     assert!(down, "/readyz still 200 with every backend down");
-    let got = readyz(&proxy).await;
+    let got = admin::readyz(&proxy).await;
     assert!(got.text().contains("no healthy backend"), "{}", got.text());
-    let status = get(&client(), &format!("http://{}/status", proxy.admin_addr()))
-        .await
-        .json();
+    let status = admin::status(&proxy).await;
     assert_eq!(status["upstreams"][0]["ready"], false, "{status}");
 
     let a = restart_on(a_addr, 0.0).await;
     let b = restart_on(b_addr, 0.0).await;
     let up = until(VERDICT_WITHIN, || async {
-        readyz(&proxy).await.status == 200
+        admin::readyz(&proxy).await.status == 200
     })
     .await;
     assert!(up, "/readyz not 200 after the backends came back");

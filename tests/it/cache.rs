@@ -2,122 +2,21 @@
 //! backend or a tiny scripted origin, asserting what a client sees and how many
 //! requests reach the origin.
 
-mod support;
-
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use http::Request;
 use loadgate::cache::{CacheSettings, CacheStats};
 use loadgate::config::{CachePolicy, Config};
 use loadgate::http::body::empty;
 use loadgate::listener::Proxy;
-use loadgate::sim::{SimBackend, SimConfig};
-use support::*;
+use loadgate::sim::SimBackend;
+
+use crate::support::origin::{respond, Origin};
+use crate::support::*;
 
 /// A path, the request headers to send, and the origin requests two GETs cause.
 type Case<'a> = (&'a str, &'a [(&'static str, &'a str)], usize);
-
-type Script = dyn Fn(&http::request::Parts, usize) -> Response<Full<Bytes>> + Send + Sync;
-
-/// A scripted origin: answers with `script(request, n)` (n = 1 for the first
-/// request) after `delay`, counting requests and keeping their headers. Requests
-/// to a path containing `/hold` wait until [`Origin::release`], so a test can keep
-/// requests in flight for as long as it needs, without depending on timing.
-struct Origin {
-    addr: SocketAddr,
-    count: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<HeaderMap>>>,
-    hold: tokio::sync::watch::Sender<bool>,
-}
-
-impl Origin {
-    async fn start(
-        delay: Duration,
-        script: impl Fn(&http::request::Parts, usize) -> Response<Full<Bytes>> + Send + Sync + 'static,
-    ) -> Origin {
-        let listener = tokio::net::TcpListener::bind(LOCAL0).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let count = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let script: Arc<Script> = Arc::new(script);
-        let (hold, released) = tokio::sync::watch::channel(false);
-        let (c, s) = (count.clone(), seen.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (c, s, script) = (c.clone(), s.clone(), script.clone());
-                let released = released.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (c, s, script) = (c.clone(), s.clone(), script.clone());
-                        let mut released = released.clone();
-                        async move {
-                            let (parts, _) = req.into_parts();
-                            let n = if parts.uri.path() == "/actuator/health" {
-                                0
-                            } else {
-                                s.lock().unwrap().push(parts.headers.clone());
-                                c.fetch_add(1, Ordering::SeqCst) + 1
-                            };
-                            if n > 0 {
-                                tokio::time::sleep(delay).await;
-                            }
-                            if parts.uri.path().contains("/hold") {
-                                let _ = released.wait_for(|r| *r).await;
-                            }
-                            Ok::<_, Infallible>(script(&parts, n))
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Origin {
-            addr,
-            count,
-            seen,
-            hold,
-        }
-    }
-
-    /// Lets every held request (and any later one) be answered.
-    fn release(&self) {
-        self.hold.send_replace(true);
-    }
-
-    fn requests(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
-    }
-
-    fn last_headers(&self) -> HeaderMap {
-        self.seen.lock().unwrap().last().cloned().unwrap()
-    }
-}
-
-fn respond(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-    for (n, v) in headers {
-        r.headers_mut().append(
-            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    r
-}
 
 fn cached_config(backend: SocketAddr, settings: CacheSettings) -> Config {
     let mut config = proxy_config(backend);
@@ -143,15 +42,10 @@ async fn get_with(client: &TestClient, url: &str, headers: &[(&'static str, &str
 }
 
 async fn sim_with_cache_control(cache_control: &str) -> SimBackend {
-    SimBackend::start(SimConfig {
-        listen: LOCAL0.parse().unwrap(),
-        workers: 16,
-        service_time_ms: 0.0,
-        cache_control: Some(cache_control.to_string()),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap()
+    TestBackend::new()
+        .cache_control(cache_control)
+        .start()
+        .await
 }
 
 #[tokio::test]
@@ -217,7 +111,7 @@ async fn if_none_match_takes_precedence_over_if_modified_since() {
         )
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let url = format!("http://{}/api/p", proxy.addr());
     assert_eq!(get(&client, &url).await.status, 200);
@@ -278,7 +172,7 @@ async fn stale_entry_is_revalidated_and_updated_from_the_304() {
         }
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let url = format!("http://{}/api/r", proxy.addr());
 
@@ -312,7 +206,7 @@ async fn stale_entry_is_revalidated_and_updated_from_the_304() {
     assert_eq!(origin.requests(), 2, "fresh again after the 304");
 
     // A conditional client request on a stale entry gets its own 304.
-    let stale_proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let stale_proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let url = format!("http://{}/api/r", stale_proxy.addr());
     let _ = get(&client, &url).await;
     let cond = get_with(&client, &url, &[("if-none-match", "\"v1\"")]).await;
@@ -337,7 +231,7 @@ async fn origin_200_replaces_a_stale_entry() {
         )
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let url = format!("http://{}/api/x", proxy.addr());
     assert_eq!(get(&client, &url).await.text(), "v1");
@@ -360,7 +254,7 @@ async fn vary_keys_variants_by_the_named_request_headers() {
         )
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let url = format!("http://{}/api/v", proxy.addr());
     assert_eq!(
@@ -403,7 +297,7 @@ async fn vary_star_never_matches() {
         respond(200, &[("cache-control", "max-age=60"), ("vary", "*")], "x")
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let url = format!("http://{}/api/star", proxy.addr());
     get(&client, &url).await;
@@ -427,7 +321,7 @@ async fn private_responses_are_not_shared() {
         respond(200, &headers, "x")
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let base = format!("http://{}", proxy.addr());
     let auth = [("authorization", "Bearer secret")];
@@ -458,7 +352,7 @@ async fn unsafe_methods_invalidate_the_target_and_location() {
         }
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let list = format!("http://{}/api/items", proxy.addr());
     let item = format!("http://{}/api/items/7", proxy.addr());
@@ -489,7 +383,7 @@ async fn concurrent_misses_send_one_request_to_the_origin() {
         )
     })
     .await;
-    let mut config = cached_config(origin.addr, CacheSettings::default());
+    let mut config = cached_config(origin.addr(), CacheSettings::default());
     config.upstreams[0].max_idle_per_backend = 200;
     config.upstreams[0].max_workers = 1000;
     let proxy = start_proxy(config).await;
@@ -549,7 +443,7 @@ async fn the_byte_bound_holds_after_thousands_of_keys() {
         max_object_bytes: 8 * 1024,
         ..CacheSettings::default()
     };
-    let proxy = start_proxy(cached_config(origin.addr, settings)).await;
+    let proxy = start_proxy(cached_config(origin.addr(), settings)).await;
     let client = client();
     for i in 0..3000 {
         let got = get(&client, &format!("http://{}/api/k/{i}", proxy.addr())).await;
@@ -589,7 +483,7 @@ async fn a_strong_etag_is_generated_when_the_origin_sends_none() {
         generate_etag: true,
         ..CacheSettings::default()
     };
-    let proxy = start_proxy(cached_config(origin.addr, settings)).await;
+    let proxy = start_proxy(cached_config(origin.addr(), settings)).await;
     let client = client();
     let url = format!("http://{}/api/e", proxy.addr());
     get(&client, &url).await;
@@ -628,9 +522,7 @@ async fn status_shows_each_cached_routes_fill_and_lookups() {
     let cond = get_with(&client, &url, &[("if-none-match", &etag)]).await;
     assert_eq!(cond.status, 304);
 
-    let status = get(&client, &format!("http://{}/status", proxy.admin_addr()))
-        .await
-        .json();
+    let status = admin::status(&proxy).await;
     let routes = status["routes"].as_array().unwrap();
     let api = routes.iter().find(|r| r["name"] == "api").unwrap();
     let cache = &api["cache_stats"];
@@ -648,9 +540,7 @@ async fn status_shows_each_cached_routes_fill_and_lookups() {
 
     // A route without the cache has no cache stats.
     let plain = start_proxy(proxy_config(sim.addr())).await;
-    let status = get(&client, &format!("http://{}/status", plain.admin_addr()))
-        .await
-        .json();
+    let status = admin::status(&plain).await;
     assert!(status["routes"][0]["cache_stats"].is_null(), "{status:#}");
 }
 
@@ -679,7 +569,7 @@ async fn a_stale_copy_is_served_instead_of_a_429_while_shedding() {
         stale_on_shed: Some(Duration::from_secs(30)),
         ..CacheSettings::default()
     };
-    let mut config = cached_config(origin.addr, settings);
+    let mut config = cached_config(origin.addr(), settings);
     // The sheddable route sheds everything from 3 of 16 workers busy (0.05 + band 0.10 <
     // 3/16), so a few held requests are enough to make the decision certain.
     config.routes[1].threshold = Some(0.05);
@@ -778,7 +668,7 @@ async fn without_stale_on_shed_the_429_stands() {
         respond(200, &[("cache-control", "max-age=0")], "report")
     })
     .await;
-    let mut config = cached_config(origin.addr, CacheSettings::default());
+    let mut config = cached_config(origin.addr(), CacheSettings::default());
     config.routes[1].threshold = Some(0.05);
     let proxy = start_proxy(config).await;
     let client = client();
@@ -817,7 +707,7 @@ async fn any_final_status_with_explicit_freshness_is_reused() {
         ),
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     for (path, status, body) in [
         ("/api/500", 500, "oops"),
@@ -856,7 +746,7 @@ async fn age_is_read_from_its_first_member_and_an_invalid_one_is_ignored() {
         respond(200, &[("cache-control", "max-age=3600"), ("age", age)], "x")
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let list = format!("http://{}/api/list", proxy.addr());
     get(&client, &list).await;
@@ -889,7 +779,7 @@ async fn expires_is_read_in_every_http_date_format_but_not_other_zones() {
         respond(200, &[("expires", expires)], "x")
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     for path in ["/api/asctime", "/api/rfc850", "/api/upper"] {
         let url = format!("http://{}{path}", proxy.addr());
@@ -917,7 +807,7 @@ async fn a_byte_range_is_cut_from_a_stored_complete_response() {
         )
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let url = format!("http://{}/api/bytes", proxy.addr());
     assert_eq!(get(&client, &url).await.text(), "0123456789A");
@@ -953,7 +843,7 @@ async fn accept_language_variants_match_whatever_the_tag_case() {
         )
     })
     .await;
-    let proxy = start_proxy(cached_config(origin.addr, CacheSettings::default())).await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
     let client = client();
     let url = format!("http://{}/api/greeting", proxy.addr());
     get_with(&client, &url, &[("accept-language", "fr-FR, en")]).await;

@@ -8,7 +8,6 @@
 //! stops the JVM by its PID and deletes the directory.
 //!
 //! Self-contained, std and `tempfile` only: the benches include this file by path too.
-#![allow(dead_code)]
 
 use std::fs;
 use std::io::{Read, Write};
@@ -65,7 +64,6 @@ const JVM_OPTIONS: &[&str] = &[
 pub struct Tomcat {
     child: Child,
     addr: SocketAddr,
-    max_threads: usize,
     base: tempfile::TempDir,
 }
 
@@ -104,7 +102,6 @@ impl Tomcat {
             let mut tomcat = Tomcat {
                 child: spawn(&java, base.path()),
                 addr,
-                max_threads,
                 base,
             };
             match tomcat.wait_until_ready(started + START_TIMEOUT) {
@@ -121,10 +118,6 @@ impl Tomcat {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    pub fn max_threads(&self) -> usize {
-        self.max_threads
     }
 
     /// The JVM's stdout and stderr (Tomcat logs to the console too).
@@ -280,7 +273,7 @@ fn build_base(base: &Path, addr: SocketAddr, max_threads: usize) {
 fn server_xml(addr: SocketAddr, max_threads: usize) -> String {
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by loadgate's tests/support/tomcat.rs. -->
+<!-- Written by loadgate's tests/it/support/tomcat.rs. -->
 <Server port="-1" shutdown="SHUTDOWN">
   <Service name="Catalina">
     <Connector address="{ip}" port="{port}" protocol="HTTP/1.1"

@@ -1,16 +1,17 @@
 //! Slow and hostile clients: header read and idle timeouts, 431 and 413, the connection
 //! limit, and backpressure from a slow reader all the way to the backend.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use loadgate::config::Config;
-use support::*;
+use loadgate::listener::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
+
+use crate::support::process::Loadgate;
+use crate::support::*;
 
 fn with_server(
     backend: SocketAddr,
@@ -21,41 +22,14 @@ fn with_server(
     config
 }
 
-/// The value of a counter series in the Prometheus rendering, 0 when absent.
-fn counter(series: &str) -> u64 {
-    let text = loadgate::metrics::handle().render();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+/// `loadgate_connections_timed_out_total` for header reads.
+async fn header_timeouts(proxy: &Proxy) -> f64 {
+    let labels = [("kind", "header")];
+    admin::counter(proxy, "loadgate_connections_timed_out_total", &labels).await
 }
 
-/// Reads one response with a `Content-Length` body from a keep-alive connection.
-async fn read_response(stream: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if out.len() >= end + 4 + length {
-                return text;
-            }
-        }
-        let n = timeout(deadline - Instant::now(), stream.read(&mut buf))
-            .await
-            .expect("response within 5 s")
-            .expect("reads");
-        assert!(n > 0, "connection closed mid-response: {text}");
-        out.extend_from_slice(&buf[..n]);
-    }
+async fn connections_refused(proxy: &Proxy) -> f64 {
+    admin::counter(proxy, "loadgate_connections_refused_total", &[]).await
 }
 
 /// Waits (at most `within`) for the peer to close; returns how long that took.
@@ -120,7 +94,7 @@ async fn a_declared_body_over_the_limit_gets_413_and_never_reaches_the_backend()
     let body = vec![b'x'; 1 << 20];
     let req = http::Request::post(format!("http://{}/api/echo", proxy.addr()))
         .header("content-length", body.len())
-        .body(support::body(body))
+        .body(crate::support::body(body))
         .unwrap();
     let got = send(&client(), req).await;
     assert_eq!(got.status, 200);
@@ -166,7 +140,7 @@ async fn a_chunked_body_passing_the_limit_gets_413() {
     let got = send(
         &client(),
         http::Request::post(format!("http://{}/api/slow", proxy.addr()))
-            .body(support::body(vec![b'y'; 32 * 1024]))
+            .body(body(vec![b'y'; 32 * 1024]))
             .unwrap(),
     )
     .await;
@@ -182,7 +156,7 @@ async fn slowloris_heads_are_closed_at_the_header_timeout_while_requests_flow() 
     }))
     .await;
     let addr = proxy.addr();
-    let before = counter("loadgate_connections_timed_out_total{kind=\"header\"}");
+    let before = header_timeouts(&proxy).await;
 
     // 20 connections, each sending a head one byte every 500 ms.
     let slow: Vec<_> = (0..20)
@@ -235,8 +209,8 @@ async fn slowloris_heads_are_closed_at_the_header_timeout_while_requests_flow() 
             "a slow head was closed after {lived:?}, the header timeout is 1 s"
         );
     }
-    let after = counter("loadgate_connections_timed_out_total{kind=\"header\"}");
-    assert!(after >= before + 20, "{before} → {after}");
+    let after = header_timeouts(&proxy).await;
+    assert!(after >= before + 20.0, "{before} → {after}");
 }
 
 #[tokio::test]
@@ -299,7 +273,7 @@ async fn a_head_started_on_a_keep_alive_connection_is_timed_from_its_first_byte(
 async fn connections_over_max_connections_are_closed_at_accept_and_counted() {
     let backend = TestBackend::new().start().await;
     let proxy = start_proxy(with_server(backend.addr(), |s| s.max_connections = 3)).await;
-    let before = counter("loadgate_connections_refused_total");
+    let before = connections_refused(&proxy).await;
 
     let mut open = Vec::new();
     for _ in 0..3 {
@@ -312,7 +286,7 @@ async fn connections_over_max_connections_are_closed_at_accept_and_counted() {
     let _ = fourth.write_all(HEALTHZ).await;
     let closed = closed_within(&mut fourth, Duration::from_secs(2)).await;
     assert!(closed.is_some(), "the fourth connection was not closed");
-    assert!(counter("loadgate_connections_refused_total") > before);
+    assert!(connections_refused(&proxy).await > before);
 
     // The three still work, and closing one frees a slot.
     open[0].write_all(HEALTHZ).await.unwrap();
@@ -344,16 +318,6 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS line")
 }
 
-/// Kills the child on drop so a failed assertion leaves no process behind.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// 200 clients read a 10 MiB response at 64 KiB/s each through a proxy running as its own
 /// process. Reading all of it would take 160 s, so each client reads for 10 s (about
 /// 640 KiB) and then drops the connection; the proxy's RSS is sampled every second
@@ -368,12 +332,8 @@ async fn slow_readers_of_large_responses_do_not_grow_proxy_memory() {
     const READ_FOR: Duration = Duration::from_secs(10);
 
     let backend = TestBackend::new().workers(CLIENTS + 16).start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("loadgate.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[server]
+    let proxy = Loadgate::run(&format!(
+        r#"[server]
 listen = ["127.0.0.1:0"]
 [admin]
 listen = "127.0.0.1:0"
@@ -390,47 +350,10 @@ name = "all"
 path_prefix = "/"
 upstream = "app"
 "#,
-            backend.addr()
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_loadgate"))
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let child = Child(child);
-    let pid = child.0.id();
-    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let addr: SocketAddr = loop {
-        let line = line_rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("proxy logs its address within 20 s");
-        if let Some(rest) = line
-            .contains("proxy listening")
-            .then(|| line.split("addr=").nth(1))
-            .flatten()
-        {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+        backend.addr()
+    ));
+    let pid = proxy.pid();
+    let addr = proxy.listening_addr();
 
     // Warm up (first connection to the backend, the 10 MiB ETag digest), then measure idle.
     let warm = get(&client(), &format!("http://{addr}/api/big?size={SIZE}")).await;

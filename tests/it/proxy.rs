@@ -1,8 +1,6 @@
 //! The proxy core end to end: real sockets on 127.0.0.1, the simulated backend,
 //! and assertions on what a client and the backend see.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +9,8 @@ use http::Request;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use loadgate::http::body::empty;
-use support::*;
+
+use crate::support::*;
 
 #[tokio::test]
 async fn get_is_forwarded_and_marked_with_via_and_request_id() {
@@ -218,22 +217,15 @@ async fn unmatched_request_gets_404_naming_the_path() {
 async fn admin_endpoints_report_state() {
     let backend = TestBackend::new().start().await;
     let mut config = proxy_config(backend.addr());
-    config.upstreams[0].name = "admin_test".to_string();
-    for route in &mut config.routes {
-        route.upstream = "admin_test".to_string();
-    }
+    name_upstream(&mut config, "admin_test");
     let proxy = start_proxy(config).await;
     let c = client();
-    let admin = proxy.admin_addr();
-    assert_eq!(
-        get(&c, &format!("http://{admin}/healthz")).await.status,
-        200
-    );
+    assert_eq!(admin::fetch(&proxy, "/healthz").await.status, 200);
 
     // Ready once the backend passed a health check.
     let mut ready = false;
     for _ in 0..100 {
-        if get(&c, &format!("http://{admin}/readyz")).await.status == 200 {
+        if admin::readyz(&proxy).await.status == 200 {
             ready = true;
             break;
         }
@@ -243,14 +235,14 @@ async fn admin_endpoints_report_state() {
 
     let got = get(&c, &format!("http://{}/api/orders/9", proxy.addr())).await;
     assert_eq!(got.status, 200);
-    let status = get(&c, &format!("http://{admin}/status")).await.json();
+    let status = admin::status(&proxy).await;
     assert_eq!(status["routes"].as_array().unwrap().len(), 3);
     let upstream = &status["upstreams"][0];
     assert_eq!(upstream["name"], "admin_test");
     assert_eq!(upstream["inflight"], 0);
     assert_eq!(upstream["backends"][0]["healthy"], true);
 
-    let metrics = get(&c, &format!("http://{admin}/metrics")).await.text();
+    let metrics = admin::metrics(&proxy).await;
     assert!(
         metrics.contains("loadgate_requests_total{class=\"normal\",status=\"2xx\"}"),
         "{metrics}"
@@ -263,7 +255,7 @@ async fn admin_endpoints_report_state() {
 async fn readyz_fails_while_every_backend_is_down() {
     let dead = closed_port().await;
     let proxy = start_proxy(proxy_config(dead.addr())).await;
-    let got = get(&client(), &format!("http://{}/readyz", proxy.admin_addr())).await;
+    let got = admin::readyz(&proxy).await;
     assert_eq!(got.status, 503);
     assert!(got.text().contains("no healthy backend"), "{}", got.text());
 }

@@ -2,13 +2,12 @@
 //! proxy in front, open-loop load at a multiple of the backend's capacity, and
 //! assertions on what callers and the backend saw.
 
-mod support;
-
 use std::time::Duration;
 
 use loadgate::config::{ActuatorSettings, Config, ShedMode};
 use loadgate::listener::Proxy;
-use support::*;
+
+use crate::support::*;
 
 const WORKERS: usize = 10;
 const SERVICE_MS: f64 = 100.0;
@@ -52,12 +51,6 @@ async fn overload(proxy: &Proxy, factor: u32, secs: f64) -> Vec<Outcome> {
         Duration::from_secs_f64(secs),
     )
     .await
-}
-
-async fn status(proxy: &Proxy) -> serde_json::Value {
-    get(&client(), &format!("http://{}/status", proxy.admin_addr()))
-        .await
-        .json()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,9 +104,7 @@ async fn overload_sheds_sheddable_and_normal_and_serves_every_critical_request()
             .count() as u64;
         assert_eq!(stats.requests(path), answered, "{path}");
     }
-    let metrics = get(&client(), &format!("http://{}/metrics", proxy.admin_addr()))
-        .await
-        .text();
+    let metrics = admin::metrics(&proxy).await;
     assert!(
         metrics
             .contains("loadgate_admission_decisions_total{class=\"sheddable\",outcome=\"shed\"}"),
@@ -148,7 +139,7 @@ async fn with_the_actuator_unreachable_the_local_signal_still_sheds() {
         count(&outcomes, SHEDDABLE, 429) > 0,
         "nothing shed on the local signal"
     );
-    let status = status(&proxy).await;
+    let status = admin::status(&proxy).await;
     let upstream = &status["upstreams"][0];
     assert_eq!(upstream["shedding"]["source"], "local");
     assert!(
@@ -246,7 +237,7 @@ async fn shadow_mode_sheds_nothing_and_counts_what_it_would_have_shed() {
 
     let outcomes = overload(&proxy, 4, 1.0).await;
     assert_eq!(outcomes.iter().filter(|o| o.status == 429).count(), 0);
-    let status = status(&proxy).await;
+    let status = admin::status(&proxy).await;
     let reports = status["routes"]
         .as_array()
         .unwrap()
@@ -288,7 +279,7 @@ async fn a_critical_request_at_the_hard_limit_waits_for_a_slot() {
     for b in busy {
         assert_eq!(b.await.unwrap(), 200);
     }
-    let status = status(&proxy).await;
+    let status = admin::status(&proxy).await;
     let checkout = status["routes"]
         .as_array()
         .unwrap()
@@ -319,14 +310,11 @@ async fn a_proxy_started_before_its_backend_sheds_nothing_until_the_signal_is_re
         assert_eq!(got.status, 502, "no backend yet: {}", got.text());
     }
 
-    let mut sim = loadgate::sim::SimConfig {
-        listen: port.release(),
-        workers: WORKERS,
-        service_time_ms: 0.0,
-        ..Default::default()
-    };
-    sim.management_listen = None;
-    let backend = loadgate::sim::SimBackend::start(sim).await.unwrap();
+    let backend = TestBackend::new()
+        .listen(port.release())
+        .workers(WORKERS)
+        .start()
+        .await;
     let shared = proxy.shared().clone();
     assert!(
         eventually(Duration::from_secs(3), || {
@@ -370,7 +358,7 @@ async fn management_port_carries_health_checks_and_actuator_polls() {
     );
     // With a management port the sim answers /actuator/* on its main port with 404, as
     // Spring does, so a healthy backend and a good poll prove both used the management port.
-    let status = status(&proxy).await;
+    let status = admin::status(&proxy).await;
     assert_eq!(status["upstreams"][0]["backends"][0]["healthy"], true);
     assert_eq!(
         status["upstreams"][0]["backends"][0]["actuator"]["max"],

@@ -7,10 +7,6 @@
 //! Tests take turns: two JVMs and their load on a 2-core machine would make the
 //! figures they assert on meaningless.
 
-mod support;
-#[path = "support/tomcat.rs"]
-mod tomcat;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,9 +18,10 @@ use loadgate::config::Config;
 use loadgate::http::body::empty;
 use loadgate::listener::Proxy;
 use serde_json::Value;
-use support::*;
 use tokio::time::Instant;
-use tomcat::Tomcat;
+
+use crate::support::tomcat::{self, Tomcat};
+use crate::support::*;
 
 const THREADS: usize = 8;
 const WORK_MS: u64 = 50;
@@ -52,12 +49,7 @@ impl Rig {
     }
 
     async fn status(&self) -> Value {
-        get(
-            &client(),
-            &format!("http://{}/status", self.proxy.admin_addr()),
-        )
-        .await
-        .json()
+        admin::status(&self.proxy).await
     }
 
     /// Fetches `/status` every 50 ms until `check` holds; panics with `what` and the
@@ -155,7 +147,7 @@ path_prefix = "/api"
 upstream = "app"
 "#
     );
-    Config::parse(&toml, "tests/tomcat.rs").expect("the test config is valid")
+    Config::parse(&toml, "tests/it/tomcat.rs").expect("the test config is valid")
 }
 
 fn good_polls(status: &Value) -> u64 {

@@ -1,6 +1,15 @@
 //! Shared helpers for the integration tests: a builder for simulated backends, a
-//! config builder for proxies on 127.0.0.1:0, an HTTP client and a raw-socket helper.
-#![allow(dead_code)]
+//! config builder for proxies on 127.0.0.1:0, an HTTP client, raw-socket helpers and
+//! open-loop load. What the admin listener says is in [`admin`], origins the simulated
+//! backend cannot stand in for in [`origin`], the `loadgate` binary as a child process
+//! in [`process`], and a real Tomcat in [`tomcat`].
+//!
+//! Not here: helpers one test module alone needs; they stay in that module.
+
+pub mod admin;
+pub mod origin;
+pub mod process;
+pub mod tomcat;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -65,10 +74,25 @@ impl TestBackend {
         self.config.keep_alive_timeout_ms = ms;
         self
     }
+    pub fn max_keep_alive_requests(mut self, n: u32) -> Self {
+        self.config.max_keep_alive_requests = n;
+        self
+    }
+    /// The `Cache-Control` every response carries.
+    pub fn cache_control(mut self, value: &str) -> Self {
+        self.config.cache_control = Some(value.to_string());
+        self
+    }
+    /// Listens on `addr` instead of a free port (to restart a backend where it was).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+    pub async fn try_start(self) -> std::io::Result<SimBackend> {
+        SimBackend::start(self.config).await
+    }
     pub async fn start(self) -> SimBackend {
-        SimBackend::start(self.config)
-            .await
-            .expect("sim backend starts")
+        self.try_start().await.expect("sim backend starts")
     }
 }
 
@@ -132,6 +156,16 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
             route("api", "/api", RouteClass::Normal),
         ],
         sim: None,
+    }
+}
+
+/// Names the upstream of a [`proxy_config_for`] config `name`, in its routes too.
+/// Metrics are process-wide and labelled by upstream: a test that asserts on an
+/// upstream's metrics gives it a name no other test uses.
+pub fn name_upstream(config: &mut Config, name: &str) {
+    config.upstreams[0].name = name.to_string();
+    for route in &mut config.routes {
+        route.upstream = name.to_string();
     }
 }
 
@@ -206,6 +240,36 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one response with a `Content-Length` body (none: empty) from a connection
+/// that stays open, within 5 s; returns its head and body as text.
+pub async fn read_response(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if out.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("response within 5 s")
+            .expect("reads");
+        assert!(n > 0, "connection closed mid-response: {text}");
+        out.extend_from_slice(&buf[..n]);
+    }
 }
 
 /// Polls `check` every 20 ms until it is true or `within` passes.

@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
+use crate::support::read_response;
+
 const DEADLINE: Duration = Duration::from_secs(5);
 
 fn config() -> SimConfig {
@@ -419,34 +421,6 @@ async fn unknown_paths_get_a_spring_style_404() {
     backend.shutdown().await;
 }
 
-/// Reads one response with a `Content-Length` body from a raw stream; returns its head.
-async fn read_response(stream: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8(buf[..end].to_vec()).unwrap();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return head;
-            }
-        }
-        let n = timeout(DEADLINE, stream.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed mid-response");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 /// Waits for the server to close the stream; returns how long that took.
 async fn wait_for_close(stream: &mut TcpStream) -> Duration {
     let started = Instant::now();
@@ -473,8 +447,8 @@ async fn keep_alive_timeout_closes_idle_connections_only() {
         .write_all(b"GET /api/slow?delay_ms=400 HTTP/1.1\r\nHost: sim\r\n\r\n")
         .await
         .unwrap();
-    let head = read_response(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let response = read_response(&mut stream).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(stats.connections_closed_idle(), 0);
 
     // Then, idle: closed without a response after the timeout.

@@ -1,0 +1,20 @@
+//! The integration tests, one binary: the real proxy, in-process or as the `loadgate`
+//! binary, in front of real backends on 127.0.0.1, asserted through what a user sees.
+//! One module per area; `cargo test --test it tomcat::` runs one of them.
+//!
+//! One binary rather than one per file: a single link step, and `support` compiled
+//! once, every helper in it used by some test.
+
+mod support;
+
+mod balancing;
+mod cache;
+mod cli;
+mod clients;
+mod config_files;
+mod proxy;
+mod shedding;
+mod signal;
+mod sim;
+mod tomcat;
+mod upstream;
