@@ -2,7 +2,7 @@
 //! `/healthz`, `/readyz` and `/status`. Nothing here is reachable from the data port.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -21,32 +21,136 @@ use crate::admission::Decision;
 use crate::forward::state::Shared;
 use crate::metrics::Label as _;
 
+/// How long an admin connection may take to send a request head. hyper's timer also
+/// runs while a keep-alive connection waits for its next request, so an admin
+/// connection idle this long is closed too; scrapers reconnect.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first wait after a failed accept; it doubles up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Serves the admin endpoints until shutdown; also runs the metrics upkeep.
-pub async fn serve(
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    serve_with(listener, shared, shutdown, HEADER_READ_TIMEOUT).await;
+}
+
+/// [`serve`], with the header read timeout as a parameter (tests shorten it).
+async fn serve_with(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    header_read_timeout: Duration,
 ) {
     let prometheus = crate::metrics::handle();
     let mut upkeep = tokio::time::interval(Duration::from_secs(5));
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let mut failures = AcceptFailures::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        let (wait, news) = failures.on_error(error.kind());
+                        if news {
+                            tracing::warn!(%error, retry_in = ?wait,
+                                "admin accept failed; backing off until it succeeds");
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            _ = shutdown.changed() => break,
+                        }
+                        continue;
+                    }
+                };
+                if let Some(failed) = failures.on_accept() {
+                    tracing::info!(failed, "admin accepting again");
+                }
                 let shared = shared.clone();
-                let service = service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(route(&shared, req)) }
+                let asked = Arc::new(AtomicBool::new(false));
+                let service = service_fn({
+                    let asked = asked.clone();
+                    move |req| {
+                        asked.store(true, Ordering::Relaxed);
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(route(&shared, req)) }
+                    }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
+                tokio::spawn(serve_connection(connection, asked, header_read_timeout));
             }
             _ = upkeep.tick() => prometheus.run_upkeep(),
             _ = shutdown.changed() => break,
         }
+    }
+}
+
+/// Runs one admin connection. hyper's header timer covers each HTTP/1 request head
+/// once hyper knows the connection is HTTP/1; before that, while the first bytes
+/// decide between HTTP/1 and h2c (a stalled `PRI * HTTP/2.0` preface, say), nothing
+/// would, so a connection that has not made a first request within the header read
+/// timeout is closed here.
+async fn serve_connection<C>(connection: C, asked: Arc<AtomicBool>, header_read_timeout: Duration)
+where
+    C: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+{
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = tokio::time::sleep(header_read_timeout) => {
+            if !asked.load(Ordering::Relaxed) {
+                tracing::debug!("admin connection sent no request in time; closing it");
+                return;
+            }
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "admin connection ended with an error");
+    }
+}
+
+/// The accept loop's failure state: how long to wait before the next accept, and
+/// whether a failure is news worth a log line (the first of a run, or a different
+/// kind than the one before), so running out of file descriptors logs once, not
+/// a thousand times a second.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    /// The wait after the last failure; `None` while accepts succeed.
+    wait: Option<Duration>,
+    /// The kind of the current run of failures.
+    kind: Option<std::io::ErrorKind>,
+    /// Failures in the current run.
+    count: u64,
+}
+
+impl AcceptFailures {
+    /// A failed accept: the wait before the next one (10 ms, doubling to 1 s) and
+    /// whether to log it.
+    fn on_error(&mut self, kind: std::io::ErrorKind) -> (Duration, bool) {
+        let wait = self.wait.map_or(ACCEPT_BACKOFF_MIN, |wait| {
+            (wait * 2).min(ACCEPT_BACKOFF_MAX)
+        });
+        self.wait = Some(wait);
+        self.count += 1;
+        let news = self.kind != Some(kind);
+        self.kind = Some(kind);
+        (wait, news)
+    }
+
+    /// A successful accept: resets the backoff; `Some(failures)` when it ends a run.
+    fn on_accept(&mut self) -> Option<u64> {
+        let failed = std::mem::take(&mut self.count);
+        self.wait = None;
+        self.kind = None;
+        (failed > 0).then_some(failed)
     }
 }
 
@@ -227,4 +331,96 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::forward::state::Generation;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn shared() -> Arc<Shared> {
+        let config = Config::parse(
+            r#"[[route]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+[[upstream]]
+name = "app"
+backends = ["127.0.0.1:9"]
+[upstream.health]
+enabled = false
+"#,
+            "admin-test.toml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Arc::new(Shared::new(Generation::build(config, None)))
+    }
+
+    #[tokio::test]
+    async fn half_a_request_head_is_cut_after_the_header_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stopped) = watch::channel(false);
+        let timeout = Duration::from_millis(200);
+        tokio::spawn(serve_with(listener, shared(), stopped, timeout));
+
+        // Half an HTTP/1 head, and the start of an h2c preface (still undecided
+        // between HTTP/1 and HTTP/2).
+        let halves: [&[u8]; 2] = [b"GET /healthz HTTP/1.1\r\nHost: admin\r\n", b"PRI * HTTP/2"];
+        for half in halves {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.write_all(half).await.unwrap();
+            let started = tokio::time::Instant::now();
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "the admin port kept {:?} open for 5 s",
+                        String::from_utf8_lossy(half)
+                    )
+                });
+            // Closed (EOF, or reset by the server), never answered.
+            assert!(read.map_or(true, |_| !rest.starts_with(b"HTTP/1.1 200")));
+            assert!(started.elapsed() >= timeout, "closed before the timeout");
+        }
+
+        // A whole request in time is still answered.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    }
+
+    #[test]
+    fn accept_failures_back_off_doubling_to_a_second_and_log_each_change_once() {
+        use std::io::ErrorKind::{ConnectionAborted, Other};
+        let ms = |d: Duration| d.as_millis();
+        let mut failures = AcceptFailures::default();
+        let (wait, news) = failures.on_error(Other);
+        assert_eq!((ms(wait), news), (10, true));
+        let waits: Vec<_> = (0..8).map(|_| failures.on_error(Other)).collect();
+        assert_eq!(
+            waits.iter().map(|(w, _)| ms(*w)).collect::<Vec<_>>(),
+            [20, 40, 80, 160, 320, 640, 1000, 1000]
+        );
+        assert!(waits.iter().all(|(_, news)| !news), "logged once per run");
+        assert_eq!(
+            failures.on_error(ConnectionAborted),
+            (ACCEPT_BACKOFF_MAX, true)
+        );
+        assert_eq!(failures.on_accept(), Some(10));
+        assert_eq!(failures.on_accept(), None);
+        assert_eq!(failures.on_error(Other), (ACCEPT_BACKOFF_MIN, true));
+    }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loadgate::config::{defaults, Config};
-use loadgate::sim::{Distribution, SimConfig};
+use loadgate::sim::{limits, Distribution, SimConfig};
 
 /// loadgate: an adaptive load-shedding reverse proxy for Spring/Tomcat backends.
 #[derive(Parser)]
@@ -44,11 +44,12 @@ struct SimArgs {
     /// without it, actuator requests need a worker like any request.
     #[arg(long)]
     management_listen: Option<std::net::SocketAddr>,
-    /// Worker pool size (Tomcat maxThreads).
-    #[arg(long, default_value_t = defaults::SIM_WORKERS)]
+    /// Worker pool size (Tomcat maxThreads), 1 to 1000000.
+    #[arg(long, default_value_t = defaults::SIM_WORKERS, value_parser = limits::parse_workers)]
     workers: usize,
-    /// Service time of a work request, in milliseconds.
-    #[arg(long, default_value_t = defaults::SIM_SERVICE_TIME_MS)]
+    /// Service time of a work request, in milliseconds: 0 to 3600000 (one hour).
+    #[arg(long, default_value_t = defaults::SIM_SERVICE_TIME_MS,
+        value_parser = limits::parse_service_time_ms, allow_negative_numbers = true)]
     service_time_ms: f64,
     /// Draw service times exponentially around the mean instead of fixed.
     #[arg(long)]
@@ -125,6 +126,44 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("loadgate: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim_backend(args: &[&str]) -> Result<Cli, clap::Error> {
+        let mut argv = vec!["loadgate", "sim-backend"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+    }
+
+    #[test]
+    fn sim_backend_refuses_unusable_service_times_naming_flag_and_value() {
+        for value in ["1e300", "NaN", "inf", "-inf", "-5", "3600001", "soon"] {
+            let flag = format!("--service-time-ms={value}");
+            let error = match sim_backend(&[&flag]) {
+                Ok(_) => panic!("{flag} was accepted"),
+                Err(error) => error.to_string(),
+            };
+            assert!(error.contains("--service-time-ms"), "{flag}: {error}");
+            assert!(error.contains(&format!("'{value}'")), "{flag}: {error}");
+        }
+        for value in ["0", "0.5", "20", "3600000"] {
+            let flag = format!("--service-time-ms={value}");
+            assert!(sim_backend(&[&flag]).is_ok(), "{flag} was refused");
+        }
+    }
+
+    #[test]
+    fn sim_backend_refuses_a_worker_count_it_cannot_run() {
+        for value in ["0", "1000001", "18446744073709551615"] {
+            let flag = format!("--workers={value}");
+            let error = sim_backend(&[&flag]).err().expect("refused").to_string();
+            assert!(error.contains("--workers"), "{flag}: {error}");
+            assert!(error.contains(&format!("'{value}'")), "{flag}: {error}");
         }
     }
 }

@@ -3,7 +3,8 @@
 //! Everything the proxy answers by itself on the data path (no route, bad framing,
 //! an upstream that is down or slow) goes through [`ProxyError::into_response`], so
 //! status codes and `application/problem+json` bodies (RFC 9457) are decided here
-//! and nowhere else.
+//! and nowhere else. A client is told what went wrong in plain words; which backend
+//! failed and the error chain behind it go to the log, never into the body.
 
 use std::time::Duration;
 
@@ -42,7 +43,28 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::NoHealthyBackend => "no_healthy_backend",
         }
     }
+
+    /// What a client is told about the failure: what went wrong, in plain words. The
+    /// backend's address and the error chain behind it stay in the log.
+    pub fn client_detail(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "could not connect to the upstream",
+            UpstreamErrorKind::ConnectTimeout => "the upstream did not accept a connection in time",
+            UpstreamErrorKind::HeaderTimeout => "the upstream did not answer in time",
+            UpstreamErrorKind::Protocol => {
+                "the upstream connection failed or the upstream sent an invalid response"
+            }
+            UpstreamErrorKind::StaleConnection => {
+                "the upstream connection closed before a response; the request may have \
+                 reached the upstream, so it was not retried"
+            }
+            UpstreamErrorKind::NoHealthyBackend => "no backend of the upstream is healthy",
+        }
+    }
 }
+
+/// The methods the proxy forwards, as the `Allow` header of a 405 lists them.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -67,6 +89,14 @@ pub enum ProxyError {
     #[error("the proxy is shutting down")]
     ShuttingDown,
 
+    /// A request the proxy cannot frame or forward, such as an unsupported transfer coding.
+    #[error("not implemented: {0}")]
+    NotImplemented(String),
+
+    /// A method the proxy does not forward (CONNECT).
+    #[error("method {method} is not supported by the proxy")]
+    MethodNotAllowed { method: String },
+
     #[error("upstream {upstream:?} is at {:.0}% utilisation ({signal} signal); {} requests are shed above {:.0}%",
         utilisation * 100.0, class.as_str(), threshold * 100.0)]
     Shed {
@@ -89,6 +119,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// The error to answer when forwarding failed because the client's body did.
+    /// `detail`, the upstream exchange's error chain, goes to the log, not to the client.
     pub fn from_client_body(fault: BodyFault, detail: &str) -> ProxyError {
         match fault {
             BodyFault::TooLarge { limit } => ProxyError::PayloadTooLarge {
@@ -96,7 +127,8 @@ impl ProxyError {
                 declared: None,
             },
             BodyFault::Broken => {
-                ProxyError::BadRequest(format!("request body broke off while forwarding: {detail}"))
+                tracing::debug!(%detail, "request body broke off while forwarding");
+                ProxyError::BadRequest("request body broke off while forwarding".into())
             }
         }
     }
@@ -106,6 +138,8 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream { kind, .. } => match kind {
                 UpstreamErrorKind::Connect
@@ -137,6 +171,16 @@ impl ProxyError {
         }
     }
 
+    /// The `detail` of the problem document: the error's own words, except for an
+    /// upstream failure, whose backend address and error chain are not the client's
+    /// business (they are logged when the response is built).
+    fn client_detail(&self) -> String {
+        match self {
+            ProxyError::Upstream { kind, .. } => kind.client_detail().to_string(),
+            _ => self.to_string(),
+        }
+    }
+
     /// An `application/problem+json` response (RFC 9457) describing the error.
     pub fn into_response(self) -> Response<ProxyBody> {
         let status = self.status();
@@ -144,10 +188,17 @@ impl ProxyError {
             "type": "about:blank",
             "title": status.canonical_reason().unwrap_or("Error"),
             "status": status.as_u16(),
-            "detail": self.to_string(),
+            "detail": self.client_detail(),
         });
         match &self {
-            ProxyError::Upstream { upstream, kind, .. } => {
+            ProxyError::Upstream {
+                upstream,
+                backend,
+                kind,
+                detail,
+            } => {
+                tracing::debug!(%upstream, %backend, kind = kind.as_str(), %detail,
+                    "upstream failed; answered {}", status.as_u16());
                 problem["upstream"] = upstream.clone().into();
                 problem["cause"] = kind.as_str().into();
             }
@@ -195,6 +246,17 @@ impl ProxyError {
         }
         if matches!(self, ProxyError::PayloadTooLarge { .. }) {
             // The rest of the body is not read: close rather than drain it (RFC 9110 §15.5.14).
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(self, ProxyError::NotImplemented(_)) {
+            // A transfer coding the proxy cannot decode leaves the body's end unknown
+            // (RFC 9112 §6.1): nothing after it on this connection can be framed.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(self, ProxyError::MethodNotAllowed { .. }) {
+            headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            // What follows a CONNECT is tunnel bytes, not a request: close rather than
+            // read them as one.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
@@ -249,6 +311,16 @@ mod tests {
                 413,
             ),
             (ProxyError::from_client_body(BodyFault::Broken, "x"), 400),
+            (
+                ProxyError::NotImplemented("transfer coding gzip".into()),
+                501,
+            ),
+            (
+                ProxyError::MethodNotAllowed {
+                    method: "CONNECT".into(),
+                },
+                405,
+            ),
         ];
         for (error, status) in cases {
             assert_eq!(error.status().as_u16(), status, "{error}");
@@ -285,6 +357,94 @@ mod tests {
         assert_eq!(response.headers()[header::CONNECTION], "close");
     }
 
+    fn body_text(response: Response<ProxyBody>) -> String {
+        use http_body_util::BodyExt;
+        let body = futures_util::FutureExt::now_or_never(response.into_body().collect())
+            .expect("a full body is ready at once")
+            .expect("a full body does not fail")
+            .to_bytes();
+        String::from_utf8(body.to_vec()).expect("problem+json is UTF-8")
+    }
+
+    #[test]
+    fn clients_learn_neither_the_backend_address_nor_the_error_chain() {
+        use UpstreamErrorKind::*;
+        let internal = "cannot connect: Connection refused (os error 111) (3 attempts)";
+        for kind in [
+            Connect,
+            ConnectTimeout,
+            HeaderTimeout,
+            Protocol,
+            StaleConnection,
+            NoHealthyBackend,
+        ] {
+            let error = ProxyError::Upstream {
+                upstream: "app".into(),
+                backend: "10.1.2.3:8080".into(),
+                kind,
+                detail: internal.into(),
+            };
+            let body = body_text(error.into_response());
+            assert!(!body.contains("10.1.2.3"), "{body}");
+            assert!(!body.contains("os error"), "{body}");
+            assert!(!body.contains("attempts"), "{body}");
+            let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(problem["upstream"], "app", "{body}");
+            assert_eq!(problem["cause"], kind.as_str(), "{body}");
+            assert_eq!(problem["detail"], kind.client_detail(), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_broken_client_body_keeps_the_upstream_error_chain_out_of_the_answer() {
+        let error = ProxyError::from_client_body(
+            BodyFault::Broken,
+            "upstream exchange failed: error from user's Body stream",
+        );
+        let body = body_text(error.into_response());
+        assert!(!body.contains("user's Body stream"), "{body}");
+        assert!(body.contains("request body broke off"), "{body}");
+    }
+
+    #[test]
+    fn method_not_allowed_lists_the_allowed_methods_and_closes() {
+        let response = ProxyError::MethodNotAllowed {
+            method: "CONNECT".into(),
+        }
+        .into_response();
+        assert_eq!(response.status(), 405);
+        assert_eq!(
+            response.headers()[header::ALLOW],
+            "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+        );
+        assert_eq!(response.headers()[header::CONNECTION], "close");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let problem: serde_json::Value = serde_json::from_str(&body_text(response)).unwrap();
+        assert_eq!(problem["status"], 405);
+        assert!(problem["detail"].as_str().unwrap().contains("CONNECT"));
+    }
+
+    #[test]
+    fn not_implemented_is_problem_json_and_closes() {
+        let response =
+            ProxyError::NotImplemented("transfer coding \"gzip\" is not supported".into())
+                .into_response();
+        assert_eq!(response.status(), 501);
+        assert_eq!(response.headers()[header::CONNECTION], "close");
+        assert!(response.headers().get(header::ALLOW).is_none());
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let problem: serde_json::Value = serde_json::from_str(&body_text(response)).unwrap();
+        assert_eq!(problem["status"], 501);
+        assert_eq!(problem["title"], "Not Implemented");
+        assert!(problem["detail"].as_str().unwrap().contains("gzip"));
+    }
+
     #[test]
     fn problem_json_names_upstream_and_cause() {
         let response = upstream(UpstreamErrorKind::HeaderTimeout).into_response();
@@ -294,7 +454,13 @@ mod tests {
             "application/problem+json"
         );
         assert!(response.headers().get(header::RETRY_AFTER).is_none());
+        let problem: serde_json::Value = serde_json::from_str(&body_text(response)).unwrap();
+        assert_eq!(problem["upstream"], "app");
+        assert_eq!(problem["cause"], "header_timeout");
+        assert_eq!(problem["detail"], "the upstream did not answer in time");
         let unavailable = upstream(UpstreamErrorKind::NoHealthyBackend).into_response();
         assert_eq!(unavailable.headers()[header::RETRY_AFTER], "1");
+        let problem: serde_json::Value = serde_json::from_str(&body_text(unavailable)).unwrap();
+        assert_eq!(problem["detail"], "no backend of the upstream is healthy");
     }
 }

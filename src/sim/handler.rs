@@ -146,6 +146,8 @@ fn plan_work(cfg: &SimConfig, path: &str, query: Option<&str>) -> Result<WorkPla
 }
 
 /// One service time drawn from the distribution (`mean_ms` is the fixed time or the mean).
+/// `SimBackend::start` keeps the mean within `limits`; a time past what a `Duration`
+/// holds would still saturate rather than panic.
 fn sample_service_time(mean_ms: f64, distribution: Distribution) -> Duration {
     let ms = match distribution {
         Distribution::Fixed => mean_ms,
@@ -154,8 +156,8 @@ fn sample_service_time(mean_ms: f64, distribution: Distribution) -> Duration {
             -mean_ms * (1.0 - u).ln()
         }
     };
-    if ms.is_finite() && ms > 0.0 {
-        Duration::from_secs_f64(ms / 1000.0)
+    if ms > 0.0 {
+        Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX)
     } else {
         Duration::ZERO
     }
@@ -365,6 +367,18 @@ mod tests {
         );
         assert_eq!(
             sample_service_time(-1.0, Distribution::Exponential),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn service_times_too_long_for_a_duration_do_not_panic() {
+        let long = sample_service_time(1e300, Distribution::Fixed);
+        assert!(long >= Duration::from_secs(3600), "{long:?}");
+        let long = sample_service_time(f64::MAX, Distribution::Exponential);
+        assert!(long >= Duration::from_secs(3600), "{long:?}");
+        assert_eq!(
+            sample_service_time(f64::NAN, Distribution::Fixed),
             Duration::ZERO
         );
     }

@@ -21,13 +21,15 @@
 //! busy count it reports includes its own worker: what a real Tomcat does.
 //!
 //! Layout: `server` (listeners, handle), `conn` (one connection), `handler`
-//! (routing, work endpoints), `pool` (workers), `actuator`, `etag`, `body`, `stats`.
+//! (routing, work endpoints), `pool` (workers), `actuator`, `etag`, `body`, `stats`,
+//! `limits` (the ranges its numbers must stay in).
 
 mod actuator;
 mod body;
 mod conn;
 pub mod etag;
 mod handler;
+pub mod limits;
 mod pool;
 mod server;
 mod stats;

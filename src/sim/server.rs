@@ -28,12 +28,14 @@ pub struct SimBackend {
 
 impl SimBackend {
     /// Binds `cfg.listen` (port 0 allowed) and `cfg.management_listen`, and
-    /// serves them on the current tokio runtime.
+    /// serves them on the current tokio runtime. A number out of its range (see
+    /// [`limits`](super::limits)) is an `InvalidInput` error naming every one.
     pub async fn start(cfg: SimConfig) -> io::Result<SimBackend> {
-        if cfg.workers == 0 {
+        let problems = super::limits::check(&cfg);
+        if !problems.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "sim: workers must be at least 1",
+                format!("sim: {}", problems.join("; ")),
             ));
         }
         let main = bind(cfg.listen, cfg.accept_count)?;
@@ -215,4 +217,68 @@ async fn wait_for_stop_signal() -> io::Result<()> {
 #[cfg(not(unix))]
 async fn wait_for_stop_signal() -> io::Result<()> {
     tokio::signal::ctrl_c().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::SimRoute;
+
+    fn loopback() -> SimConfig {
+        SimConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..SimConfig::default()
+        }
+    }
+
+    fn route(service_time_ms: f64) -> SimRoute {
+        SimRoute {
+            path_prefix: "/api/slow".into(),
+            service_time_ms: Some(service_time_ms),
+            distribution: None,
+            cache_control: None,
+            body_bytes: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn start_refuses_service_times_a_request_cannot_take() {
+        let cases = [
+            (
+                SimConfig {
+                    service_time_ms: 1e300,
+                    ..loopback()
+                },
+                "service_time_ms 1e300",
+            ),
+            (
+                SimConfig {
+                    service_time_ms: f64::NAN,
+                    ..loopback()
+                },
+                "service_time_ms NaN",
+            ),
+            (
+                SimConfig {
+                    routes: vec![route(-5.0)],
+                    ..loopback()
+                },
+                "routes[0].service_time_ms -5",
+            ),
+            (
+                SimConfig {
+                    routes: vec![route(f64::INFINITY)],
+                    ..loopback()
+                },
+                "routes[0].service_time_ms inf",
+            ),
+        ];
+        for (cfg, named) in cases {
+            let error = SimBackend::start(cfg)
+                .await
+                .expect_err(&format!("started with {named}"));
+            assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{error}");
+            assert!(error.to_string().contains(named), "{named}: {error}");
+        }
+    }
 }

@@ -236,7 +236,6 @@ async fn connect_failures_are_retried_with_backoff_then_502() {
     let elapsed = started.elapsed();
 
     assert_eq!(got.status, 502, "{}", got.text());
-    assert!(got.text().contains("3 attempts"), "{}", got.text());
     // Two waits: 100 ms and 200 ms nominal, each jittered into [½, 1] of itself.
     assert!(elapsed >= Duration::from_millis(150), "{elapsed:?}");
     assert!(elapsed < Duration::from_millis(1_500), "{elapsed:?}");

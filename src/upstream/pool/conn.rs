@@ -2,13 +2,19 @@
 //! exchange driven on it, and its check-in: the response body that hands it back to
 //! the idle stack at its end, or counts why it is not reused.
 //!
+//! A connection goes back only when its exchange is over in both directions: the
+//! response body read to its end AND the request body sent in full. A backend may
+//! answer before the upload has ended (an early 401 or 413 to a slow POST); that
+//! connection still carries the rest of the upload, so it is discarded, never lent
+//! to the next request.
+//!
 //! Not here: choosing between an idle connection and a new one, and the retry after a
 //! stale reuse (`mod.rs`); the idle stacks (`idle.rs`); parsing the backend's
 //! keep-alive limits (`keepalive.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -52,6 +58,8 @@ pub(super) struct Conn {
     served: u32,
     /// Further requests the backend allows, from `Keep-Alive: max=N`.
     allowed: Option<u32>,
+    /// Whether the request body of the last exchange has been sent in full.
+    upload: Upload,
 }
 
 impl Conn {
@@ -100,6 +108,7 @@ impl Inner {
                         io: Some(Box::pin(connection)),
                         served: 0,
                         allowed: None,
+                        upload: Upload::done(),
                     });
                 }
                 Ok(Err(error)) => SendError {
@@ -200,6 +209,12 @@ impl CheckIn {
             counters.event(Event::ClosedByBackend);
             return;
         }
+        if !conn.upload.is_done() {
+            // Answered before the upload ended: the rest of it is still to go out on
+            // this connection. Dropping the connection closes it.
+            counters.event(Event::Discarded);
+            return;
+        }
         if self
             .host
             .idle
@@ -282,6 +297,8 @@ pub(super) async fn exchange(
     req: Request<ProxyBody>,
 ) -> Result<(Response<Incoming>, Conn), Failed> {
     conn.served += 1;
+    let (req, upload) = Upload::track(req);
+    conn.upload = upload;
     let mut response = std::pin::pin!(conn.tx.try_send_request(req));
     // Drive the connection in this task while waiting for the response head. When
     // the connection ends first, dropping it fails the response future (or hands the
@@ -303,6 +320,91 @@ pub(super) async fn exchange(
                 stale,
             })
         }
+    }
+}
+
+/// Whether a request's body has been handed to hyper in full: set by [`Tracked`] when
+/// the body ends, read at check-in.
+struct Upload(Option<Arc<AtomicBool>>);
+
+impl Upload {
+    /// Nothing to send: no body, or the last one went out in full.
+    fn done() -> Upload {
+        Upload(None)
+    }
+
+    fn is_done(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|sent| sent.load(Ordering::Acquire))
+    }
+
+    /// Wraps a request body that has something to send so its end is seen.
+    fn track(req: Request<ProxyBody>) -> (Request<ProxyBody>, Upload) {
+        let body = req.body();
+        let declared = body.size_hint().exact();
+        // hyper sends neither kind of body: an ended one is no body at all, a declared
+        // zero length ends with the head.
+        if body.is_end_stream() || declared == Some(0) {
+            return (req, Upload::done());
+        }
+        let sent = Arc::new(AtomicBool::new(false));
+        let (parts, inner) = req.into_parts();
+        let tracked = Tracked {
+            inner,
+            left: declared,
+            sent: sent.clone(),
+        };
+        (
+            Request::from_parts(parts, tracked.boxed_unsync()),
+            Upload(Some(sent)),
+        )
+    }
+}
+
+/// A request body that marks its upload sent once hyper has taken all of it: the
+/// end of the stream, its last frame (`is_end_stream` after it, or trailers), or,
+/// for a declared length, that many bytes, after which hyper polls no further.
+struct Tracked {
+    inner: ProxyBody,
+    /// Bytes still to go of a declared length.
+    left: Option<u64>,
+    sent: Arc<AtomicBool>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // `ProxyBody` is a pinned box, so `Tracked` is `Unpin`.
+        let this = self.get_mut();
+        let polled = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let ended = match &polled {
+            None => true,
+            Some(Err(_)) => false,
+            Some(Ok(frame)) => {
+                if let (Some(left), Some(data)) = (this.left.as_mut(), frame.data_ref()) {
+                    *left = left.saturating_sub(data.len() as u64);
+                }
+                frame.is_trailers() || this.left == Some(0) || this.inner.is_end_stream()
+            }
+        };
+        if ended {
+            this.sent.store(true, Ordering::Release);
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -28,7 +28,8 @@
 //! # A connection's life
 //! connect (≤ `connect_attempts` tries) → request → response head → body streamed to
 //! the caller → at the body's end, back on the idle stack unless the backend said
-//! `Connection: close`, the connection reached a learned request limit, or the stack
+//! `Connection: close`, the connection reached a learned request limit, the request
+//! body has not been sent in full (an answer before the upload ended), or the stack
 //! is full. An idle entry older than the idle limit is discarded, never reused; a
 //! closed one is discarded when found (checkout or sweep).
 
@@ -304,6 +305,8 @@ fn exchange_error(error: &hyper::Error, context: &str) -> SendError {
 mod tests {
     use super::*;
     use crate::config::UpstreamConfig;
+    use crate::http::body::BoxError;
+    use bytes::Bytes;
     use http_body_util::BodyExt;
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -540,6 +543,209 @@ mod tests {
             host.idle_limit(Duration::from_secs(5)),
             Duration::from_millis(1500)
         );
+    }
+
+    /// A backend that answers `401` with an empty body as soon as it has read a request
+    /// head, then reads (and ignores) whatever else comes on that connection, as a
+    /// server refusing an upload before its body arrives. Returns its address and the
+    /// connections it accepted.
+    async fn early_401_backend() -> (String, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    }
+                    let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+                    if socket.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    while let Ok(k) = socket.read(&mut chunk).await {
+                        if k == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A request body fed through the returned sender; it ends when the sender is dropped.
+    fn streamed_body() -> (tokio::sync::mpsc::Sender<Bytes>, ProxyBody) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, BoxError>(http_body::Frame::data(chunk)), rx))
+        });
+        (tx, http_body_util::StreamBody::new(frames).boxed_unsync())
+    }
+
+    /// `future`, or a test failure naming `what` after 5 s.
+    async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(5), future)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no result within 5 s"))
+    }
+
+    #[tokio::test]
+    async fn a_connection_answered_before_its_upload_ended_is_not_reused() {
+        let (addr, accepted) = early_401_backend().await;
+        let pool = pool_for(&addr);
+        let (upload, body) = streamed_body();
+        upload
+            .send(Bytes::from_static(b"the first part"))
+            .await
+            .unwrap();
+        let post = Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/upload"))
+            .body(body)
+            .unwrap();
+        let (response, reused) = within("the POST", pool.send_absolute(post))
+            .await
+            .expect("an answer");
+        assert_eq!((response.status().as_u16(), reused), (401, false));
+        within("the 401 body", response.into_body().collect())
+            .await
+            .unwrap();
+
+        // The upload is still open (`upload` is alive): its connection must not carry
+        // the next request.
+        let (response, reused) = within(
+            "a GET after the early 401",
+            pool.send_absolute(request("GET", &addr, "")),
+        )
+        .await
+        .expect("an answer");
+        assert_eq!((response.status().as_u16(), reused), (401, false));
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.opened, stats.reused, stats.discarded),
+            (2, 0, 1),
+            "{stats:?}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(upload);
+    }
+
+    /// A backend that answers `200 ok` to each request once it has read the request
+    /// whole: its head and, for a chunked body, everything up to the last chunk.
+    async fn chunked_reading_backend() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let complete = |buf: &[u8]| {
+                            let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            if !head.contains("transfer-encoding: chunked") {
+                                return Some(end + 4);
+                            }
+                            let last = b"\r\n0\r\n\r\n";
+                            let body = &buf[end + 2..];
+                            let at = body.windows(last.len()).position(|w| w == last)?;
+                            Some(end + 2 + at + last.len())
+                        };
+                        while complete(&buf).is_none() {
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let used = complete(&buf).unwrap();
+                        buf.drain(..used);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if socket.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_streamed_upload_sent_in_full_leaves_its_connection_reusable() {
+        let addr = chunked_reading_backend().await;
+        let pool = pool_for(&addr);
+        let (upload, body) = streamed_body();
+        upload
+            .send(Bytes::from_static(b"part one, "))
+            .await
+            .unwrap();
+        upload.send(Bytes::from_static(b"part two")).await.unwrap();
+        drop(upload);
+        let post = Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/upload"))
+            .body(body)
+            .unwrap();
+        assert!(!within("the POST", send_ok(&pool, post)).await);
+        assert!(within("the GET", send_ok(&pool, request("GET", &addr, ""))).await);
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.opened, stats.reused, stats.discarded),
+            (1, 1, 0),
+            "{stats:?}"
+        );
+    }
+
+    /// A body of declared length whose frames never say they are the last, as a
+    /// client's `Content-Length` body arrives: hyper stops polling it after that many
+    /// bytes, so only the count tells that it was sent in full.
+    struct Declared(std::collections::VecDeque<Bytes>, u64);
+
+    impl Body for Declared {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            http_body::SizeHint::with_exact(self.1)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upload_of_declared_length_sent_in_full_leaves_its_connection_reusable() {
+        let (addr, seen) = closing_backend(1000).await;
+        let pool = pool_for(&addr);
+        let parts = [b"ab".as_slice(), b"cd", b"e"].map(Bytes::from_static);
+        let post = Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/upload"))
+            .body(Declared(parts.into(), 5).boxed_unsync())
+            .unwrap();
+        assert!(!within("the POST", send_ok(&pool, post)).await);
+        assert!(within("the GET", send_ok(&pool, request("GET", &addr, ""))).await);
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.opened, stats.reused, stats.discarded),
+            (1, 1, 0),
+            "{stats:?}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -35,7 +35,8 @@ crate::metrics::label_values! {
         RetiredMax => "retired_max",
         /// The backend closed it, or said it would (`Connection: close`).
         ClosedByBackend => "closed_by_backend",
-        /// Not reusable: the idle stack was full, or the response body was not read to its end.
+        /// Not reusable: the idle stack was full, the response body was not read to its
+        /// end, or the response came before the request body had been sent in full.
         Discarded => "discarded",
     }
 }
