@@ -34,7 +34,8 @@ pub const BACKEND_EJECTIONS_TOTAL: &str = "loadgate_backend_ejections_total";
 pub const BACKEND_HEALTHY: &str = "loadgate_backend_healthy";
 /// Probe requests answered by the proxy itself on the data port.
 pub const PROBES_TOTAL: &str = "loadgate_probe_requests_total";
-/// Requests refused before forwarding because their framing was ambiguous or malformed.
+/// Requests refused as malformed before forwarding: by the HTTP parser (400, 431), for
+/// ambiguous framing, or by the request rules (host, path, header names).
 pub const BAD_REQUESTS_TOTAL: &str = "loadgate_bad_requests_total";
 /// Config reloads, by `result` (`ok` / `error`).
 pub const CONFIG_RELOADS_TOTAL: &str = "loadgate_config_reloads_total";
@@ -45,7 +46,8 @@ pub const CONNECTIONS_OPEN: &str = "loadgate_connections_open";
 /// Client connections closed at accept because `max_connections` were already open.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "loadgate_connections_refused_total";
 /// Client connections closed by a timeout, by `kind`: `header` (a request head took longer
-/// than `header_read_timeout_ms`) or `idle` (keep-alive idle longer than `idle_timeout_ms`).
+/// than `header_read_timeout_ms`), `idle` (keep-alive idle longer than `idle_timeout_ms`)
+/// or `send` (the client read nothing of a response for `send_timeout_ms`).
 pub const CONNECTIONS_TIMED_OUT_TOTAL: &str = "loadgate_connections_timed_out_total";
 
 /// Utilisation of an upstream, by `upstream` and `source`: `local` (own in-flight ÷ pool),
@@ -294,7 +296,7 @@ fn describe() {
     describe_counter!(PROBES_TOTAL, "Probe requests answered by the proxy itself.");
     describe_counter!(
         BAD_REQUESTS_TOTAL,
-        "Requests refused with 400 before forwarding."
+        "Requests refused as malformed before forwarding (400, 431, 501)."
     );
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result.");
     describe_counter!(
@@ -322,7 +324,7 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_TIMED_OUT_TOTAL,
-        "Client connections closed by the header read (kind=header) or idle (kind=idle) timeout."
+        "Client connections closed by the header read (kind=header), idle (kind=idle) or send (kind=send) timeout."
     );
 }
 

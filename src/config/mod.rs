@@ -41,6 +41,19 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// 0: one per core.
     pub const WORKER_THREADS: usize = 0;
+    /// Request header names with `_` are dropped, not forwarded.
+    pub const UNDERSCORES_IN_HEADERS: bool = false;
+    /// Request bodies up to 64 KiB are read in full before they take a backend worker.
+    pub const REQUEST_BUFFER_BYTES: usize = 64 * 1024;
+    /// Tomcat's `connectionTimeout` (its default; the server.xml Tomcat ships sets 20 s).
+    pub const BODY_READ_TIMEOUT_MS: u64 = 60_000;
+    /// Bytes a second, averaged, after a 5 s grace: ASP.NET Core Kestrel's
+    /// `MinRequestBodyDataRate`.
+    pub const BODY_MIN_RATE: u64 = 240;
+    /// nginx's `send_timeout`.
+    pub const SEND_TIMEOUT_MS: u64 = 60_000;
+    /// One HTTP/2 connection may hold 32 requests: a sixth of Tomcat's default 200 workers.
+    pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 32;
 
     pub const ADMIN_LISTEN: SocketAddr = loopback(9901);
 
@@ -143,6 +156,33 @@ pub struct ServerConfig {
     /// Threads serving client connections, each with its own event loop; 0 (the default)
     /// means one per core. Fixed at start, like `listen`.
     pub worker_threads: usize,
+    /// Whether request header names with `_` are forwarded; by default they are dropped,
+    /// as CGI-style stacks read `X_Forwarded_For` as `X-Forwarded-For`. Default false.
+    pub underscores_in_headers: bool,
+    /// Request bodies up to this many bytes are read in full before admission, so a slow
+    /// upload holds no backend worker; a larger body streams after its first this-many
+    /// bytes. Key `request_buffer_bytes`, default 65536; 0 streams every body.
+    pub request_buffer_bytes: usize,
+    /// The upload pace every request body is held to.
+    pub upload: UploadPace,
+    /// How long a response may wait on a client that reads nothing (its socket full)
+    /// before the connection is closed. Key `send_timeout_ms`, default 60000.
+    pub send_timeout: Duration,
+    /// Requests one HTTP/2 connection may have in flight at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    /// Default 32.
+    pub http2_max_concurrent_streams: u32,
+}
+
+/// How fast a client must send its request body. A slow upload holds a backend worker
+/// (once forwarded) or a connection and a buffer (while read ahead): a client sending a
+/// few bytes a second must not hold either for long. Enforced in `http/body.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadPace {
+    /// The longest the body may go without a byte. Key `body_read_timeout_ms`.
+    pub read_timeout: Duration,
+    /// The fewest bytes a second, averaged from the head once a 5 s grace has passed.
+    /// Key `body_min_rate`; 0 for none.
+    pub min_rate: u64,
 }
 
 /// The most `worker_threads` a config may ask for.
@@ -174,6 +214,14 @@ impl Default for ServerConfig {
             max_body_bytes: Some(defaults::MAX_BODY_BYTES),
             max_connections: defaults::MAX_CONNECTIONS,
             worker_threads: defaults::WORKER_THREADS,
+            underscores_in_headers: defaults::UNDERSCORES_IN_HEADERS,
+            request_buffer_bytes: defaults::REQUEST_BUFFER_BYTES,
+            upload: UploadPace {
+                read_timeout: Duration::from_millis(defaults::BODY_READ_TIMEOUT_MS),
+                min_rate: defaults::BODY_MIN_RATE,
+            },
+            send_timeout: Duration::from_millis(defaults::SEND_TIMEOUT_MS),
+            http2_max_concurrent_streams: defaults::HTTP2_MAX_CONCURRENT_STREAMS,
         }
     }
 }

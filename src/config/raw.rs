@@ -20,6 +20,12 @@ pub(super) struct RawServer {
     pub(super) max_body_bytes: Option<u64>,
     pub(super) max_connections: Option<usize>,
     pub(super) worker_threads: Option<usize>,
+    pub(super) underscores_in_headers: Option<bool>,
+    pub(super) send_timeout_ms: Option<u64>,
+    pub(super) request_buffer_bytes: Option<usize>,
+    pub(super) body_read_timeout_ms: Option<u64>,
+    pub(super) body_min_rate: Option<u64>,
+    pub(super) http2_max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Deserialize)]

@@ -37,6 +37,30 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         raw.idle_timeout_ms,
         defaults::CLIENT_IDLE_TIMEOUT_MS,
     );
+    let send_timeout = s.millis(
+        errs,
+        &["send_timeout_ms"],
+        raw.send_timeout_ms,
+        defaults::SEND_TIMEOUT_MS,
+    );
+    let body_read_timeout = s.millis(
+        errs,
+        &["body_read_timeout_ms"],
+        raw.body_read_timeout_ms,
+        defaults::BODY_READ_TIMEOUT_MS,
+    );
+    let http2_max_concurrent_streams = raw
+        .http2_max_concurrent_streams
+        .unwrap_or(default.http2_max_concurrent_streams);
+    if http2_max_concurrent_streams == 0 {
+        errs.push(
+            s.line(&["http2_max_concurrent_streams"]),
+            s.say(
+                "http2_max_concurrent_streams must be greater than 0: with 0 an HTTP/2 client \
+                 can send no request",
+            ),
+        );
+    }
     let max_header_bytes = raw.max_header_bytes.unwrap_or(default.max_header_bytes);
     if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES_LIMIT).contains(&max_header_bytes) {
         errs.push(
@@ -84,6 +108,18 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         },
         max_connections,
         worker_threads,
+        underscores_in_headers: raw
+            .underscores_in_headers
+            .unwrap_or(default.underscores_in_headers),
+        request_buffer_bytes: raw
+            .request_buffer_bytes
+            .unwrap_or(default.request_buffer_bytes),
+        upload: crate::config::UploadPace {
+            read_timeout: body_read_timeout,
+            min_rate: raw.body_min_rate.unwrap_or(default.upload.min_rate),
+        },
+        send_timeout,
+        http2_max_concurrent_streams,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The request handler of the data plane, as stages over one request:
-//! framing check → probe → route → cache → admission → forward → respond.
+//! framing check → meaning (host and path normalised) → probe → route → cache →
+//! body read ahead → admission → forward → respond.
 //!
 //! Each stage passes the request on, answers it, or refuses it with a
 //! [`ProxyError`], which `http/error.rs` turns into a response in one place. The
@@ -8,14 +9,14 @@
 //! in-flight count and the request metrics are released when the body ends or is
 //! abandoned, not when this function returns. Bodies stream in both directions.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
 use http::header::{self, HeaderValue};
-use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -24,9 +25,11 @@ use crate::admission::Rejection;
 use crate::cache::Lookup;
 use crate::forward::routes::Route;
 use crate::forward::state::{ClassLabel, Generation, Shared};
-use crate::http::body::{full, BoxError, OnEnd, Prepend, ProxyBody, WatchedBody};
+use crate::http::body::{
+    full, take_ready, BodyWatch, BoxError, OnEnd, Prepend, ProxyBody, UploadPace, WatchedBody,
+};
 use crate::http::error::{ProxyError, UpstreamErrorKind};
-use crate::http::headers;
+use crate::http::{headers, target};
 use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
 use crate::metrics as m;
@@ -41,6 +44,10 @@ pub struct ConnInfo {
     pub verdicts: FramingVerdicts,
     /// `max_body_bytes` when the connection was accepted.
     pub max_body_bytes: Option<u64>,
+    /// `request_buffer_bytes` when the connection was accepted.
+    pub request_buffer_bytes: usize,
+    /// The upload pace request bodies are held to.
+    pub upload: UploadPace,
 }
 
 /// One request's completion: records its metrics and frees its upstream slot when
@@ -102,19 +109,20 @@ async fn serve(
     done: &mut RequestDone,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     check_framing(conn, &req)?;
+    let mut req = req;
     let generation = shared.generation.load();
-    if is_probe(&generation, &req) {
+    let meaning = settle_meaning(&mut req, generation.config.server.underscores_in_headers)?;
+    if is_probe(&generation, &meaning) {
         return Ok(probe(shared));
     }
-    let routed = find_route(&generation, &req)?;
+    let routed = find_route(&generation, meaning)?;
     drop(generation);
     let route = &routed.route;
     done.class = ClassLabel::Route(route.class);
 
-    let mut req = req;
     let mut pending = None;
     if let Some(cache) = &route.http_cache {
-        match cache.lookup(&req, routed.host()).await {
+        match cache.lookup(&req, &routed.host).await {
             Lookup::Respond(response) => return Ok(response),
             Lookup::Forward(mut p) => {
                 p.prepare(req.headers_mut());
@@ -123,6 +131,7 @@ async fn serve(
         }
     }
 
+    let req = read_ahead(conn, req).await?;
     let reservation = match admit(route).await {
         Ok(reservation) => done.reservation.insert(reservation),
         // A shed request is answered from a stale copy when the cache allows it.
@@ -133,7 +142,12 @@ async fn serve(
         Err(error) => return Err(error),
     };
 
-    let response = forward(&routed, reservation, conn, req).await?;
+    let (response, backend_done) = forward(&routed, reservation, conn, req).await?;
+    if backend_done {
+        // The whole response is here: the backend's worker is free, whatever pace the
+        // client reads at, so the request no longer counts against the upstream.
+        done.reservation = None;
+    }
     Ok(match pending {
         Some(p) => p.finish(response),
         None => response,
@@ -147,7 +161,12 @@ fn refusal(error: ProxyError) -> Response<ProxyBody> {
             m::LABEL_UPSTREAM => upstream.clone(), m::LABEL_KIND => kind.as_str())
         .increment(1);
     }
-    if matches!(error, ProxyError::BadRequest(_)) {
+    if matches!(
+        error,
+        ProxyError::BadRequest(_)
+            | ProxyError::NotImplemented(_)
+            | ProxyError::MethodNotAllowed { .. }
+    ) {
         metrics::counter!(m::BAD_REQUESTS_TOTAL).increment(1);
     }
     tracing::debug!(%error, "answered by the proxy");
@@ -158,8 +177,10 @@ fn refusal(error: ProxyError) -> Response<ProxyBody> {
 /// length over the limit, before anything is read or forwarded.
 fn check_framing(conn: &ConnInfo, req: &Request<Incoming>) -> Result<(), ProxyError> {
     if req.version() <= Version::HTTP_11 {
-        if let Verdict::Ambiguous(why) = conn.verdicts.next_request() {
-            return Err(ProxyError::BadRequest(why.to_string()));
+        match conn.verdicts.next_request() {
+            Verdict::Ok => {}
+            Verdict::Ambiguous(why) => return Err(ProxyError::BadRequest(why.to_string())),
+            Verdict::Unsupported(why) => return Err(ProxyError::NotImplemented(why.to_string())),
         }
     }
     let declared = req.body().size_hint().lower();
@@ -170,8 +191,8 @@ fn check_framing(conn: &ConnInfo, req: &Request<Incoming>) -> Result<(), ProxyEr
     Ok(())
 }
 
-fn is_probe<B>(generation: &Generation, req: &Request<B>) -> bool {
-    let path = req.uri().path();
+fn is_probe(generation: &Generation, meaning: &Meaning) -> bool {
+    let path = meaning.route_path.as_str();
     generation
         .config
         .server
@@ -180,41 +201,127 @@ fn is_probe<B>(generation: &Generation, req: &Request<B>) -> bool {
         .any(|p| p == path)
 }
 
+/// What a request means, settled once before routing: the host and path it is routed,
+/// cache-keyed and forwarded on (see `http/target.rs` for the rules).
+struct Meaning {
+    /// `None` only for an HTTP/1.0 request that named no host.
+    host: Option<target::Host>,
+    /// The normalised path without its segments' parameters: what routes match.
+    route_path: String,
+}
+
+/// Settles the request's host and path, and rewrites the request to carry them: an
+/// origin-form target with the normalised path, and one `Host` field with the
+/// normalised host. Drops header names with `_` unless `underscores` allows them.
+fn settle_meaning<B>(req: &mut Request<B>, underscores: bool) -> Result<Meaning, ProxyError> {
+    let bad = |why: &str| ProxyError::BadRequest(why.to_string());
+    let refused = |r: target::Refused| ProxyError::BadRequest(r.to_string());
+    // A reverse proxy is not a tunnel (RFC 9110 §9.3.6).
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed {
+            method: Method::CONNECT.to_string(),
+        });
+    }
+
+    // Host: the target's authority (absolute-form, or `:authority` on HTTP/2), else
+    // the one `Host` field.
+    let mut fields = req.headers().get_all(header::HOST).iter();
+    let field = fields.next();
+    if fields.next().is_some() {
+        return Err(bad("more than one Host field"));
+    }
+    let field = field
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| bad("a Host field that is not ASCII"))
+        })
+        .transpose()?;
+    let version = req.version();
+    let authority = req.uri().authority().map(|a| a.as_str());
+    if version == Version::HTTP_11 && field.is_none() {
+        return Err(bad("an HTTP/1.1 request without a Host field"));
+    }
+    let host = match (authority, field) {
+        (Some(authority), Some(field)) if version >= Version::HTTP_2 => {
+            let (a, f) = (target::host(authority), target::host(field));
+            if a.is_err() || a != f {
+                return Err(bad(":authority and the Host field differ"));
+            }
+            a.ok()
+        }
+        (Some(authority), _) => Some(target::host(authority).map_err(refused)?),
+        (None, Some(field)) => Some(target::host(field).map_err(refused)?),
+        (None, None) => None,
+    };
+    // The one Host field sent on: the client's, when it is already the normal form.
+    let host_field_is_normal = match (&host, field) {
+        (Some(host), Some(field)) => field == host.authority,
+        _ => false,
+    };
+
+    // Path: normalised, and forwarded in origin-form.
+    let uri = req.uri();
+    let asterisk = req.method() == Method::OPTIONS && uri.path() == "*";
+    let (route_path, rewritten) = if asterisk {
+        ("*".to_string(), None)
+    } else {
+        let path = target::path(uri.path()).map_err(refused)?;
+        let rewritten = match (&path.forward, uri.authority()) {
+            (Cow::Borrowed(_), None) => None,
+            (forward, _) => {
+                let target = match uri.query() {
+                    Some(query) => format!("{forward}?{query}"),
+                    None => forward.to_string(),
+                };
+                Some(Uri::try_from(target).map_err(|_| bad("an invalid request target"))?)
+            }
+        };
+        (path.route.into_owned(), rewritten)
+    };
+    if let Some(uri) = rewritten {
+        *req.uri_mut() = uri;
+    }
+
+    let headers = req.headers_mut();
+    if let Some(host) = &host {
+        if !host_field_is_normal {
+            let value =
+                HeaderValue::from_str(&host.authority).map_err(|_| bad("an invalid host"))?;
+            headers.insert(header::HOST, value);
+        }
+    }
+    if !underscores && headers.keys().any(|name| name.as_str().contains('_')) {
+        let names: Vec<_> = headers
+            .keys()
+            .filter(|name| name.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+    Ok(Meaning { host, route_path })
+}
+
 /// A request matched to its route.
 struct Routed {
     route: Arc<Route>,
-    /// The host it was routed on: the target's authority, else the `Host` header,
-    /// whose value is reused without a copy. Empty when the request named none.
-    host: HeaderValue,
+    /// The normalised host it was routed on, as forwarded in `X-Forwarded-Host`; empty
+    /// when the request named none.
+    host: String,
 }
 
-impl Routed {
-    fn host(&self) -> &str {
-        self.host.to_str().unwrap_or_default()
-    }
-}
-
-fn find_route<B>(generation: &Generation, req: &Request<B>) -> Result<Routed, ProxyError> {
-    let host = request_host(req).unwrap_or_default();
-    let path = req.uri().path();
-    let Some(route) = generation.routes.find(host, path) else {
+fn find_route(generation: &Generation, meaning: Meaning) -> Result<Routed, ProxyError> {
+    let name = meaning.host.as_ref().map_or("", |h| h.name());
+    let Some(route) = generation.routes.find(name, &meaning.route_path) else {
         return Err(ProxyError::NoRoute {
-            host: host.to_string(),
-            path: path.to_string(),
+            host: name.to_string(),
+            path: meaning.route_path,
         });
-    };
-    let host = match req.uri().authority() {
-        _ if host.is_empty() => HeaderValue::from_static(""),
-        None => req
-            .headers()
-            .get(header::HOST)
-            .cloned()
-            .unwrap_or_else(|| HeaderValue::from_static("")),
-        Some(_) => HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("")),
     };
     Ok(Routed {
         route: route.clone(),
-        host,
+        host: meaning.host.map(|h| h.authority).unwrap_or_default(),
     })
 }
 
@@ -289,23 +396,110 @@ fn probe(shared: &Shared) -> Response<ProxyBody> {
     response
 }
 
-/// The request's host: the `Host` header (HTTP/1) or the URI authority (HTTP/2).
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
+/// The most bytes of request bodies read ahead at once, over all connections; past it,
+/// bodies stream (after their first frame) instead of waiting in memory.
+const READ_AHEAD_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Bytes of request bodies read ahead and not yet sent on, over the whole proxy.
+static READ_AHEAD_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A share of [`READ_AHEAD_BUDGET`], given back when dropped.
+struct ReadAheadShare(usize);
+
+impl ReadAheadShare {
+    fn take(bytes: usize) -> Option<ReadAheadShare> {
+        READ_AHEAD_HELD
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + bytes <= READ_AHEAD_BUDGET).then_some(held + bytes)
+            })
+            .ok()
+            .map(|_| ReadAheadShare(bytes))
+    }
 }
 
+impl Drop for ReadAheadShare {
+    fn drop(&mut self) {
+        READ_AHEAD_HELD.fetch_sub(self.0, Ordering::AcqRel);
+    }
+}
+
+/// A request body on its way on: what was read ahead, then the rest as it arrives,
+/// watched for size and pace. `watch` is `None` for a request without a body.
+struct ClientBody {
+    body: ProxyBody,
+    watch: Option<Arc<BodyWatch>>,
+}
+
+/// Reads the request body ahead, before the request takes a backend worker: in full
+/// when it fits `request_buffer_bytes` (so a slow upload never holds a worker), else
+/// its first frames. Either way a body with broken framing, over the size limit or
+/// slower than the upload pace is refused here, and the backend never sees it.
+async fn read_ahead(
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Request<ClientBody>, ProxyError> {
+    let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        let body = ClientBody {
+            body: crate::http::body::empty(),
+            watch: None,
+        };
+        return Ok(Request::from_parts(parts, body));
+    }
+    let body = body.map_err(BoxError::from);
+    let (mut body, watch) = WatchedBody::new(body, conn.max_body_bytes, Some(conn.upload));
+    // The buffer this body may use: all of a declared length that fits, else the limit.
+    let want = match body.size_hint().upper() {
+        Some(declared) => conn.request_buffer_bytes.min(declared as usize),
+        None => conn.request_buffer_bytes,
+    };
+    let share = ReadAheadShare::take(want);
+    let limit = share.as_ref().map_or(0, |s| s.0);
+    let mut frames = Vec::new();
+    let mut read = 0;
+    // At least one frame is read, to check the framing before anything is sent.
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                read += frame.data_ref().map_or(0, |d| d.len());
+                frames.push(frame);
+                if read >= limit {
+                    break;
+                }
+            }
+            Some(Err(error)) => {
+                return Err(match watch.fault() {
+                    Some(fault) => ProxyError::from_client_body(fault, &error.to_string()),
+                    None => ProxyError::BadRequest(format!("malformed request body: {error}")),
+                });
+            }
+            None => break,
+        }
+    }
+    let body = Prepend::new(frames, body);
+    let body = ClientBody {
+        body: match share {
+            Some(share) => OnEnd::new(body, share).boxed_unsync(),
+            None => body.boxed_unsync(),
+        },
+        watch: Some(watch),
+    };
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Response bytes already arrived with the head that are taken at once, so a small
+/// response frees its backend however slowly the client reads ([`take_ready`]).
+const RESPONSE_READ_AHEAD: usize = 64 * 1024;
+
 /// Sends the request to a backend of the route's upstream and streams the response
-/// back. `reservation` is the request's slot, bound here to the backend picked.
+/// back; true when the whole response body has arrived already. `reservation` is the
+/// request's slot, bound here to the backend picked.
 async fn forward(
     routed: &Routed,
     reservation: &mut Reservation,
     conn: &ConnInfo,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+    req: Request<ClientBody>,
+) -> Result<(Response<ProxyBody>, bool), ProxyError> {
     let upstream = &routed.route.upstream;
     let upstream_error =
         |backend: &str, kind: UpstreamErrorKind, detail: String| ProxyError::Upstream {
@@ -322,50 +516,18 @@ async fn forward(
         ));
     };
 
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, ClientBody { body, watch }) = req.into_parts();
     let received = parts.version;
 
-    // Read the first body frame before anything is sent upstream, so a request with
-    // broken chunk framing gets a 400 and the backend never sees it. A request without
-    // a body needs none of this, nor the watch: there is nothing to go wrong.
-    let (body, client_body) = if body.is_end_stream() {
-        (crate::http::body::empty(), None)
-    } else {
-        let mut body = body;
-        let first = match body.frame().await {
-            Some(Ok(frame)) => Some(frame),
-            Some(Err(e)) => {
-                return Err(ProxyError::BadRequest(format!(
-                    "malformed request body: {e}"
-                )));
-            }
-            None => None,
-        };
-        let body = Prepend::new(first, body).map_err(BoxError::from);
-        let (body, watch) = WatchedBody::new(body, conn.max_body_bytes);
-        (body.boxed_unsync(), Some(watch))
-    };
-
-    // HTTP/1.1 to an origin: `/path?query` on the request line.
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = Uri::from(path_and_query);
-    }
     parts.version = Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers);
     // The client's body is already on its way; a 100-continue handshake with the
     // backend would only add a round trip.
     parts.headers.remove(header::EXPECT);
-    let host = (!routed.host.is_empty()).then(|| routed.host.clone());
-    if let Some(value) = &host {
-        if !parts.headers.contains_key(header::HOST) {
-            parts.headers.insert(header::HOST, value.clone());
-        }
-    }
+    // `Host` was set when the request's meaning was settled.
+    let host = (!routed.host.is_empty())
+        .then(|| parts.headers.get(header::HOST).cloned())
+        .flatten();
     headers::add_forwarded(&mut parts.headers, &conn.client_address, host);
     headers::append_via(&mut parts.headers, received);
 
@@ -381,7 +543,7 @@ async fn forward(
     let response = match result {
         Ok(response) => response,
         Err(error) => {
-            return Err(match client_body.and_then(|watch| watch.fault()) {
+            return Err(match watch.and_then(|watch| watch.fault()) {
                 Some(fault) => ProxyError::from_client_body(fault, &error.detail),
                 None => upstream_error(&backend.authority, error.kind, error.detail),
             });
@@ -391,5 +553,6 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::append_via(&mut parts.headers, Version::HTTP_11);
-    Ok(Response::from_parts(parts, body))
+    let (body, ended) = take_ready(body, RESPONSE_READ_AHEAD);
+    Ok((Response::from_parts(parts, body), ended))
 }

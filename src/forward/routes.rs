@@ -40,7 +40,7 @@ impl HostMatch {
     fn parse(host: Option<&str>) -> HostMatch {
         match host {
             None => HostMatch::Any,
-            Some(h) => match h.strip_prefix('*') {
+            Some(h) => match h.strip_suffix('.').unwrap_or(h).strip_prefix('*') {
                 Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
                 None => HostMatch::Exact(h.to_ascii_lowercase()),
             },
@@ -113,11 +113,12 @@ impl RouteTable {
     }
 
     /// The route for a request to `host` (any case, port allowed) and `path`.
+    /// The route for a request, by its normalised host name (lowercase, no port, no
+    /// trailing dot: [`Host::name`](crate::http::target::Host::name)) and path.
     pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
-        let host = strip_port(host).to_ascii_lowercase();
         self.routes
             .iter()
-            .find(|r| r.host.matches(&host) && path_matches(&r.path_prefix, path))
+            .find(|r| r.host.matches(host) && path_matches(&r.path_prefix, path))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
@@ -129,16 +130,6 @@ impl Route {
     pub fn path_prefix(&self) -> &str {
         &self.path_prefix
     }
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        // IPv6 literal: [::1]:8080
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..h.len() + 1]);
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
 #[cfg(test)]
@@ -166,7 +157,8 @@ mod tests {
     }
 
     fn found(t: &RouteTable, host: &str, path: &str) -> Option<String> {
-        t.find(host, path).map(|r| r.name.clone())
+        let host = crate::http::target::host(host).expect("a valid host");
+        t.find(host.name(), path).map(|r| r.name.clone())
     }
 
     #[test]
@@ -216,13 +208,5 @@ mod tests {
             Some("hosted")
         );
         assert_eq!(found(&t, "other", "/api/orders/1").as_deref(), Some("deep"));
-    }
-
-    #[test]
-    fn strip_port_handles_ipv6() {
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("[::1]"), "[::1]");
-        assert_eq!(strip_port("a.b:80"), "a.b");
-        assert_eq!(strip_port("a.b"), "a.b");
     }
 }

@@ -1,19 +1,28 @@
-//! Body types of the data path: the boxed body every response carries, and a
-//! wrapper that runs a guard's `Drop` exactly when a body finishes or is dropped.
+//! Body types of the data path: the boxed body every response carries, a wrapper that
+//! runs a guard's `Drop` exactly when a body finishes or is dropped, and the request
+//! body's watch (size limit, upload pace).
 //!
-//! Bodies are streamed frame by frame; nothing here buffers a whole body. hyper's
-//! own connection buffers are the only buffering, so a slow reader makes the proxy
-//! stop reading from the other side (backpressure) rather than grow memory.
+//! Bodies are streamed frame by frame. The one exception is a small request body, which
+//! the handler reads in full before the request takes a backend worker
+//! (`request_buffer_bytes`); otherwise hyper's own connection buffers are the only
+//! buffering, so a slow reader makes the proxy stop reading from the other side
+//! (backpressure) rather than grow memory.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+use tokio::time::{Instant, Sleep};
+
+pub use crate::config::UploadPace;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -83,7 +92,30 @@ pub enum BodyFault {
     Broken,
     /// More than `limit` bytes (`max_body_bytes`).
     TooLarge { limit: u64 },
+    /// Slower than the upload pace allows ([`UploadPace`]).
+    TooSlow,
 }
+
+/// How long an upload may take before its average rate is held to the minimum, so a
+/// slow start (TCP slow start, a client reading a file) is not cut off.
+pub const MIN_RATE_GRACE: Duration = Duration::from_secs(5);
+
+/// When an upload started at `start` that has sent `seen` bytes, the last of them at
+/// `last_byte`, falls behind `pace` if nothing more arrives.
+fn falls_behind_at(pace: &UploadPace, start: Instant, last_byte: Instant, seen: u64) -> Instant {
+    let idle = last_byte + pace.read_timeout;
+    if pace.min_rate == 0 {
+        return idle;
+    }
+    // `seen` bytes keep the average at `min_rate` until `start + seen / min_rate`.
+    let covered = Duration::from_secs_f64(seen as f64 / pace.min_rate as f64);
+    idle.min(start + covered.max(MIN_RATE_GRACE))
+}
+
+/// The error a [`WatchedBody`] yields once the upload falls behind its pace.
+#[derive(Debug, thiserror::Error)]
+#[error("request body arrived too slowly")]
+pub struct BodyTooSlow;
 
 /// The error a [`WatchedBody`] yields once the body passes its size limit.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +127,7 @@ pub struct BodyTooLarge {
 /// What a [`WatchedBody`] reports back to the handler.
 #[derive(Debug, Default)]
 pub struct BodyWatch {
-    /// 0: fine; 1: broken; 2: too large.
+    /// 0: fine; 1: broken; 2: too large; 3: too slow.
     state: AtomicU8,
     limit: AtomicU64,
 }
@@ -105,6 +137,7 @@ impl BodyWatch {
         match self.state.load(Ordering::Acquire) {
             0 => None,
             1 => Some(BodyFault::Broken),
+            3 => Some(BodyFault::TooSlow),
             _ => Some(BodyFault::TooLarge {
                 limit: self.limit.load(Ordering::Relaxed),
             }),
@@ -113,26 +146,39 @@ impl BodyWatch {
 }
 
 pin_project_lite::pin_project! {
-    /// A request body that enforces the body size limit as it streams, and remembers
-    /// whether and how the client's side of it failed, so a failed upstream exchange can
-    /// be blamed on the right party: 413 or 400 for the client, 502 for the backend.
+    /// A request body that enforces the body size limit and the upload pace as it
+    /// streams, and remembers whether and how the client's side of it failed, so a
+    /// failed upstream exchange can be blamed on the right party: 413, 408 or 400 for
+    /// the client, 502 for the backend.
     pub struct WatchedBody<B> {
         #[pin]
         inner: B,
         seen: u64,
         limit: Option<u64>,
+        pace: Option<UploadPace>,
+        start: Instant,
+        last_byte: Instant,
+        // Wakes the body when the upload would fall behind its pace; set while the
+        // client sends nothing.
+        timer: Option<Pin<Box<Sleep>>>,
         watch: Arc<BodyWatch>,
     }
 }
 
 impl<B> WatchedBody<B> {
-    pub fn new(inner: B, limit: Option<u64>) -> (Self, Arc<BodyWatch>) {
+    /// Watches `inner` from now: at most `limit` bytes, at `pace` or faster.
+    pub fn new(inner: B, limit: Option<u64>, pace: Option<UploadPace>) -> (Self, Arc<BodyWatch>) {
         let watch = Arc::new(BodyWatch::default());
+        let now = Instant::now();
         (
             WatchedBody {
                 inner,
                 seen: 0,
                 limit,
+                pace,
+                start: now,
+                last_byte: now,
+                timer: None,
                 watch: watch.clone(),
             },
             watch,
@@ -143,7 +189,7 @@ impl<B> WatchedBody<B> {
 impl<B> Body for WatchedBody<B>
 where
     B: Body,
-    B::Error: From<BodyTooLarge>,
+    B::Error: From<BodyTooLarge> + From<BodyTooSlow>,
 {
     type Data = B::Data;
     type Error = B::Error;
@@ -158,8 +204,30 @@ where
         }
         let polled = this.inner.poll_frame(cx);
         match &polled {
+            Poll::Pending => {
+                if let Some(pace) = this.pace {
+                    let behind = falls_behind_at(pace, *this.start, *this.last_byte, *this.seen);
+                    if Instant::now() >= behind {
+                        this.watch.state.store(3, Ordering::Release);
+                        return Poll::Ready(Some(Err(BodyTooSlow.into())));
+                    }
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(behind)));
+                    if timer.deadline() != behind {
+                        timer.as_mut().reset(behind);
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        // The deadline passed between the clock read and the poll.
+                        cx.waker().wake_by_ref();
+                    }
+                }
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 let len = frame.data_ref().map_or(0, |d| d.remaining() as u64);
+                if len > 0 && this.pace.is_some() {
+                    *this.last_byte = Instant::now();
+                }
                 *this.seen = this.seen.saturating_add(len);
                 if let Some(limit) = *this.limit {
                     if *this.seen > limit {
@@ -181,6 +249,49 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Takes the frames of `body` that have already arrived, up to `limit` bytes, without
+/// waiting for more. Returns the body (those frames, then the rest) and whether it has
+/// ended: a small response usually arrives with its head, and once it is all here the
+/// backend is done with it however slowly the client reads. A streaming response (server-
+/// sent events, a long download) is not held back: only what is ready is taken.
+pub fn take_ready(mut body: ProxyBody, limit: usize) -> (ProxyBody, bool) {
+    use futures_util::FutureExt;
+    let mut frames = Vec::new();
+    let mut read = 0;
+    while read < limit && !body.is_end_stream() {
+        match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => {
+                read += frame.data_ref().map_or(0, |d| d.len());
+                frames.push(frame);
+            }
+            Some(None) => return (Prepend::new(frames, empty()).boxed_unsync(), true),
+            // The error is the client's to see after the frames before it.
+            Some(Some(Err(error))) => {
+                let failed = Failed(Some(error));
+                return (Prepend::new(frames, failed).boxed_unsync(), false);
+            }
+            None => break,
+        }
+    }
+    let ended = body.is_end_stream();
+    (Prepend::new(frames, body).boxed_unsync(), ended)
+}
+
+/// A body that fails with its error at once.
+struct Failed(Option<BoxError>);
+
+impl Body for Failed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.0.take().map(Err))
     }
 }
 
@@ -224,14 +335,14 @@ mod tests {
 
     #[tokio::test]
     async fn watched_body_passes_a_body_at_the_limit() {
-        let (body, watch) = WatchedBody::new(chunks(&[4, 4, 2]), Some(10));
+        let (body, watch) = WatchedBody::new(chunks(&[4, 4, 2]), Some(10), None);
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 10);
         assert_eq!(watch.fault(), None);
     }
 
     #[tokio::test]
     async fn watched_body_fails_once_the_running_total_passes_the_limit() {
-        let (mut body, watch) = WatchedBody::new(chunks(&[4, 4, 4, 4]), Some(10));
+        let (mut body, watch) = WatchedBody::new(chunks(&[4, 4, 4, 4]), Some(10), None);
         assert!(body.frame().await.unwrap().is_ok());
         assert!(body.frame().await.unwrap().is_ok());
         let error = body.frame().await.unwrap().unwrap_err();
@@ -247,25 +358,130 @@ mod tests {
             Err("reset".into()),
         ];
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let (body, watch) = WatchedBody::new(body, None);
+        let (body, watch) = WatchedBody::new(body, None, None);
         assert!(body.collect().await.is_err());
         assert_eq!(watch.fault(), Some(BodyFault::Broken));
+    }
+
+    /// A body fed by hand: each `send` is one data frame; dropping the sender ends it.
+    fn fed() -> (tokio::sync::mpsc::UnboundedSender<&'static [u8]>, ProxyBody) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<&'static [u8]>();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let bytes = rx.recv().await?;
+            Some((Ok(Frame::data(Bytes::from_static(bytes))), rx))
+        });
+        (tx, http_body_util::StreamBody::new(stream).boxed_unsync())
+    }
+
+    /// Reads `body` to its end or first error; the time it took and how it ended.
+    async fn drain(
+        mut body: impl Body<Error = BoxError> + Unpin,
+    ) -> (Duration, Result<(), BoxError>) {
+        let start = Instant::now();
+        loop {
+            match body.frame().await {
+                None => return (start.elapsed(), Ok(())),
+                Some(Err(e)) => return (start.elapsed(), Err(e)),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_that_pauses_past_the_read_timeout_is_too_slow() {
+        let pace = UploadPace {
+            read_timeout: Duration::from_secs(2),
+            min_rate: 0,
+        };
+        let (tx, body) = fed();
+        let (body, watch) = WatchedBody::new(body, None, Some(pace));
+        let reader = tokio::spawn(drain(body));
+        tx.send(b"ab").unwrap();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tx.send(b"cd").unwrap();
+        // 2 s after the last byte, at 3.5 s; the sender is still open.
+        let (took, ended) = reader.await.unwrap();
+        assert!(ended.unwrap_err().is::<BodyTooSlow>());
+        assert_eq!(took, Duration::from_millis(3_500));
+        assert_eq!(watch.fault(), Some(BodyFault::TooSlow));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_below_the_minimum_rate_is_too_slow_after_the_grace() {
+        let pace = UploadPace {
+            read_timeout: Duration::from_secs(60),
+            min_rate: 100,
+        };
+        // 300 bytes keep 100 B/s until 3 s, inside the 5 s grace: cut at 5 s.
+        let (tx, body) = fed();
+        let (body, _) = WatchedBody::new(body, None, Some(pace));
+        tx.send(&[b'x'; 300]).unwrap();
+        let (took, ended) = drain(body).await;
+        assert!(ended.is_err());
+        assert_eq!(took, MIN_RATE_GRACE);
+        // 1000 bytes keep it until 10 s.
+        let (tx, body) = fed();
+        let (body, _) = WatchedBody::new(body, None, Some(pace));
+        tx.send(&[b'x'; 1000]).unwrap();
+        let (took, ended) = drain(body).await;
+        assert!(ended.is_err());
+        assert_eq!(took, Duration::from_secs(10));
+        // A body that ends in time is fine, however slow its start.
+        let (tx, body) = fed();
+        let (body, watch) = WatchedBody::new(body, None, Some(pace));
+        let reader = tokio::spawn(drain(body));
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        tx.send(&[b'x'; 600]).unwrap();
+        drop(tx);
+        assert!(reader.await.unwrap().1.is_ok());
+        assert_eq!(watch.fault(), None);
+    }
+
+    #[tokio::test]
+    async fn take_ready_takes_what_has_arrived_and_keeps_the_rest() {
+        let (whole, ended) = take_ready(chunks(&[3, 4]), 1024);
+        assert!(ended, "a body that is all here has ended");
+        assert_eq!(whole.collect().await.unwrap().to_bytes().len(), 7);
+
+        let (tx, body) = fed();
+        tx.send(b"head").unwrap();
+        let (body, ended) = take_ready(body, 1024);
+        assert!(!ended, "the sender is still open");
+        tx.send(b"tail").unwrap();
+        drop(tx);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "headtail");
+
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("reset".into()),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let (mut body, ended) = take_ready(body.boxed_unsync(), 1024);
+        assert!(!ended);
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(
+            body.frame().await.unwrap().is_err(),
+            "the error still reaches the client"
+        );
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A body that yields `first` (a frame already read, e.g. to validate the framing
-    /// before forwarding) and then the rest of `inner`.
+    /// A body that yields `first` (frames already read: to validate the framing before
+    /// forwarding, or a whole small body read ahead) and then the rest of `inner`.
     pub struct Prepend<B: Body> {
-        first: Option<Frame<B::Data>>,
+        first: VecDeque<Frame<B::Data>>,
         #[pin]
         inner: B,
     }
 }
 
 impl<B: Body> Prepend<B> {
-    pub fn new(first: Option<Frame<B::Data>>, inner: B) -> Self {
-        Prepend { first, inner }
+    pub fn new(first: impl IntoIterator<Item = Frame<B::Data>>, inner: B) -> Self {
+        Prepend {
+            first: first.into_iter().collect(),
+            inner,
+        }
     }
 }
 
@@ -278,23 +494,24 @@ impl<B: Body> Body for Prepend<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        if let Some(frame) = this.first.take() {
+        if let Some(frame) = this.first.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
         this.inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        self.first.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         let inner = self.inner.size_hint();
-        let extra = self
+        let extra: u64 = self
             .first
-            .as_ref()
-            .and_then(|f| f.data_ref())
-            .map_or(0, |data| bytes::Buf::remaining(data) as u64);
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|data| bytes::Buf::remaining(data) as u64)
+            .sum();
         let mut hint = SizeHint::new();
         if let Some(upper) = inner.upper() {
             hint.set_upper(upper + extra);

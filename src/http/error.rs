@@ -89,6 +89,10 @@ pub enum ProxyError {
     #[error("the proxy is shutting down")]
     ShuttingDown,
 
+    /// The request body arrived slower than the upload pace allows.
+    #[error("the request body arrived too slowly")]
+    RequestTimeout,
+
     /// A request the proxy cannot frame or forward, such as an unsupported transfer coding.
     #[error("not implemented: {0}")]
     NotImplemented(String),
@@ -130,6 +134,7 @@ impl ProxyError {
                 tracing::debug!(%detail, "request body broke off while forwarding");
                 ProxyError::BadRequest("request body broke off while forwarding".into())
             }
+            BodyFault::TooSlow => ProxyError::RequestTimeout,
         }
     }
 
@@ -141,6 +146,7 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Upstream { kind, .. } => match kind {
                 UpstreamErrorKind::Connect
                 | UpstreamErrorKind::Protocol
@@ -244,7 +250,10 @@ impl ProxyError {
             // The framing of this connection can no longer be trusted (RFC 9112 §6.3).
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if matches!(self, ProxyError::PayloadTooLarge { .. }) {
+        if matches!(
+            self,
+            ProxyError::PayloadTooLarge { .. } | ProxyError::RequestTimeout
+        ) {
             // The rest of the body is not read: close rather than drain it (RFC 9110 §15.5.14).
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -291,6 +300,8 @@ mod tests {
             (upstream(HeaderTimeout), 504),
             (upstream(NoHealthyBackend), 503),
             (ProxyError::BadRequest("x".into()), 400),
+            (ProxyError::RequestTimeout, 408),
+            (ProxyError::from_client_body(BodyFault::TooSlow, "x"), 408),
             (
                 ProxyError::NoRoute {
                     host: "h".into(),
@@ -354,6 +365,13 @@ mod tests {
         }
         .into_response();
         assert_eq!(response.status(), 413);
+        assert_eq!(response.headers()[header::CONNECTION], "close");
+    }
+
+    #[test]
+    fn a_too_slow_upload_is_408_and_closes_the_connection() {
+        let response = ProxyError::RequestTimeout.into_response();
+        assert_eq!(response.status(), 408);
         assert_eq!(response.headers()[header::CONNECTION], "close");
     }
 

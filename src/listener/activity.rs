@@ -7,8 +7,8 @@
 //! starts is then at least one `tick` away, so the next check, which comes sooner, sees
 //! it in time, and every deadline is still met exactly.
 //!
-//! Shared by the proxy's client connections (`server.rs`: header read and keep-alive idle
-//! timeouts) and the simulated backend (`sim/conn.rs`: Tomcat's keepAliveTimeout). Closing
+//! Shared by the proxy's client connections (`listener/mod.rs`: header read, keep-alive
+//! idle and send timeouts) and the simulated backend (`sim/conn.rs`: Tomcat's keepAliveTimeout). Closing
 //! the connection when a wait ends is the caller's business, not this module's.
 
 use std::io;
@@ -41,6 +41,9 @@ pub struct Activity {
     requests: AtomicU64,
     /// A request on this connection was HTTP/2.
     http2: AtomicBool,
+    /// Since when a write has found the socket full with no write getting through
+    /// (`NONE`: not blocked): the client is not reading.
+    write_blocked_since: AtomicU64,
 }
 
 impl Activity {
@@ -53,6 +56,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            write_blocked_since: AtomicU64::new(NONE),
         })
     }
 
@@ -65,11 +69,43 @@ impl Activity {
         self.opened + Duration::from_nanos(nanos)
     }
 
+    /// Records the outcome of one write to the socket.
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.write_unblocked();
+                self.touch();
+            }
+            Poll::Pending => self.write_blocked(),
+            Poll::Ready(_) => {}
+        }
+    }
+
     /// Bytes were written. While a request is in flight nothing waits on `last_io` (the
     /// end of the request sets it), so the clock is read only when none is.
     fn touch(&self) {
         if self.in_flight.load(Ordering::SeqCst) == 0 {
             self.last_io.fetch_max(self.now(), Ordering::SeqCst);
+        }
+    }
+
+    /// A write found the socket full. Only the first such write of a stall reads the
+    /// clock; a client that keeps reading never stalls for long.
+    fn write_blocked(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) == NONE {
+            let _ = self.write_blocked_since.compare_exchange(
+                NONE,
+                self.now(),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+    }
+
+    /// A write got through: whatever stall there was is over.
+    fn write_unblocked(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) != NONE {
+            self.write_blocked_since.store(NONE, Ordering::SeqCst);
         }
     }
 
@@ -109,6 +145,10 @@ impl Activity {
             http2: self.http2.load(Ordering::Relaxed),
             idle_since: self.idle_since.load(Ordering::SeqCst),
             head_started: (head != NONE).then_some(head),
+            write_blocked_since: match self.write_blocked_since.load(Ordering::SeqCst) {
+                NONE => None,
+                since => Some(since),
+            },
         }
     }
 
@@ -135,7 +175,7 @@ impl Activity {
     /// `min(header_read, idle)`: neither a starting head nor the end of a request can
     /// start a shorter deadline (see the module docs).
     pub async fn client_expiry(&self, limits: ClientTimeouts) -> Expiry {
-        let tick = limits.header_read.min(limits.idle);
+        let tick = limits.header_read.min(limits.idle).min(limits.send);
         loop {
             let now = Instant::now();
             let next_check = now + tick;
@@ -178,6 +218,9 @@ pub struct ClientTimeouts {
     pub header_read: Duration,
     /// For a keep-alive connection with nothing in flight and no head started.
     pub idle: Duration,
+    /// For a response the client does not read: from the first write that found the
+    /// socket full with nothing getting through since.
+    pub send: Duration,
 }
 
 /// Which timeout ended a connection; the `kind` label of the timeout metric.
@@ -185,6 +228,7 @@ pub struct ClientTimeouts {
 pub enum Expiry {
     Header,
     Idle,
+    Send,
 }
 
 impl Expiry {
@@ -192,6 +236,7 @@ impl Expiry {
         match self {
             Expiry::Header => "header",
             Expiry::Idle => "idle",
+            Expiry::Send => "send",
         }
     }
 }
@@ -204,6 +249,7 @@ struct Snapshot {
     http2: bool,
     idle_since: u64,
     head_started: Option<u64>,
+    write_blocked_since: Option<u64>,
 }
 
 /// When a client connection in state `s` must close, and why; `None` while a request is
@@ -216,8 +262,13 @@ struct Snapshot {
 ///   off even though bytes keep moving.
 /// - HTTP/2 frames between requests (PING, WINDOW_UPDATE) are not request heads, so an
 ///   idle HTTP/2 connection gets `idle` from its last response, whatever it reads.
+/// - Whatever else holds, a connection whose writes have found its socket full for
+///   `send`, with nothing getting through, is closed: its client has stopped reading.
 fn client_deadline(s: &Snapshot, limits: ClientTimeouts) -> Option<(u64, Expiry)> {
     let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(NONE - 1);
+    if let Some(since) = s.write_blocked_since {
+        return Some((since.saturating_add(nanos(limits.send)), Expiry::Send));
+    }
     if s.in_flight > 0 {
         return None;
     }
@@ -275,9 +326,7 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let polled = this.inner.poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&polled);
         polled
     }
 
@@ -288,9 +337,7 @@ impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let polled = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&polled);
         polled
     }
 
@@ -314,6 +361,7 @@ mod tests {
     const LIMITS: ClientTimeouts = ClientTimeouts {
         header_read: Duration::from_secs(10),
         idle: Duration::from_secs(75),
+        send: Duration::from_secs(60),
     };
     const S: u64 = 1_000_000_000;
 
@@ -324,6 +372,7 @@ mod tests {
             http2: false,
             idle_since,
             head_started,
+            write_blocked_since: None,
         }
     }
 
@@ -362,6 +411,50 @@ mod tests {
             Some((95 * S, Expiry::Idle)),
             "HTTP/2 control frames are not heads"
         );
+        let stalled = Snapshot {
+            in_flight: 1,
+            write_blocked_since: Some(30 * S),
+            ..idle_h1(0, None)
+        };
+        assert_eq!(
+            client_deadline(&stalled, LIMITS),
+            Some((90 * S, Expiry::Send)),
+            "a response the client does not read is timed even in flight"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_nothing_expires_after_the_send_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = ClientTimeouts {
+            header_read: Duration::from_secs(1),
+            idle: Duration::from_secs(60),
+            send: Duration::from_secs(5),
+        };
+        let activity = Activity::new();
+        // A socket whose peer buffers 64 bytes and reads only when told to.
+        let (ours, mut client) = tokio::io::duplex(64);
+        let mut io = ActivityIo::new(ours, Arc::clone(&activity));
+        let _request = activity.request_started(Version::HTTP_11);
+        let start = Instant::now();
+        let waiter = tokio::spawn({
+            let activity = Arc::clone(&activity);
+            async move { activity.client_expiry(limits).await }
+        });
+        let writer = tokio::spawn(async move { io.write_all(&[b'x'; 1024]).await });
+
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The client reads a little: the stall starts again from the next full socket.
+        let mut some = [0u8; 64];
+        client.read_exact(&mut some).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            !waiter.is_finished(),
+            "3 s since the client last read, of 5"
+        );
+        assert_eq!(waiter.await.unwrap(), Expiry::Send);
+        assert_eq!(Instant::now() - start, Duration::from_secs(8));
+        writer.abort();
     }
 
     #[tokio::test(start_paused = true)]
@@ -405,6 +498,7 @@ mod tests {
         let limits = ClientTimeouts {
             header_read: Duration::from_secs(1),
             idle: Duration::from_secs(60),
+            send: Duration::from_secs(60),
         };
         let activity = Activity::new();
         let start = Instant::now();
@@ -425,6 +519,7 @@ mod tests {
         let limits = ClientTimeouts {
             header_read: Duration::from_secs(1),
             idle: Duration::from_secs(60),
+            send: Duration::from_secs(60),
         };
         let activity = Activity::new();
         let start = Instant::now();

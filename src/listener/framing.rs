@@ -40,15 +40,18 @@ pub enum Verdict {
     Ok,
     /// Framing is ambiguous; the request must be answered with 400 and not forwarded.
     Ambiguous(&'static str),
+    /// The body has a transfer coding the proxy does not apply (e.g. `gzip, chunked`):
+    /// answered 501 (RFC 9112 §6.1) and not forwarded.
+    Unsupported(&'static str),
 }
 
-/// Verdicts recorded but not yet taken. Scanning stops after any `Ambiguous` verdict, so
-/// the queue is always some number of `Ok`s followed by at most one `Ambiguous`; storing it
+/// Verdicts recorded but not yet taken. Scanning stops after any verdict but `Ok`, so
+/// the queue is always some number of `Ok`s followed by at most one refusal; storing it
 /// as a counter keeps memory constant however many requests a client pipelines.
 #[derive(Debug, Default)]
 struct Pending {
     oks: u64,
-    ambiguous: Option<&'static str>,
+    ambiguous: Option<Verdict>,
 }
 
 impl Pending {
@@ -60,7 +63,11 @@ impl Pending {
         match verdict {
             Verdict::Ok if self.ambiguous.is_none() => self.oks = self.oks.saturating_add(1),
             Verdict::Ok => {}
-            Verdict::Ambiguous(why) => self.ambiguous = self.ambiguous.or(Some(why)),
+            refusal => {
+                if self.ambiguous.is_none() {
+                    self.ambiguous = Some(refusal);
+                }
+            }
         }
     }
 
@@ -69,7 +76,7 @@ impl Pending {
             self.oks -= 1;
             Some(Verdict::Ok)
         } else {
-            self.ambiguous.take().map(Verdict::Ambiguous)
+            self.ambiguous.take()
         }
     }
 
@@ -254,15 +261,19 @@ impl Scanner {
 
 /// Judges a parsed head and returns the state its message continues in.
 fn judge(req: &httparse::Request<'_, '_>) -> (Verdict, State) {
-    let mut has_cl = false;
+    let mut cl_lines = 0;
     let mut cl: Option<u64> = None;
     let mut cl_invalid = false;
     let mut cl_conflict = false;
     let mut te_last: Option<&[u8]> = None;
+    // Transfer codings over every Transfer-Encoding line: how many are `chunked`, and
+    // whether any is something else.
+    let mut te_chunked = 0;
+    let mut te_other = false;
     let mut upgrade = req.method == Some("CONNECT");
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            has_cl = true;
+            cl_lines += 1;
             match parse_digits(h.value) {
                 Some(n) if cl.is_some_and(|prev| prev != n) => cl_conflict = true,
                 Some(n) => cl = Some(n),
@@ -270,12 +281,19 @@ fn judge(req: &httparse::Request<'_, '_>) -> (Verdict, State) {
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te_last = Some(h.value);
+            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                match coding {
+                    b"" => {}
+                    c if c.eq_ignore_ascii_case(b"chunked") => te_chunked += 1,
+                    _ => te_other = true,
+                }
+            }
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         }
     }
     let ambiguous = |why| (Verdict::Ambiguous(why), State::Passthrough);
-    if has_cl && te_last.is_some() {
+    if cl_lines > 0 && te_last.is_some() {
         return ambiguous("both Content-Length and Transfer-Encoding");
     }
     if cl_invalid {
@@ -284,10 +302,30 @@ fn judge(req: &httparse::Request<'_, '_>) -> (Verdict, State) {
     if cl_conflict {
         return ambiguous("conflicting Content-Length values");
     }
+    // RFC 9110 §8.6 lets a recipient take equal repeated values as one; a proxy that
+    // forwards them leaves the backend to read them its own way, so they are refused.
+    if cl_lines > 1 {
+        return ambiguous("more than one Content-Length field");
+    }
+    // A fragment is never sent in a request target (RFC 9112 §3.2); hyper drops it
+    // silently, so the request would be routed on a target the client did not send.
+    if req.path.is_some_and(|p| p.contains('#')) {
+        return ambiguous("a fragment in the request target");
+    }
     let next = match (te_last, cl) {
         // As in hyper, only the last Transfer-Encoding line decides.
         (Some(te), _) if !ends_in_chunked(te) => {
             return ambiguous("Transfer-Encoding does not end in chunked")
+        }
+        // RFC 9112 §6.1: chunked is applied at most once.
+        (Some(_), _) if te_chunked > 1 => return ambiguous("chunked applied more than once"),
+        // A coding before chunked (e.g. gzip) would be lost when the body is re-framed
+        // for the backend: refused as not implemented (RFC 9112 §6.1).
+        (Some(_), _) if te_other => {
+            return (
+                Verdict::Unsupported("a transfer coding other than chunked"),
+                State::Passthrough,
+            )
         }
         // After an upgrade the bytes are no longer HTTP/1 messages.
         _ if upgrade => State::Passthrough,
@@ -511,9 +549,31 @@ mod tests {
         let input = format!(
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
              5;name=val\r\nhello\r\nA \t;x\r\n{CL_TE:.10}\r\n0\r\nX-Trailer: 1\r\nY: 2\r\n\r\n\
-             POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{GET}"
+             POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n{GET}"
         );
         assert_eq!(scan_splits(&input), [OK, OK, OK]);
+    }
+
+    #[test]
+    fn codings_other_than_chunked_are_not_implemented_and_chunked_is_applied_once() {
+        let unsupported = Verdict::Unsupported("a transfer coding other than chunked");
+        let twice = Verdict::Ambiguous("chunked applied more than once");
+        for (te, want) in [
+            ("gzip, chunked", &unsupported),
+            ("gzip\r\nTransfer-Encoding: chunked", &unsupported),
+            ("chunked, chunked", &twice),
+            ("chunked\r\nTransfer-Encoding: chunked", &twice),
+        ] {
+            let input = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {te}\r\n\r\n0\r\n\r\n{GET}");
+            assert_eq!(scan_splits(&input), std::slice::from_ref(want), "{te:?}");
+        }
+    }
+
+    #[test]
+    fn a_fragment_in_the_target_is_refused() {
+        let why = Verdict::Ambiguous("a fragment in the request target");
+        let input = format!("GET /reports#x HTTP/1.1\r\nHost: a\r\n\r\n{GET}");
+        assert_eq!(scan_str(&input), [why]);
     }
 
     #[test]
@@ -550,7 +610,8 @@ mod tests {
     fn content_length_values() {
         let head = |cls: &str| format!("POST / HTTP/1.1\r\n{cls}\r\n\r\n");
         let same = head("Content-Length: 3\r\ncontent-length: 3") + "abc" + GET;
-        assert_eq!(scan_str(&same), [OK, OK]);
+        let why = Verdict::Ambiguous("more than one Content-Length field");
+        assert_eq!(scan_str(&same), [why]);
         let differ = head("Content-Length: 3\r\nContent-Length: 4");
         let why = Verdict::Ambiguous("conflicting Content-Length values");
         assert_eq!(scan_str(&differ), [why]);
@@ -596,8 +657,13 @@ mod tests {
         let (mut scanner, mut pending) = (Scanner::new(), Pending::default());
         scanner.feed((GET.repeat(5000) + CL_TE + GET).as_bytes(), &mut pending);
         assert_eq!(
-            (pending.oks, pending.ambiguous),
-            (5000, Some("both Content-Length and Transfer-Encoding"))
+            (pending.oks, pending.ambiguous.clone()),
+            (
+                5000,
+                Some(Verdict::Ambiguous(
+                    "both Content-Length and Transfer-Encoding"
+                ))
+            )
         );
         let (_, verdicts) = wrap(());
         verdicts.pending.lock().unwrap().append(&mut pending);

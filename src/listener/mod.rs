@@ -305,6 +305,9 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
+        // A client that shuts down its sending side after a request still gets its
+        // response (RFC 9112 §9.6 lets a client half-close).
+        .half_close(true)
         // hyper's own header timer also runs while a keep-alive connection waits for its
         // next request, so it would cut idle connections at the header timeout; both
         // timeouts are the connection watchdog's instead (`activity.rs`).
@@ -315,6 +318,7 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(server.http2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX));
     builder
 }
@@ -366,6 +370,8 @@ async fn serve(
             client_address: crate::http::headers::client_address(peer.ip()),
             verdicts,
             max_body_bytes: server.max_body_bytes,
+            request_buffer_bytes: server.request_buffer_bytes,
+            upload: server.upload,
         };
         let service = connection_service(shared.clone(), info, activity.clone());
         let connection = connection_builder(server)
@@ -374,6 +380,7 @@ async fn serve(
         let timeouts = ClientTimeouts {
             header_read: server.header_read_timeout,
             idle: server.idle_timeout,
+            send: server.send_timeout,
         };
         let stop = Stop {
             shutdown: shutdown.clone(),
@@ -398,6 +405,13 @@ async fn serve(
     }
 }
 
+/// Whether a connection ended because its client sent a request hyper could not parse.
+fn refused_by_parser(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    error
+        .downcast_ref::<hyper::Error>()
+        .is_some_and(|e| e.is_parse() || e.is_parse_status())
+}
+
 /// The two signals a connection task obeys: finish gracefully, and stop now.
 struct Stop {
     shutdown: watch::Receiver<bool>,
@@ -415,7 +429,7 @@ async fn watch_connection<C, E>(
     peer: SocketAddr,
 ) where
     C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static> + std::fmt::Display,
 {
     let mut connection = pin!(connection);
     // Set once the connection has been asked to close: by then it has this long to finish.
@@ -430,7 +444,13 @@ async fn watch_connection<C, E>(
             biased;
             result = connection.as_mut() => {
                 if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                    if refused_by_parser(error.as_ref()) {
+                        // A request hyper could not parse: it answered 400/431 itself.
+                        metrics::counter!(m::BAD_REQUESTS_TOTAL).increment(1);
+                        tracing::debug!(%peer, %error, "refused a malformed request");
+                    } else {
+                        tracing::debug!(%peer, %error, "client connection ended with an error");
+                    }
                 }
                 return;
             }
@@ -442,8 +462,9 @@ async fn watch_connection<C, E>(
                     .increment(1);
                 tracing::debug!(%peer, timeout = expired.as_str(), "closing client connection");
                 match expired {
-                    // Nothing was asked of us that could be answered: drop the socket.
-                    Expiry::Header => return,
+                    // Nothing was asked of us that could be answered, or the client
+                    // reads nothing of what we answer: drop the socket.
+                    Expiry::Header | Expiry::Send => return,
                     // Graceful, so an HTTP/2 client gets a GOAWAY rather than a reset.
                     Expiry::Idle => {
                         graceful_shutdown(connection.as_mut());

@@ -12,6 +12,7 @@ mod cache;
 mod cli;
 mod clients;
 mod config_files;
+mod hygiene;
 mod proxy;
 mod shedding;
 mod signal;
