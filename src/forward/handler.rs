@@ -501,21 +501,6 @@ async fn forward(
     req: Request<ClientBody>,
 ) -> Result<(Response<ProxyBody>, bool), ProxyError> {
     let upstream = &routed.route.upstream;
-    let upstream_error =
-        |backend: &str, kind: UpstreamErrorKind, detail: String| ProxyError::Upstream {
-            upstream: upstream.name.clone(),
-            backend: backend.to_string(),
-            kind,
-            detail,
-        };
-    let Some(backend) = upstream.pick() else {
-        return Err(upstream_error(
-            "-",
-            UpstreamErrorKind::NoHealthyBackend,
-            "no backend passes its health check".to_string(),
-        ));
-    };
-
     let (mut parts, ClientBody { body, watch }) = req.into_parts();
     let received = parts.version;
 
@@ -532,20 +517,27 @@ async fn forward(
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();
-    reservation.bind(&backend);
     let request = Request::from_parts(parts, body);
     let sent = Instant::now();
-    let result = upstream.send(&backend, request).await;
-    let dropped = matches!(&result, Err(e) if e.kind == UpstreamErrorKind::HeaderTimeout);
-    upstream
-        .admission
-        .on_response(sent.elapsed(), inflight_at_start, dropped);
+    let result = upstream.forward(reservation, request).await;
+    let kind = result.as_ref().err().map(|(error, _)| error.kind);
+    if kind != Some(UpstreamErrorKind::NoHealthyBackend) {
+        let dropped = kind == Some(UpstreamErrorKind::HeaderTimeout);
+        upstream
+            .admission
+            .on_response(sent.elapsed(), inflight_at_start, dropped);
+    }
     let response = match result {
         Ok(response) => response,
-        Err(error) => {
+        Err((error, backend)) => {
             return Err(match watch.and_then(|watch| watch.fault()) {
                 Some(fault) => ProxyError::from_client_body(fault, &error.detail),
-                None => upstream_error(&backend.authority, error.kind, error.detail),
+                None => ProxyError::Upstream {
+                    upstream: upstream.name.clone(),
+                    backend: backend.map_or_else(|| "-".to_string(), |b| b.authority.clone()),
+                    kind: error.kind,
+                    detail: error.detail,
+                },
             });
         }
     };

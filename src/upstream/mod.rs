@@ -25,7 +25,7 @@ use crate::metrics as m;
 
 pub use health::spawn_health_checks;
 pub use pool::PoolStats;
-use pool::{Pool, PoolSettings};
+use pool::{Pool, PoolSettings, SendFailure};
 
 /// One backend address of an upstream, with its live state.
 #[derive(Debug)]
@@ -309,17 +309,29 @@ impl Upstream {
     /// (connect failures) are skipped unless every healthy one is ejected: then
     /// ejection is ignored, so it never empties the rotation by itself.
     pub fn pick(&self) -> Option<Arc<Backend>> {
+        self.pick_other_than(&[])
+    }
+
+    /// [`pick`](Upstream::pick), leaving out the backends in `tried`.
+    fn pick_other_than(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
         // One backend: ejection never empties the rotation, so only health counts.
         if let [only] = self.backends.as_slice() {
-            return only.is_healthy().then(|| only.clone());
+            return (only.is_healthy() && tried.is_empty()).then(|| only.clone());
         }
+        let untried = |b: &&Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
         let mut healthy: Vec<&Arc<Backend>> = self
             .backends
             .iter()
+            .filter(untried)
             .filter(|b| b.is_healthy() && !b.is_ejected())
             .collect();
         if healthy.is_empty() {
-            healthy = self.backends.iter().filter(|b| b.is_healthy()).collect();
+            healthy = self
+                .backends
+                .iter()
+                .filter(untried)
+                .filter(|b| b.is_healthy())
+                .collect();
         }
         match healthy.len() {
             0 => None,
@@ -330,6 +342,57 @@ impl Upstream {
                 let b = (a + rng.gen_range(1..n)) % n;
                 let (a, b) = (healthy[a], healthy[b]);
                 Some(if b.inflight() < a.inflight() { b } else { a }.clone())
+            }
+        }
+    }
+
+    /// Picks a backend, binds `reservation` to it and sends `req` (its URI in origin
+    /// form), waiting for the response head within the response-header timeout. A
+    /// request no connection could be opened for was never sent, so it goes to another
+    /// healthy backend, each tried once; the last backend left gets the configured
+    /// connect attempts with backoff. The error names the backend it came from.
+    pub async fn forward(
+        &self,
+        reservation: &mut Reservation,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, (SendError, Option<Arc<Backend>>)> {
+        let timeout = self.config.response_header_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || SendError {
+            kind: UpstreamErrorKind::HeaderTimeout,
+            detail: format!("no response head within {}", fmt_duration(timeout)),
+        };
+        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        let mut req = req;
+        loop {
+            let Some(backend) = self.pick_other_than(&tried) else {
+                let error = SendError {
+                    kind: UpstreamErrorKind::NoHealthyBackend,
+                    detail: "no backend passes its health check".to_string(),
+                };
+                return Err((error, None));
+            };
+            reservation.bind(&backend);
+            tried.push(backend.clone());
+            let last = self.pick_other_than(&tried).is_none();
+            let attempts = if last {
+                self.config.retry.connect_attempts
+            } else {
+                1
+            };
+            let sent = self.pool.send_with(&backend, req, attempts);
+            match tokio::time::timeout_at(deadline, sent).await {
+                Ok(Ok((response, _reused))) => return Ok(response),
+                Ok(Err(SendFailure {
+                    error,
+                    unsent: Some(unsent),
+                })) if !last => {
+                    tracing::debug!(upstream = %self.name, backend = %backend.authority, error = %error.detail,
+                        "could not connect; sending the request to another backend");
+                    req = unsent;
+                }
+                Ok(Err(failure)) => return Err((failure.error, Some(backend))),
+                Err(_) => return Err((timed_out(), Some(backend))),
             }
         }
     }

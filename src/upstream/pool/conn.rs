@@ -83,8 +83,9 @@ impl Conn {
 }
 
 impl Inner {
-    /// Opens a connection, retrying failed attempts after an exponential backoff with jitter.
-    pub(super) async fn connect(&self, host: &Host) -> Result<Conn, SendError> {
+    /// Opens a connection in at most `attempts` tries, each failed one followed by an
+    /// exponential backoff with jitter.
+    pub(super) async fn connect(&self, host: &Host, attempts: u32) -> Result<Conn, SendError> {
         let retry = &self.settings.retry;
         let timeout = self.settings.connect_timeout;
         let authority = host.backend.authority.as_str();
@@ -121,7 +122,7 @@ impl Inner {
                 },
             };
             host.backend.connect_failed(retry);
-            if attempt >= retry.connect_attempts {
+            if attempt >= attempts {
                 let mut failure = failure;
                 if attempt > 1 {
                     failure.detail = format!("{} ({attempt} attempts)", failure.detail);

@@ -131,8 +131,22 @@ impl Pool {
     pub(crate) async fn send(
         &self,
         backend: &Arc<Backend>,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
     ) -> Result<(Response<ProxyBody>, bool), SendError> {
+        let attempts = self.inner.settings.retry.connect_attempts;
+        self.send_with(backend, req, attempts)
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// [`send`](Pool::send) with at most `connect_attempts` tries to open a connection;
+    /// when none opens, the request comes back unsent, free to go to another backend.
+    pub(crate) async fn send_with(
+        &self,
+        backend: &Arc<Backend>,
+        mut req: Request<ProxyBody>,
+        connect_attempts: u32,
+    ) -> Result<(Response<ProxyBody>, bool), SendFailure> {
         let inner = &self.inner;
         let Some(host) = inner
             .hosts
@@ -142,7 +156,8 @@ impl Pool {
             return Err(SendError {
                 kind: UpstreamErrorKind::Protocol,
                 detail: format!("{} is not a backend of this upstream", backend.authority),
-            });
+            }
+            .into());
         };
         if !req.headers().contains_key(header::HOST) {
             if let Some(value) = &backend.host_header {
@@ -157,13 +172,21 @@ impl Pool {
         let replay = Replay::of(&req);
         let method = req.method().clone();
 
-        let (conn, reused) = inner.checkout(host).await?;
+        let (conn, reused) = match inner.checkout(host, connect_attempts).await {
+            Ok(checked_out) => checked_out,
+            Err(error) => {
+                return Err(SendFailure {
+                    error,
+                    unsent: Some(req),
+                })
+            }
+        };
         let failed = match exchange(conn, req).await {
             Ok((response, conn)) => return Ok((inner.finish(host, conn, response), reused)),
             Err(failed) => failed,
         };
         if !reused || !failed.stale {
-            return Err(exchange_error(&failed.error, ""));
+            return Err(exchange_error(&failed.error, "").into());
         }
         // A reused connection died before a response head: the backend closed it as
         // we reused it (keep-alive timeout or request limit).
@@ -180,14 +203,14 @@ impl Pool {
             } else {
                 format!("{method} is not in retry.idempotent_methods")
             };
-            return Err(SendError {
+            return Err(SendFailure::from(SendError {
                 kind: UpstreamErrorKind::StaleConnection,
                 detail: format!(
                     "the reused connection to the backend closed before a response ({}); \
                      the {method} request may have reached the backend, so it was not retried ({why})",
                     cause(&failed.error)
                 ),
-            });
+            }));
         };
         inner.counters.stale.increment(Stale::Retried);
         tracing::debug!(backend = %host.backend.authority, %method, error = %failed.error,
@@ -206,7 +229,9 @@ impl Inner {
         host: &Host,
         req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let conn = self.connect(host).await?;
+        let conn = self
+            .connect(host, self.settings.retry.connect_attempts)
+            .await?;
         exchange(conn, req).await.map_err(|failed| {
             exchange_error(
                 &failed.error,
@@ -216,7 +241,7 @@ impl Inner {
     }
 
     /// An idle connection that is still usable, or a new one.
-    async fn checkout(&self, host: &Arc<Host>) -> Result<(Conn, bool), SendError> {
+    async fn checkout(&self, host: &Arc<Host>, attempts: u32) -> Result<(Conn, bool), SendError> {
         loop {
             let popped = host.idle.pop();
             let Some(Idle { mut conn, since }) = popped else {
@@ -242,7 +267,23 @@ impl Inner {
             self.counters.event(Event::Reused);
             return Ok((conn, true));
         }
-        Ok((Box::pin(self.connect(host)).await?, false))
+        Ok((Box::pin(self.connect(host, attempts)).await?, false))
+    }
+}
+
+/// Why [`Pool::send_with`] failed, and the request when it was never sent.
+pub(crate) struct SendFailure {
+    pub(crate) error: SendError,
+    /// The request, untouched, when no connection to the backend could be opened.
+    pub(crate) unsent: Option<Request<ProxyBody>>,
+}
+
+impl From<SendError> for SendFailure {
+    fn from(error: SendError) -> SendFailure {
+        SendFailure {
+            error,
+            unsent: None,
+        }
     }
 }
 
