@@ -91,6 +91,8 @@ impl Inner {
         let authority = host.backend.authority.as_str();
         let mut attempt = 1;
         loop {
+            // Held while the connection opens: bounds the connects in flight to the host.
+            let connecting = host.connecting.acquire().await;
             let failure = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
                 Ok(Ok(stream)) => {
                     host.backend.connect_succeeded();
@@ -121,6 +123,7 @@ impl Inner {
                     detail: format!("connect timed out after {}", fmt_duration(timeout)),
                 },
             };
+            drop(connecting);
             host.backend.connect_failed(retry);
             if attempt >= attempts {
                 let mut failure = failure;

@@ -91,7 +91,16 @@ struct Host {
     learned_max: AtomicU32,
     /// The last request count at which the backend closed a connection.
     max_candidate: AtomicU32,
+    /// Connects in progress to this backend, at most [`MAX_CONNECTS_IN_PROGRESS`].
+    connecting: tokio::sync::Semaphore,
 }
+
+/// New connections being opened to one backend at once. A burst (an HTTP/2 client's
+/// streams, a traffic spike on a cold pool) otherwise opens one connection per request
+/// at the same instant and overflows the backend's accept queue (Tomcat's acceptCount
+/// is 100), and the refused connects get the backend ejected. Requests past the bound
+/// wait for a connect to finish, then open their own.
+pub(crate) const MAX_CONNECTS_IN_PROGRESS: usize = 32;
 
 impl Pool {
     pub(crate) fn new(upstream: &str, settings: PoolSettings, backends: &[Arc<Backend>]) -> Pool {
@@ -104,6 +113,7 @@ impl Pool {
                     learned_timeout_ms: AtomicU64::new(0),
                     learned_max: AtomicU32::new(0),
                     max_candidate: AtomicU32::new(0),
+                    connecting: tokio::sync::Semaphore::new(MAX_CONNECTS_IN_PROGRESS),
                 })
             })
             .collect();
@@ -405,6 +415,55 @@ mod tests {
             }
         });
         (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn connects_to_one_backend_are_bounded_and_the_rest_wait() {
+        // A backend whose accept queue is full: further connects hang until they time out.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut pool = pool_for(&addr);
+        Arc::get_mut(&mut pool.inner)
+            .unwrap()
+            .settings
+            .connect_timeout = Duration::from_millis(500);
+        let pool = Arc::new(pool);
+        let backend = pool.inner.hosts[0].backend.clone();
+        let burst = MAX_CONNECTS_IN_PROGRESS + 8;
+        let started = tokio::time::Instant::now();
+        let sends: Vec<_> = (0..burst)
+            .map(|_| {
+                let (pool, backend) = (pool.clone(), backend.clone());
+                let req = request("GET", &addr, "");
+                tokio::spawn(async move {
+                    let sent = pool.send_with(&backend, req, 1);
+                    let result = tokio::time::timeout(Duration::from_secs(2), sent).await;
+                    let timed_out = matches!(&result,
+                        Ok(Err(f)) if f.error.kind == UpstreamErrorKind::ConnectTimeout);
+                    timed_out.then(|| started.elapsed())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            pool.inner.hosts[0].connecting.available_permits(),
+            0,
+            "{MAX_CONNECTS_IN_PROGRESS} connects are in progress"
+        );
+        let mut connect_timeouts = Vec::new();
+        for send in sends {
+            connect_timeouts.extend(send.await.unwrap());
+        }
+        // The first connects time out after 500 ms; those past the bound start only then.
+        let last = connect_timeouts.iter().max().copied().unwrap_or_default();
+        assert!(
+            last >= Duration::from_millis(1_000),
+            "the connects past the bound waited for a slot: {} timed out, the last at {last:?}",
+            connect_timeouts.len()
+        );
+        drop(listener);
     }
 
     fn pool_for(authority: &str) -> Pool {
