@@ -180,29 +180,113 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Ready when the config is loaded, the proxy is not draining and every upstream
-/// has a backend that passed its health check.
+/// `/readyz`: 200 or 503 by [`readiness`], with a JSON body listing every upstream that
+/// has no healthy backend and whether that counts against readiness.
 fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
-    if shared.draining.load(Ordering::Relaxed) {
-        return json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"ready": false, "reasons": ["draining"]}),
-        );
-    }
+    let draining = shared.draining.load(Ordering::Relaxed);
     let generation = shared.generation.load();
-    let reasons: Vec<String> = generation
+    let policy = &generation.config.server.readiness;
+    let standings: Vec<Standing> = generation
         .upstreams
         .values()
-        .filter(|u| !u.is_ready())
-        .map(|u| format!("upstream {:?} has no healthy backend yet", u.name))
+        .map(|u| Standing {
+            name: &u.name,
+            can_serve: u.is_ready(),
+            required: policy.requires(&u.name),
+        })
         .collect();
-    if reasons.is_empty() {
-        json_response(StatusCode::OK, &json!({"ready": true}))
+    let verdict = readiness(draining, &standings);
+    let mut reasons: Vec<String> = Vec::new();
+    if draining {
+        reasons.push("draining".to_string());
+    }
+    reasons.extend(verdict.down.iter().filter(|d| d.counts).map(Down::why));
+    let down: Vec<_> = verdict
+        .down
+        .iter()
+        .map(|d| {
+            json!({
+                "upstream": d.name,
+                "required_for_readiness": d.required,
+                "counts": d.counts,
+                "why": d.why(),
+            })
+        })
+        .collect();
+    if verdict.ready {
+        json_response(StatusCode::OK, &json!({"ready": true, "down": down}))
     } else {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"ready": false, "reasons": reasons}),
+            &json!({"ready": false, "reasons": reasons, "down": down}),
         )
+    }
+}
+
+/// One upstream as readiness weighs it.
+#[derive(Debug, Clone, Copy)]
+struct Standing<'a> {
+    name: &'a str,
+    /// A backend has passed its health check (or checks are off).
+    can_serve: bool,
+    /// `required_for_readiness = true`.
+    required: bool,
+}
+
+/// An upstream that cannot serve, and whether that makes the proxy unready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Down<'a> {
+    name: &'a str,
+    required: bool,
+    counts: bool,
+}
+
+impl Down<'_> {
+    /// What `/readyz` says about it.
+    fn why(&self) -> String {
+        let name = self.name;
+        match (self.counts, self.required) {
+            (true, true) => format!(
+                "upstream {name:?} has no healthy backend, and it is required for readiness \
+                 (required_for_readiness = true)"
+            ),
+            (true, false) => {
+                format!("upstream {name:?} has no healthy backend, and no upstream has one")
+            }
+            (false, _) => format!(
+                "upstream {name:?} has no healthy backend; not counted: it is not \
+                 required_for_readiness and another upstream can serve"
+            ),
+        }
+    }
+}
+
+/// Whether the proxy is ready, and every upstream that cannot serve.
+#[derive(Debug, PartialEq, Eq)]
+struct Verdict<'a> {
+    ready: bool,
+    down: Vec<Down<'a>>,
+}
+
+/// The readiness rule, pure: the proxy is ready unless it is draining, an upstream with
+/// `required_for_readiness` cannot serve, or no upstream can. One rule for both roles:
+/// a sidecar's only upstream down leaves nothing to serve (not ready, so Kubernetes
+/// stops sending); an edge proxy with one upstream of several down still serves the
+/// others (ready, the down one listed as not counted).
+fn readiness<'a>(draining: bool, upstreams: &[Standing<'a>]) -> Verdict<'a> {
+    let none_can_serve = !upstreams.iter().any(|u| u.can_serve);
+    let down: Vec<Down> = upstreams
+        .iter()
+        .filter(|u| !u.can_serve)
+        .map(|u| Down {
+            name: u.name,
+            required: u.required,
+            counts: u.required || none_can_serve,
+        })
+        .collect();
+    Verdict {
+        ready: !draining && !down.iter().any(|d| d.counts),
+        down,
     }
 }
 
@@ -272,6 +356,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "inflight": inflight,
                 "max_workers": u.config.max_workers,
                 "ready": u.is_ready(),
+                "required_for_readiness": generation.config.server.readiness.requires(&u.name),
                 "shedding": {
                     "mode": admission.mode().as_str(),
                     "active": admission.is_shedding(),
@@ -400,6 +485,113 @@ enabled = false
             .expect("an answer within 5 s")
             .unwrap();
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    }
+
+    #[test]
+    fn readiness_needs_every_required_upstream_and_at_least_one() {
+        const fn up(name: &'static str) -> Standing<'static> {
+            Standing {
+                name,
+                can_serve: true,
+                required: false,
+            }
+        }
+        const fn down(name: &'static str) -> Standing<'static> {
+            Standing {
+                can_serve: false,
+                ..up(name)
+            }
+        }
+        const fn required(standing: Standing<'static>) -> Standing<'static> {
+            Standing {
+                required: true,
+                ..standing
+            }
+        }
+        /// What, draining, the upstreams, ready, and the down ones with whether they count.
+        type Case = (
+            &'static str,
+            bool,
+            &'static [Standing<'static>],
+            bool,
+            &'static [(&'static str, bool)],
+        );
+        const CASES: &[Case] = &[
+            ("sidecar up", false, &[up("app")], true, &[]),
+            (
+                "sidecar down",
+                false,
+                &[down("app")],
+                false,
+                &[("app", true)],
+            ),
+            (
+                "sidecar down, required",
+                false,
+                &[required(down("app"))],
+                false,
+                &[("app", true)],
+            ),
+            (
+                "edge, one down",
+                false,
+                &[up("shop"), down("reports")],
+                true,
+                &[("reports", false)],
+            ),
+            (
+                "edge, all down",
+                false,
+                &[down("shop"), down("reports")],
+                false,
+                &[("shop", true), ("reports", true)],
+            ),
+            (
+                "edge, a required one down",
+                false,
+                &[up("shop"), required(down("reports"))],
+                false,
+                &[("reports", true)],
+            ),
+            (
+                "edge, a required one up",
+                false,
+                &[down("shop"), required(up("pay"))],
+                true,
+                &[("shop", false)],
+            ),
+            ("draining", true, &[up("app")], false, &[]),
+        ];
+        for &(what, draining, upstreams, ready, expected) in CASES {
+            let verdict = readiness(draining, upstreams);
+            assert_eq!(verdict.ready, ready, "{what}");
+            let counted: Vec<(&str, bool)> =
+                verdict.down.iter().map(|d| (d.name, d.counts)).collect();
+            assert_eq!(counted, expected, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_while_draining_whatever_the_upstreams() {
+        use http_body_util::BodyExt;
+        let shared = shared();
+        let body = |response: Response<Full<Bytes>>| async move {
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            (status, json)
+        };
+        // Health checks are off: the upstream can serve.
+        let (status, json) = body(readyz(&shared)).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(json, json!({"ready": true, "down": []}));
+        shared.draining.store(true, Ordering::Relaxed);
+        let (status, json) = body(readyz(&shared)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+        assert_eq!(
+            json,
+            json!({"ready": false, "reasons": ["draining"], "down": []})
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::validate::{
     build_admin, build_route, build_server, build_sim, build_upstream, check_listeners,
     check_unique_matches, check_unique_names,
 };
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, Readiness, ServerConfig};
 
 const SECTIONS: &str = "server, admin, upstream, route, sim";
 
@@ -119,9 +119,10 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
             "no [[route]] is defined; add at least one (with name, path_prefix and upstream)",
         );
     }
+    let mut readiness = Readiness::default();
     let upstream_cfgs: Vec<_> = upstreams
         .iter_mut()
-        .map(|s| build_upstream(s, &mut errs))
+        .map(|s| build_upstream(s, &mut readiness, &mut errs))
         .collect();
     check_unique_names(&upstreams, "upstream", &mut errs);
     let known: Vec<&str> = upstream_cfgs
@@ -144,7 +145,10 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
         return Err(errors);
     }
     Ok(Config {
-        server: server_cfg,
+        server: ServerConfig {
+            readiness,
+            ..server_cfg
+        },
         admin: admin_cfg,
         upstreams: upstream_cfgs.into_iter().flatten().collect(),
         routes: route_cfgs.into_iter().flatten().collect(),

@@ -19,7 +19,7 @@ mod tests;
 mod validate;
 
 pub use settings::{ActuatorFormat, ActuatorSettings, AdaptiveSettings, CacheSettings};
-pub use sim::{Distribution, SimConfig, SimRoute};
+pub use sim::{usable_service_time_ms, Distribution, SimConfig, SimRoute, SIM_MAX_SERVICE_TIME_MS};
 
 /// Every default, in one place. The TOML structs leave an absent key as `None`; validation
 /// fills it in from here, and every `Default` impl in `config/` reads it from here too.
@@ -69,6 +69,9 @@ pub mod defaults {
     pub const IDEMPOTENT_METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
     pub const EJECT_AFTER_CONNECT_FAILURES: u32 = 5;
     pub const EJECT_MS: u64 = 10_000;
+
+    /// An upstream with no healthy backend leaves the proxy ready while another can serve.
+    pub const REQUIRED_FOR_READINESS: bool = false;
 
     pub const HEALTH_ENABLED: bool = true;
     pub const HEALTH_PATH: &str = "/actuator/health";
@@ -171,6 +174,31 @@ pub struct ServerConfig {
     /// Requests one HTTP/2 connection may have in flight at once (SETTINGS_MAX_CONCURRENT_STREAMS).
     /// Default 32.
     pub http2_max_concurrent_streams: u32,
+    /// What the admin `/readyz` asks of the upstreams.
+    pub readiness: Readiness,
+}
+
+/// When the proxy is ready (`/readyz` 200): not draining, every upstream with
+/// `required_for_readiness = true` has a healthy backend, and at least one upstream has
+/// one. So a sidecar (one upstream) goes unready when its app is down, and an edge proxy
+/// stays ready while any of its upstreams can serve.
+///
+/// Built from the `required_for_readiness` key of each `[[upstream]]`, but kept here
+/// rather than in [`UpstreamConfig`]: an upstream whose config changes is rebuilt on
+/// reload (new pool, health state starting over), and turning this key on or off should
+/// not do that.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// The upstreams that must have a healthy backend for the proxy to be ready. Default:
+    /// none.
+    pub required: Vec<String>,
+}
+
+impl Readiness {
+    /// Whether `upstream` has `required_for_readiness = true`.
+    pub fn requires(&self, upstream: &str) -> bool {
+        self.required.iter().any(|name| name == upstream)
+    }
 }
 
 /// How fast a client must send its request body. A slow upload holds a backend worker
@@ -222,6 +250,7 @@ impl Default for ServerConfig {
             },
             send_timeout: Duration::from_millis(defaults::SEND_TIMEOUT_MS),
             http2_max_concurrent_streams: defaults::HTTP2_MAX_CONCURRENT_STREAMS,
+            readiness: Readiness::default(),
         }
     }
 }

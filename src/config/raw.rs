@@ -45,6 +45,7 @@ pub(super) struct RawUpstream {
     pub(super) idle_timeout_ms: Option<u64>,
     pub(super) max_idle_per_backend: Option<usize>,
     pub(super) management_port: Option<u16>,
+    pub(super) required_for_readiness: Option<bool>,
     pub(super) health: Option<RawHealth>,
     pub(super) shedding: Option<RawShedding>,
     pub(super) actuator: Option<RawActuator>,

@@ -137,6 +137,23 @@ impl<'l> Section<'l> {
         span.map_or_else(|| self.line(&[key]), |s| self.lines.line(s.start))
     }
 
+    /// Line of `inner` in the table that is element `index` of the array of tables at
+    /// `key` (`[[sim.routes]]`), or of that element when it lacks `inner`.
+    pub(super) fn elem_key_line(&self, key: &str, index: usize, inner: &str) -> usize {
+        let table = match self.original.get(key) {
+            Some(Item::ArrayOfTables(a)) => a.get(index).map(|t| t as &dyn TableLike),
+            Some(Item::Value(Value::Array(a))) => a
+                .get(index)
+                .and_then(Value::as_inline_table)
+                .map(|t| t as &dyn TableLike),
+            _ => None,
+        };
+        let span = table
+            .and_then(|t| t.get_key_value(inner))
+            .and_then(|(k, item)| k.span().or_else(|| item.span()));
+        span.map_or_else(|| self.elem_line(key, index), |s| self.lines.line(s.start))
+    }
+
     /// A positive number of milliseconds, or the default.
     pub(super) fn millis(
         &self,

@@ -8,6 +8,18 @@ use serde::Deserialize;
 
 use super::defaults;
 
+/// The longest service time the simulated backend accepts, in milliseconds: one hour.
+/// Far past any timeout a test would wait for, and far below what a `Duration` can hold
+/// (1e300 ms cannot be one, and used to panic every request). Declared here, not in
+/// `sim/`, so that config validation and the backend's own start-up check share it.
+pub const SIM_MAX_SERVICE_TIME_MS: f64 = 3_600_000.0;
+
+/// Whether `ms` is a service time the simulated backend can run with: a finite number of
+/// milliseconds from 0 to [`SIM_MAX_SERVICE_TIME_MS`].
+pub fn usable_service_time_ms(ms: f64) -> bool {
+    ms.is_finite() && (0.0..=SIM_MAX_SERVICE_TIME_MS).contains(&ms)
+}
+
 /// How a route's service time is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -68,6 +68,10 @@ fn defaults_are_applied() {
     assert_eq!(h.interval, Duration::from_secs(2));
     assert_eq!(h.timeout, Duration::from_secs(1));
     assert_eq!((h.rise, h.fall), (2, 3));
+    assert!(
+        !c.server.readiness.requires("app"),
+        "no upstream is required for readiness by default"
+    );
 
     let r = &c.routes[0];
     assert_eq!(
@@ -103,6 +107,7 @@ connect_timeout_ms = 250
 response_header_timeout_ms = 5000
 idle_timeout_ms = 3000
 max_idle_per_backend = 0
+required_for_readiness = true
 health = { enabled = false, path = "/ping", interval_ms = 500, timeout_ms = 499, rise = 1, fall = 1 }
 [[route]]
 name = "orders"
@@ -143,6 +148,7 @@ workers = 3
     assert_eq!(u.health.path, "/ping");
     assert_eq!(u.health.timeout, Duration::from_millis(499));
     assert_eq!((u.health.rise, u.health.fall), (1, 1));
+    assert_eq!(c.server.readiness.required, vec!["shop_api-2"]);
     let r = &c.routes[0];
     assert_eq!(
         r.host.as_deref(),
@@ -603,6 +609,68 @@ fn sim_section_is_checked() {
         &doc("[sim]\ndistribution = \"normal\"\n"),
         9,
         "distribution: unknown value `normal`",
+    );
+}
+
+#[test]
+fn sim_service_times_must_fit_the_simulated_backend() {
+    // What the backend accepts, config accepts: 0 up to one hour.
+    let c = parse(&doc(
+        "[sim]\nservice_time_ms = 3600000\n[[sim.routes]]\npath_prefix = \"/a\"\nservice_time_ms = 0\n",
+    ));
+    assert_eq!(c.sim.unwrap().service_time_ms, SIM_MAX_SERVICE_TIME_MS);
+    for bad in ["1e300", "3600000.5", "nan", "inf", "-inf", "-1"] {
+        one_error(
+            &doc(&format!("[sim]\nservice_time_ms = {bad}\n")),
+            9,
+            "service_time_ms = ",
+        );
+    }
+    one_error(
+        &doc("[sim]\nservice_time_ms = 1e300\n"),
+        9,
+        "[sim]: service_time_ms = 1e300 must be a number of milliseconds from 0 to 3600000",
+    );
+    // A route's service time is reported at its own line, not its table's.
+    let errs = errors(&doc(
+        "[sim]\n[[sim.routes]]\npath_prefix = \"/a\"\nservice_time_ms = nan\n\
+         [[sim.routes]]\npath_prefix = \"/b\"\nservice_time_ms = -5\n",
+    ));
+    let lines: Vec<usize> = errs.iter().map(|e| e.0).collect();
+    assert_eq!(lines, vec![11, 14], "{errs:#?}");
+    assert!(
+        errs[0]
+            .1
+            .contains("routes[0].service_time_ms = NaN must be"),
+        "{}",
+        errs[0].1
+    );
+    assert!(
+        errs[1]
+            .1
+            .contains("routes[1].service_time_ms = -5.0 must be"),
+        "{}",
+        errs[1].1
+    );
+}
+
+#[test]
+fn required_for_readiness_is_collected_per_upstream() {
+    let c = parse(&doc(
+        "required_for_readiness = false\n\
+         [[upstream]]\nname = \"pay\"\nbackends = [\"127.0.0.1:8082\"]\nrequired_for_readiness = true\n\
+         [[upstream]]\nname = \"reports\"\nbackends = [\"127.0.0.1:8083\"]\n",
+    ));
+    assert_eq!(c.server.readiness.required, vec!["pay"]);
+    assert!(c.server.readiness.requires("pay"));
+    assert!(!c.server.readiness.requires("app"));
+    assert!(!c.server.readiness.requires("reports"));
+    // Kept out of the upstream's own config, so turning it on does not rebuild the upstream.
+    assert_eq!(c.upstream("app"), parse(BASE).upstream("app"));
+    one_error(
+        &doc("required_for_readiness = \"yes\"\n"),
+        8,
+        "upstream \"app\": required_for_readiness: invalid type: string \"yes\", expected a boolean",
     );
 }
 

@@ -10,10 +10,10 @@ use super::raw::{
 };
 use super::section::{Errors, Section};
 use super::{
-    defaults, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy, CacheSettings,
-    HealthConfig, RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, SimConfig,
-    Thresholds, UpstreamConfig, CACHE_MAX_OBJECT_BYTES_LIMIT, MAX_HEADER_BYTES_LIMIT,
-    MAX_WORKER_THREADS, MIN_HEADER_BYTES,
+    defaults, usable_service_time_ms, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy,
+    CacheSettings, HealthConfig, Readiness, RetryConfig, RouteClass, RouteConfig, ServerConfig,
+    SheddingConfig, SimConfig, Thresholds, UpstreamConfig, CACHE_MAX_OBJECT_BYTES_LIMIT,
+    MAX_HEADER_BYTES_LIMIT, MAX_WORKER_THREADS, MIN_HEADER_BYTES, SIM_MAX_SERVICE_TIME_MS,
 };
 
 pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> ServerConfig {
@@ -120,6 +120,8 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         },
         send_timeout,
         http2_max_concurrent_streams,
+        // Filled in from the `[[upstream]]` tables.
+        readiness: default.readiness,
     }
 }
 
@@ -210,6 +212,11 @@ fn same_port(a: &SocketAddr, b: &SocketAddr) -> bool {
             || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
 }
 
+/// Why a `[sim]` service time is refused: the simulated backend would refuse it at start.
+fn service_time_range() -> String {
+    format!("must be a number of milliseconds from 0 to {SIM_MAX_SERVICE_TIME_MS} (one hour)")
+}
+
 pub(super) fn build_sim(
     section: &mut Section,
     server: &ServerConfig,
@@ -224,10 +231,14 @@ pub(super) fn build_sim(
             say("workers must be greater than 0".into()),
         );
     }
-    if !(sim.service_time_ms.is_finite() && sim.service_time_ms >= 0.0) {
+    if !usable_service_time_ms(sim.service_time_ms) {
         errs.push(
             section.line(&["service_time_ms"]),
-            say("service_time_ms must be a finite number ≥ 0".into()),
+            say(format!(
+                "service_time_ms = {:?} {}",
+                sim.service_time_ms,
+                service_time_range()
+            )),
         );
     }
     let mut taken: Vec<(&str, SocketAddr)> = server
@@ -260,14 +271,15 @@ pub(super) fn build_sim(
                 )),
             );
         }
-        if route
+        if let Some(ms) = route
             .service_time_ms
-            .is_some_and(|t| !(t.is_finite() && t >= 0.0))
+            .filter(|ms| !usable_service_time_ms(*ms))
         {
             errs.push(
-                section.elem_line("routes", i),
+                section.elem_key_line("routes", i, "service_time_ms"),
                 say(format!(
-                    "routes[{i}].service_time_ms must be a finite number ≥ 0"
+                    "routes[{i}].service_time_ms = {ms:?} {}",
+                    service_time_range()
                 )),
             );
         }
@@ -275,7 +287,13 @@ pub(super) fn build_sim(
     Some(sim)
 }
 
-pub(super) fn build_upstream(section: &mut Section, errs: &mut Errors) -> Option<UpstreamConfig> {
+/// Builds one `[[upstream]]`; its `required_for_readiness` key goes to `readiness`
+/// (see [`Readiness`] for why it is not kept in the [`UpstreamConfig`]).
+pub(super) fn build_upstream(
+    section: &mut Section,
+    readiness: &mut Readiness,
+    errs: &mut Errors,
+) -> Option<UpstreamConfig> {
     let raw = section.deserialize::<RawUpstream>(errs)?;
     let s = &*section;
 
@@ -407,6 +425,13 @@ pub(super) fn build_upstream(section: &mut Section, errs: &mut Errors) -> Option
                 s.say(format!("health.{key} must be at least 1")),
             );
         }
+    }
+
+    if raw
+        .required_for_readiness
+        .unwrap_or(defaults::REQUIRED_FOR_READINESS)
+    {
+        readiness.required.push(name.clone());
     }
 
     let shedding = build_shedding(s, raw.shedding.unwrap_or_default(), errs);

@@ -4,15 +4,14 @@
 //! [`SimBackend::start`](super::SimBackend::start) runs on every config, `[sim]`
 //! sections included.
 //!
-//! Not here: the settings themselves (`config/sim.rs`, plain data that `config/`
-//! checks for its own rules without knowing these).
+//! Not here: the settings themselves (`config/sim.rs`, plain data), nor the
+//! service-time bound, which `config/` owns so that `check-config` applies it too.
 
 use super::SimConfig;
 
-/// The longest service time accepted, in milliseconds: one hour. Far past any
-/// timeout a test would wait for, and far below what a `Duration` can hold (1e300 ms
-/// cannot be one, and used to panic every request).
-pub const MAX_SERVICE_TIME_MS: f64 = 3_600_000.0;
+/// The longest service time accepted, in milliseconds: one hour. The bound is
+/// config's, so `check-config` rejects what this module would refuse at start.
+pub const MAX_SERVICE_TIME_MS: f64 = crate::config::SIM_MAX_SERVICE_TIME_MS;
 
 /// The largest worker pool or connection limit accepted; a semaphore cannot hold
 /// `usize::MAX` permits, and no Tomcat runs a million threads.

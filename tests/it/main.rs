@@ -14,6 +14,7 @@ mod clients;
 mod config_files;
 mod hygiene;
 mod proxy;
+mod readiness;
 mod shedding;
 mod signal;
 mod sim;
