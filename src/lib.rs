@@ -15,12 +15,14 @@
 //!   activity.rs     per-connection header read and keep-alive idle deadlines
 //!   framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
 //! http/           plumbing every stage shares
-//!   body.rs         streamed body types; guards released when a body ends
+//!   body.rs         streamed body types; guards released when a body ends; upload pace
 //!   headers.rs      hop-by-hop stripping, Via, X-Forwarded-*
+//!   target.rs       one meaning per request: host and path normalised (README "Request rules")
 //!   error.rs        the proxy's errors and the one error → status table
 //! forward/        the request path
 //!   stack.rs        the service around the handler: request id; redaction and trace at DEBUG
-//!   handler.rs      the handler: probe → route → cache → admission → forward → respond
+//!   handler.rs      the handler, as stages over one request: framing → meaning → probe →
+//!                   route → cache → body read ahead → admission → forward → respond
 //!   routes.rs       host + path prefix → route (upstream, class, cache policy)
 //!   state.rs        the config generation in force, swapped atomically on reload
 //! cache/          shared HTTP cache per route: key, policy, conditionals, store, fill
@@ -28,7 +30,8 @@
 //!                 decision, the critical queue, the actuator poller
 //! upstream/       connection pool (retry-once on stale reuse, connect backoff), backends,
 //!                 balancing, passive ejection, health checks
-//! metrics.rs      metric names and labels, declared in one place
+//! metrics.rs      metric names, descriptions, and the counter table that feeds both
+//!                 Prometheus and /status
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
 //! ```
@@ -36,20 +39,24 @@
 //! # Data path of one request
 //!
 //! ```text
-//! client ─▶ listener (max_connections; hyper auto: h1 keep-alive + h2c; header / idle timeouts)
+//! client ─▶ listener (max_connections; hyper auto: h1 keep-alive + h2c, 32 streams; header /
+//!           idle / send timeouts)
 //!        ─▶ head over max_header_bytes: 431 from hyper ─▶ framing verdict (400 if ambiguous)
 //!        ─▶ Content-Length over max_body_bytes: 413
 //!        ─▶ x-request-id (trace spans only when DEBUG is on)
+//!        ─▶ host and path settled (400 if they cannot be), `_` header names dropped
 //!        ─▶ probe path? answered here, never forwarded
 //!        ─▶ route match (404 if none)
 //!        ─▶ cache lookup (cache = "on"): a fresh hit is answered here, 200 or 304
+//!        ─▶ request body read ahead (all of it up to 64 KiB; 400 if malformed, 408 if too slow)
 //!        ─▶ admission: 429 + Retry-After above the class threshold; critical queues
-//!        ─▶ pick backend (least loaded of two healthy)
-//!        ─▶ first body frame read (400 if malformed) ─▶ hop-by-hop stripped, Via, X-Forwarded-*
+//!        ─▶ pick backend (least loaded of two healthy; another one if it cannot connect)
+//!        ─▶ hop-by-hop stripped, Via, X-Forwarded-*
 //!        ─▶ pooled upstream connection (connect retries, one retry on a stale reused
 //!           connection; connect / response-header timeouts: 502 / 504)
 //!        ─▶ response: hop-by-hop stripped, Via, stored if cacheable, streamed back with backpressure
-//!        ─▶ in-flight count and metrics released when the response body ends
+//!           (what arrived with the head taken at once: a response all here frees its slot)
+//!        ─▶ in-flight count released when the backend is done; metrics when the body ends
 //! ```
 #![forbid(unsafe_code)]
 
