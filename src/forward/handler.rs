@@ -457,6 +457,7 @@ async fn read_ahead(
     let limit = share.as_ref().map_or(0, |s| s.0);
     let mut frames = Vec::new();
     let mut read = 0;
+    let mut ended = false;
     // At least one frame is read, to check the framing before anything is sent.
     loop {
         match body.frame().await {
@@ -473,14 +474,31 @@ async fn read_ahead(
                     None => ProxyError::BadRequest(format!("malformed request body: {error}")),
                 });
             }
-            None => break,
+            None => {
+                ended = true;
+                break;
+            }
         }
     }
-    let body = Prepend::new(frames, body);
+    let body = if ended {
+        // All of it is here: sent on with its exact length as Content-Length, whatever
+        // framing the client used (hyper would send a chunked GET body as no body).
+        Prepend::new(frames, crate::http::body::empty()).boxed_unsync()
+    } else if matches!(parts.method, Method::GET | Method::HEAD)
+        && body.size_hint().exact().is_none()
+    {
+        // hyper sends no body of unknown length with GET or HEAD; refused rather than
+        // forwarded without it.
+        return Err(ProxyError::BadRequest(
+            "a GET or HEAD body of unknown length, larger than request_buffer_bytes".to_string(),
+        ));
+    } else {
+        Prepend::new(frames, body).boxed_unsync()
+    };
     let body = ClientBody {
         body: match share {
             Some(share) => OnEnd::new(body, share).boxed_unsync(),
-            None => body.boxed_unsync(),
+            None => body,
         },
         watch: Some(watch),
     };
@@ -505,7 +523,12 @@ async fn forward(
     let received = parts.version;
 
     parts.version = Version::HTTP_11;
+    let settled_host = parts.headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut parts.headers);
+    // A client's `Connection: host` must not take the host it was routed on away.
+    if let Some(host) = settled_host {
+        parts.headers.insert(header::HOST, host);
+    }
     // The client's body is already on its way; a 100-continue handshake with the
     // backend would only add a round trip.
     parts.headers.remove(header::EXPECT);

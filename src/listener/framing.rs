@@ -410,13 +410,46 @@ impl FramingVerdicts {
 
 pin_project_lite::pin_project! {
     /// Wraps the inbound connection's IO, delegating reads and writes unchanged while
-    /// scanning the bytes hyper reads.
+    /// scanning the bytes hyper reads; hyper's own bare refusal of a request it cannot
+    /// parse is the one write it changes (`refusal.rs`).
     #[derive(Debug)]
     pub struct FramingIo<IO> {
         #[pin]
         io: IO,
         scanner: Scanner,
         pending: Arc<Mutex<Pending>>,
+        replacing: Option<Replacing>,
+    }
+}
+
+/// A write being sent as other bytes: hyper's refusal head, as a problem response.
+#[derive(Debug)]
+struct Replacing {
+    bytes: Vec<u8>,
+    written: usize,
+    /// The length of hyper's buffer, reported written once all of `bytes` are.
+    stands_for: usize,
+}
+
+impl<IO: AsyncWrite> FramingIo<IO> {
+    /// Writes the replacement under way to its end; `Ready(n)` reports hyper's `n` bytes.
+    fn poll_replacing(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut this = self.project();
+        let Some(replacing) = this.replacing.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        while replacing.written < replacing.bytes.len() {
+            let rest = &replacing.bytes[replacing.written..];
+            match this.io.as_mut().poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => replacing.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = replacing.stands_for;
+        *this.replacing = None;
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -430,6 +463,7 @@ pub fn wrap<IO>(io: IO) -> (FramingIo<IO>, FramingVerdicts) {
         io,
         scanner: Scanner::new(),
         pending,
+        replacing: None,
     };
     (io, verdicts)
 }
@@ -460,18 +494,49 @@ impl<IO: AsyncRead> AsyncRead for FramingIo<IO> {
 
 impl<IO: AsyncWrite> AsyncWrite for FramingIo<IO> {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        if self.replacing.is_none() {
+            match super::refusal::rewrite(buf) {
+                Some(bytes) => {
+                    *self.as_mut().project().replacing = Some(Replacing {
+                        bytes,
+                        written: 0,
+                        stands_for: buf.len(),
+                    })
+                }
+                None => return self.project().io.poll_write(cx, buf),
+            }
+        }
+        self.poll_replacing(cx)
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.replacing.is_some() {
+            return self.poll_replacing(cx);
+        }
+        // hyper queues a message head as a buffer of its own: a refusal head is the last
+        // buffer. What comes before it is written first, so it arrives alone.
+        let last = bufs.iter().rposition(|b| !b.is_empty());
+        if let Some(last) = last {
+            if let Some(bytes) = super::refusal::rewrite(&bufs[last]) {
+                if bufs[..last].iter().any(|b| !b.is_empty()) {
+                    return self.project().io.poll_write_vectored(cx, &bufs[..last]);
+                }
+                *self.as_mut().project().replacing = Some(Replacing {
+                    bytes,
+                    written: 0,
+                    stands_for: bufs[last].len(),
+                });
+                return self.poll_replacing(cx);
+            }
+        }
         self.project().io.poll_write_vectored(cx, bufs)
     }
 

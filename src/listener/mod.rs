@@ -35,6 +35,7 @@ use tokio::time::Instant;
 
 pub mod activity;
 pub mod framing;
+mod refusal;
 pub mod workers;
 
 use crate::config::{Config, ConfigErrors, ServerConfig, MIN_HEADER_BYTES};

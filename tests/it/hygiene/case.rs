@@ -20,8 +20,8 @@ pub struct Case {
     pub forwarded: Forwarded,
     /// The proxy must close the connection after answering.
     pub closes: bool,
-    /// Refused by the HTTP/1 parser before any request reaches loadgate's handler: the
-    /// parser answers with its own empty body, so no problem+json is expected.
+    /// Refused by the HTTP/1 parser before any request reaches loadgate's handler
+    /// (its answer is rewritten into problem+json on the way out: listener/refusal.rs).
     pub by_parser: bool,
 }
 
@@ -127,7 +127,7 @@ async fn run(case: Case) -> Result<(), String> {
                     response.status, case.status
                 ));
             }
-            if response.status >= 400 && !case.by_parser && !response.is_problem_json() {
+            if response.status >= 400 && !response.is_problem_json() {
                 wrong.push(format!(
                     "{} without a problem+json body (content-type {:?}, body {:?})",
                     response.status,
