@@ -38,7 +38,7 @@ pub mod range;
 pub mod store;
 
 pub use lookup::Lookup;
-pub use pending::Pending;
+pub use pending::{Finished, Pending};
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;

@@ -31,6 +31,16 @@ pub(super) enum Mode {
     Revalidate,
 }
 
+/// What [`Pending::finish`] made of the origin's response.
+pub enum Finished {
+    /// The response for the client.
+    Answer(Response<ProxyBody>),
+    /// The origin's 304 validated nothing the cache holds (another ETag): the entry is
+    /// dropped, and the request must be sent again, unconditionally (RFC 9111 §4.3.4),
+    /// then finished with this `Pending`, now a plain miss.
+    Refetch(Pending),
+}
+
 /// A request the cache could not answer; it travels with the request to the origin.
 pub struct Pending {
     pub(super) inner: Arc<Inner>,
@@ -87,11 +97,22 @@ impl Pending {
         Some(response)
     }
 
+    /// Whether the request goes out as a revalidation of a stored entry (and so may
+    /// have to be sent again: [`Finished::Refetch`]).
+    pub fn revalidates(&self) -> bool {
+        self.mode == Mode::Revalidate
+    }
+
+    /// The client's request headers, as the cache saw them before [`prepare`](Pending::prepare).
+    pub fn client_headers(&self) -> &HeaderMap {
+        &self.request
+    }
+
     /// Takes the origin's response: stores it while it streams, refreshes a stale
     /// entry from a 304, or invalidates after an unsafe method.
-    pub fn finish(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    pub fn finish(self, response: Response<ProxyBody>) -> Finished {
         let inner = self.inner.clone();
-        match self.mode {
+        let answer = match self.mode {
             Mode::Bypass => {
                 inner.count(Outcome::Uncacheable);
                 let mut response = response;
@@ -108,10 +129,11 @@ impl Pending {
                 response
             }
             Mode::Revalidate if response.status() == StatusCode::NOT_MODIFIED => {
-                self.refresh(response)
+                return self.refresh(response);
             }
             Mode::Fetch | Mode::Revalidate => self.store(response),
-        }
+        };
+        Finished::Answer(answer)
     }
 
     fn fwd(&self) -> &'static str {
@@ -146,7 +168,7 @@ impl Pending {
     }
 
     /// The origin answered our revalidation with 304: update the stored fields.
-    fn refresh(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    fn refresh(mut self, response: Response<ProxyBody>) -> Finished {
         let inner = self.inner.clone();
         let stale = self.stale.take().expect("revalidation has a stored entry");
         let new_etag = response
@@ -165,12 +187,11 @@ impl Pending {
             (None, _) => true,
         };
         if !selected {
-            // Not a validation of what we hold: drop it and pass the 304 on.
+            // Not a validation of what we hold: drop it, and fetch the response again
+            // without validators, as a miss.
             inner.invalidate(&self.key);
-            inner.count(Outcome::Stale);
-            let mut response = response;
-            inner.status_header(response.headers_mut(), "fwd=stale; fwd-status=304");
-            return response;
+            self.mode = Mode::Fetch;
+            return Finished::Refetch(self);
         }
         let now = inner.clock.now();
         let headers = policy::freshen(&stale.headers, response.headers());
@@ -209,7 +230,7 @@ impl Pending {
             "fwd=stale; fwd-status=304"
         };
         inner.status_header(answer.headers_mut(), detail);
-        answer
+        Finished::Answer(answer)
     }
 
     fn store_rules(&self) -> StoreRules {

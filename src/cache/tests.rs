@@ -28,7 +28,10 @@ async fn forward(
         Lookup::Forward(mut p) => {
             let mut headers = req.headers().clone();
             p.prepare(&mut headers);
-            let response = p.finish(response);
+            let response = match p.finish(response) {
+                Finished::Answer(response) => response,
+                Finished::Refetch(_) => panic!("expected an answer"),
+            };
             let (parts, body) = response.into_parts();
             let body = body.collect().await.unwrap().to_bytes();
             Response::from_parts(parts, full(body))

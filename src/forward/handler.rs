@@ -22,7 +22,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::admission::Rejection;
-use crate::cache::Lookup;
+use crate::cache::{Finished, Lookup};
 use crate::forward::routes::Route;
 use crate::forward::state::{ClassLabel, Generation, Shared};
 use crate::http::body::{
@@ -121,10 +121,15 @@ async fn serve(
     done.class = ClassLabel::Route(route.class);
 
     let mut pending = None;
+    // A revalidation may have to be sent again without validators: its head is kept.
+    let mut head_for_refetch = None;
     if let Some(cache) = &route.http_cache {
         match cache.lookup(&req, &routed.host).await {
             Lookup::Respond(response) => return Ok(response),
             Lookup::Forward(mut p) => {
+                if p.revalidates() {
+                    head_for_refetch = Some((req.uri().clone(), req.version()));
+                }
                 p.prepare(req.headers_mut());
                 pending = Some(p);
             }
@@ -142,16 +147,35 @@ async fn serve(
         Err(error) => return Err(error),
     };
 
-    let (response, backend_done) = forward(&routed, reservation, conn, req).await?;
+    let (mut response, mut backend_done) = forward(&routed, reservation, conn, req).await?;
+    if let Some(p) = pending {
+        response = match p.finish(response) {
+            Finished::Answer(response) => response,
+            Finished::Refetch(mut p) => {
+                let (uri, version) = head_for_refetch.expect("only a revalidation is refetched");
+                let mut again = Request::new(ClientBody {
+                    body: crate::http::body::empty(),
+                    watch: None,
+                });
+                *again.uri_mut() = uri;
+                *again.version_mut() = version;
+                *again.headers_mut() = p.client_headers().clone();
+                p.prepare(again.headers_mut());
+                let (response, done_again) = forward(&routed, reservation, conn, again).await?;
+                backend_done = done_again;
+                match p.finish(response) {
+                    Finished::Answer(response) => response,
+                    Finished::Refetch(_) => unreachable!("a plain fetch is never refetched"),
+                }
+            }
+        };
+    }
     if backend_done {
         // The whole response is here: the backend's worker is free, whatever pace the
         // client reads at, so the request no longer counts against the upstream.
         done.reservation = None;
     }
-    Ok(match pending {
-        Some(p) => p.finish(response),
-        None => response,
-    })
+    Ok(response)
 }
 
 /// A refusal as the client sees it, counted and logged at debug.

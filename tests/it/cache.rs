@@ -219,6 +219,51 @@ async fn stale_entry_is_revalidated_and_updated_from_the_304() {
 }
 
 #[tokio::test]
+async fn a_304_for_another_etag_is_refetched_not_passed_to_an_unconditional_client() {
+    // The stored entry is "abcdef"; the origin's 304 to the revalidation names
+    // "ghijkl", so it validates nothing we hold (RFC 9111 §4.3.4) and the client,
+    // who asked unconditionally, must get a full response (RFC 9110 §15.4.5).
+    let origin = Origin::start(Duration::ZERO, |req, n| match n {
+        1 => respond(
+            200,
+            &[("etag", "\"abcdef\""), ("cache-control", "max-age=0")],
+            "old body",
+        ),
+        _ if req.headers.contains_key("if-none-match") => respond(
+            304,
+            &[("etag", "\"ghijkl\""), ("cache-control", "max-age=60")],
+            "",
+        ),
+        _ => respond(
+            200,
+            &[("etag", "\"ghijkl\""), ("cache-control", "max-age=60")],
+            "new body",
+        ),
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/r", proxy.addr());
+
+    assert_eq!(get(&client, &url).await.text(), "old body");
+    let second = get(&client, &url).await;
+    assert_eq!(
+        second.status, 200,
+        "never a 304 to a request without validators"
+    );
+    assert_eq!(second.text(), "new body");
+    assert_eq!(second.header("etag"), Some("\"ghijkl\""));
+    assert_eq!(origin.requests(), 3, "stored, revalidated, fetched again");
+    assert!(
+        !origin.last_headers().contains_key("if-none-match"),
+        "the second fetch is unconditional"
+    );
+    let third = get(&client, &url).await;
+    assert_eq!((third.status, third.text()), (200, "new body".to_string()));
+    assert_eq!(origin.requests(), 3, "the refetched response was stored");
+}
+
+#[tokio::test]
 async fn origin_200_replaces_a_stale_entry() {
     let origin = Origin::start(Duration::ZERO, |_, n| {
         respond(
