@@ -18,5 +18,6 @@ mod readiness;
 mod shedding;
 mod signal;
 mod sim;
+mod slow_clients;
 mod tomcat;
 mod upstream;
