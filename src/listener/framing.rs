@@ -12,7 +12,7 @@
 //! through [`FramingVerdicts::next_request`].
 //!
 //! This is a detector, not a parser: whatever it does not understand (HTTP/2 prior
-//! knowledge, upgrades, `CONNECT`, malformed heads or chunks, oversized heads) switches it
+//! knowledge, `CONNECT`, malformed heads or chunks, oversized heads) switches it
 //! to passthrough for the rest of the connection, and hyper remains the authority that
 //! rejects malformed messages. Its chunked decoding follows hyper's decoder, so both
 //! agree on where each message ends.
@@ -270,7 +270,11 @@ fn judge(req: &httparse::Request<'_, '_>) -> (Verdict, State) {
     // whether any is something else.
     let mut te_chunked = 0;
     let mut te_other = false;
-    let mut upgrade = req.method == Some("CONNECT");
+    // After CONNECT the bytes are no longer HTTP/1 messages (the proxy refuses it and
+    // closes). An `Upgrade` header is not an upgrade: the proxy answers no 101 (it strips
+    // the header as hop-by-hop), so the requests pipelined after it are still requests
+    // and must still be judged.
+    let tunnel = req.method == Some("CONNECT");
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             cl_lines += 1;
@@ -288,8 +292,6 @@ fn judge(req: &httparse::Request<'_, '_>) -> (Verdict, State) {
                     _ => te_other = true,
                 }
             }
-        } else if h.name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
         }
     }
     let ambiguous = |why| (Verdict::Ambiguous(why), State::Passthrough);
@@ -327,8 +329,7 @@ fn judge(req: &httparse::Request<'_, '_>) -> (Verdict, State) {
                 State::Passthrough,
             )
         }
-        // After an upgrade the bytes are no longer HTTP/1 messages.
-        _ if upgrade => State::Passthrough,
+        _ if tunnel => State::Passthrough,
         (Some(_), _) => State::Chunked(Chunk::Start),
         (None, Some(n)) if n > 0 => State::Body(n),
         (None, _) => State::Head { eol: 0 },
@@ -694,10 +695,16 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_header_does_not_stop_the_scan() {
+        // The proxy never answers 101, so what follows is still requests.
+        let upgrade = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        assert_eq!(scan_splits(&format!("{upgrade}{CL_TE}")), [OK, BOTH]);
+    }
+
+    #[test]
     fn gives_up_on_what_it_does_not_understand() {
         let chunked = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         for prefix in [
-            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
             "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
             &format!("{chunked}zz\r\n"),
             &format!("{chunked}0\n\n"),
