@@ -112,10 +112,10 @@ async fn serve(
     let mut req = req;
     let generation = shared.generation.load();
     let meaning = settle_meaning(&mut req, generation.config.server.underscores_in_headers)?;
-    if is_probe(&generation, &meaning) {
+    if is_probe(&generation, &meaning, &req) {
         return Ok(probe(shared));
     }
-    let routed = find_route(&generation, meaning)?;
+    let routed = find_route(&generation, meaning, &req)?;
     drop(generation);
     let route = &routed.route;
     done.class = ClassLabel::Route(route.class);
@@ -215,8 +215,8 @@ fn check_framing(conn: &ConnInfo, req: &Request<Incoming>) -> Result<(), ProxyEr
     Ok(())
 }
 
-fn is_probe(generation: &Generation, meaning: &Meaning) -> bool {
-    let path = meaning.route_path.as_str();
+fn is_probe<B>(generation: &Generation, meaning: &Meaning, req: &Request<B>) -> bool {
+    let path = meaning.route_path(req);
     generation
         .config
         .server
@@ -230,8 +230,16 @@ fn is_probe(generation: &Generation, meaning: &Meaning) -> bool {
 struct Meaning {
     /// `None` only for an HTTP/1.0 request that named no host.
     host: Option<target::Host>,
-    /// The normalised path without its segments' parameters: what routes match.
-    route_path: String,
+    /// The normalised path without its segments' parameters, what routes match, when
+    /// it differs from the request's (rewritten) path; `None` for most requests.
+    route_path: Option<String>,
+}
+
+impl Meaning {
+    /// The path routes match: see [`Meaning::route_path`](Meaning).
+    fn route_path<'a, B>(&'a self, req: &'a Request<B>) -> &'a str {
+        self.route_path.as_deref().unwrap_or(req.uri().path())
+    }
 }
 
 /// Settles the request's host and path, and rewrites the request to carry them: an
@@ -287,7 +295,7 @@ fn settle_meaning<B>(req: &mut Request<B>, underscores: bool) -> Result<Meaning,
     let uri = req.uri();
     let asterisk = req.method() == Method::OPTIONS && uri.path() == "*";
     let (route_path, rewritten) = if asterisk {
-        ("*".to_string(), None)
+        (None, None)
     } else {
         let path = target::path(uri.path()).map_err(refused)?;
         let rewritten = match (&path.forward, uri.authority()) {
@@ -300,7 +308,9 @@ fn settle_meaning<B>(req: &mut Request<B>, underscores: bool) -> Result<Meaning,
                 Some(Uri::try_from(target).map_err(|_| bad("an invalid request target"))?)
             }
         };
-        (path.route.into_owned(), rewritten)
+        // Routes match the path without parameters; most paths have none.
+        let route = (path.route != path.forward).then(|| path.route.into_owned());
+        (route, rewritten)
     };
     if let Some(uri) = rewritten {
         *req.uri_mut() = uri;
@@ -335,12 +345,17 @@ struct Routed {
     host: String,
 }
 
-fn find_route(generation: &Generation, meaning: Meaning) -> Result<Routed, ProxyError> {
+fn find_route<B>(
+    generation: &Generation,
+    meaning: Meaning,
+    req: &Request<B>,
+) -> Result<Routed, ProxyError> {
     let name = meaning.host.as_ref().map_or("", |h| h.name());
-    let Some(route) = generation.routes.find(name, &meaning.route_path) else {
+    let path = meaning.route_path(req);
+    let Some(route) = generation.routes.find(name, path) else {
         return Err(ProxyError::NoRoute {
             host: name.to_string(),
-            path: meaning.route_path,
+            path: path.to_string(),
         });
     };
     Ok(Routed {

@@ -267,7 +267,7 @@ pub fn take_ready(mut body: ProxyBody, limit: usize) -> (ProxyBody, bool) {
                 read += frame.data_ref().map_or(0, |d| d.len());
                 frames.push(frame);
             }
-            Some(None) => return (Prepend::new(frames, empty()).boxed_unsync(), true),
+            Some(None) => return (from_frames(frames), true),
             // The error is the client's to see after the frames before it.
             Some(Some(Err(error))) => {
                 let failed = Failed(Some(error));
@@ -276,8 +276,22 @@ pub fn take_ready(mut body: ProxyBody, limit: usize) -> (ProxyBody, bool) {
             None => break,
         }
     }
-    let ended = body.is_end_stream();
-    (Prepend::new(frames, body).boxed_unsync(), ended)
+    match (frames.is_empty(), body.is_end_stream()) {
+        // Nothing had arrived: the body as it was, without another layer.
+        (true, ended) => (body, ended),
+        (false, true) => (from_frames(frames), true),
+        (false, false) => (Prepend::new(frames, body).boxed_unsync(), false),
+    }
+}
+
+/// A whole body from its frames; the usual single data frame as a plain full body.
+fn from_frames(mut frames: Vec<Frame<Bytes>>) -> ProxyBody {
+    if frames.len() == 1 && frames[0].is_data() {
+        if let Ok(data) = frames.pop().expect("one frame").into_data() {
+            return full(data);
+        }
+    }
+    Prepend::new(frames, empty()).boxed_unsync()
 }
 
 /// A body that fails with its error at once.
@@ -477,9 +491,9 @@ pin_project_lite::pin_project! {
 }
 
 impl<B: Body> Prepend<B> {
-    pub fn new(first: impl IntoIterator<Item = Frame<B::Data>>, inner: B) -> Self {
+    pub fn new(first: Vec<Frame<B::Data>>, inner: B) -> Self {
         Prepend {
-            first: first.into_iter().collect(),
+            first: VecDeque::from(first),
             inner,
         }
     }

@@ -362,10 +362,11 @@ impl Upstream {
             kind: UpstreamErrorKind::HeaderTimeout,
             detail: format!("no response head within {}", fmt_duration(timeout)),
         };
-        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        // The backends that could not be connected to (allocated only on a failure).
+        let mut failed: Vec<Arc<Backend>> = Vec::new();
         let mut req = req;
         loop {
-            let Some(backend) = self.pick_other_than(&tried) else {
+            let Some(backend) = self.pick_other_than(&failed) else {
                 let error = SendError {
                     kind: UpstreamErrorKind::NoHealthyBackend,
                     detail: "no backend passes its health check".to_string(),
@@ -373,8 +374,11 @@ impl Upstream {
                 return Err((error, None));
             };
             reservation.bind(&backend);
-            tried.push(backend.clone());
-            let last = self.pick_other_than(&tried).is_none();
+            let last = !self.backends.iter().any(|b| {
+                !Arc::ptr_eq(b, &backend)
+                    && b.is_healthy()
+                    && !failed.iter().any(|f| Arc::ptr_eq(f, b))
+            });
             let attempts = if last {
                 self.config.retry.connect_attempts
             } else {
@@ -389,6 +393,7 @@ impl Upstream {
                 })) if !last => {
                     tracing::debug!(upstream = %self.name, backend = %backend.authority, error = %error.detail,
                         "could not connect; sending the request to another backend");
+                    failed.push(backend);
                     req = unsent;
                 }
                 Ok(Err(failure)) => return Err((failure.error, Some(backend))),
