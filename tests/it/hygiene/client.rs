@@ -69,9 +69,19 @@ impl RawConn {
     /// The next response, interim (1xx) ones included; `Err` says why there is none
     /// (timeout, closed, unparseable bytes).
     pub async fn response(&mut self) -> Result<Response, String> {
+        self.next_response(false).await
+    }
+
+    /// The next response, read as the answer to a `HEAD` request: a head only, whatever
+    /// its Content-Length says (RFC 9110 §9.3.2).
+    pub async fn response_to_head(&mut self) -> Result<Response, String> {
+        self.next_response(true).await
+    }
+
+    async fn next_response(&mut self, to_head: bool) -> Result<Response, String> {
         let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
         loop {
-            match parse_response(&self.buf) {
+            match parse_response(&self.buf, to_head) {
                 Parsed::Complete(response, len) => {
                     self.buf.drain(..len);
                     return Ok(response);
@@ -116,6 +126,18 @@ impl RawConn {
         self.buf.is_empty()
     }
 
+    /// True if the proxy closes the connection within [`READ_TIMEOUT`], whatever it
+    /// sends first.
+    pub async fn eof(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        while !self.eof {
+            if !self.fill(deadline).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Reads once more into `buf`; false if the deadline passed first.
     async fn fill(&mut self, deadline: tokio::time::Instant) -> bool {
         let mut chunk = [0u8; 16 * 1024];
@@ -144,7 +166,8 @@ enum Parsed {
     Garbage(String),
 }
 
-fn parse_response(buf: &[u8]) -> Parsed {
+/// `to_head`: the response to a `HEAD` request, which has no body.
+fn parse_response(buf: &[u8], to_head: bool) -> Parsed {
     let Some(head_len) = find(buf, b"\r\n\r\n").map(|at| at + 4) else {
         return Parsed::Incomplete;
     };
@@ -172,7 +195,7 @@ fn parse_response(buf: &[u8]) -> Parsed {
             .map(|(_, v)| v.as_str())
     };
     let rest = &buf[head_len..];
-    let (body, body_len) = if status < 200 || status == 204 || status == 304 {
+    let (body, body_len) = if to_head || status < 200 || status == 204 || status == 304 {
         (Vec::new(), 0)
     } else if field("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
         match dechunk(rest) {
