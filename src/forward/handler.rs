@@ -255,6 +255,12 @@ fn settle_meaning<B>(req: &mut Request<B>, underscores: bool) -> Result<Meaning,
         });
     }
 
+    // An absolute-form target names the resource by URI: this proxy serves http(s) ones.
+    if let Some(scheme) = req.uri().scheme_str() {
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return Err(bad("a request target whose scheme is not http or https"));
+        }
+    }
     // Host: the target's authority (absolute-form, or `:authority` on HTTP/2), else
     // the one `Host` field.
     let mut fields = req.headers().get_all(header::HOST).iter();

@@ -298,6 +298,8 @@ pub fn refused_targets() -> Vec<Case> {
         // RFC 9112 §3.2: asterisk-form is for OPTIONS, authority-form for CONNECT.
         bad("asterisk_form_for_get", "*"),
         bad("authority_form_for_get", "public.example:80"),
+        // An absolute-form target with another scheme (nginx: 400).
+        bad("absolute_form_unknown_scheme", "ttp://internal.example/x"),
         bad("relative_target", "reports/x").by_parser(),
         // RFC 9112 §3.2: a request-target has no fragment; '#' makes the line invalid.
         bad("fragment_in_target", "/reports#x"),
