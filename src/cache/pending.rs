@@ -8,7 +8,7 @@
 //! copies into the store while streaming (`fill.rs`).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode, Uri};
@@ -80,6 +80,25 @@ impl Pending {
     /// instead, if the route allows it and the response permits serving stale.
     pub fn stale_on_shed(&self) -> Option<Response<ProxyBody>> {
         let limit = self.inner.settings.stale_on_shed?;
+        self.serve_stale(limit, "stale-on-shed")
+    }
+
+    /// When the origin failed this request (an error status, a connection refused or
+    /// reset, a timeout, no backend in rotation): a stored copy to answer with instead,
+    /// within the response's `stale-if-error` window or else the route's default
+    /// (RFC 5861 §4).
+    pub fn stale_if_error(&self) -> Option<Response<ProxyBody>> {
+        let entry = self.stale.as_ref()?;
+        let limit = entry
+            .freshness
+            .stale_if_error
+            .or(self.inner.settings.stale_if_error)?;
+        self.serve_stale(limit, "stale-if-error")
+    }
+
+    /// The stored copy, if serving it stale is allowed and it is at most `limit` past
+    /// its freshness: one rule for every reason to serve stale.
+    fn serve_stale(&self, limit: Duration, why: &str) -> Option<Response<ProxyBody>> {
         let entry = self.stale.as_ref()?;
         let f = &entry.freshness;
         let now = self.inner.clock.now();
@@ -92,7 +111,7 @@ impl Pending {
         self.inner.count(Outcome::Stale);
         self.inner.status_header(
             response.headers_mut(),
-            &format!("hit; ttl={}; detail=stale-on-shed", f.ttl(now)),
+            &format!("hit; ttl={}; detail={why}", f.ttl(now)),
         );
         Some(response)
     }

@@ -202,6 +202,9 @@ pub struct Freshness {
     pub no_cache: bool,
     /// `must-revalidate`, `proxy-revalidate` or `s-maxage`: never served stale.
     pub no_stale: bool,
+    /// `stale-if-error=N` (RFC 5861 §4): how long past its lifetime the response may be
+    /// served when the origin fails.
+    pub stale_if_error: Option<Duration>,
 }
 
 impl Freshness {
@@ -220,6 +223,7 @@ impl Freshness {
             response_time,
             no_cache: cc.has("no-cache"),
             no_stale: cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("s-maxage"),
+            stale_if_error: cc.seconds("stale-if-error").map(Duration::from_secs),
         }
     }
 

@@ -133,6 +133,7 @@ pub(super) struct RawRoute {
     pub(super) cache_max_object_bytes: Option<usize>,
     pub(super) cache_generate_etag: Option<bool>,
     pub(super) cache_stale_on_shed_ms: Option<u64>,
+    pub(super) cache_stale_if_error_ms: Option<u64>,
     pub(super) cache_store_set_cookie: Option<bool>,
     pub(super) cache_coalesce_timeout_ms: Option<u64>,
     pub(super) threshold: Option<f64>,

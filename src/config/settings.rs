@@ -188,6 +188,11 @@ pub struct CacheSettings {
     /// When shedding would reject a GET, answer from a stored copy up to this far
     /// past its freshness instead. Default `None` (off).
     pub stale_on_shed: Option<Duration>,
+    /// When the origin fails a GET (500, 502, 503, 504, a refused or reset connection,
+    /// a timeout, no backend in rotation), answer from a stored copy up to this far past
+    /// its freshness instead, for responses that carry no `stale-if-error` of their
+    /// own. Default `None` (only what the response allows).
+    pub stale_if_error: Option<Duration>,
     /// Store responses carrying `Set-Cookie`. Default off.
     pub store_set_cookie: bool,
     /// How long concurrent misses wait for the one request sent for them. Default 5 s.
@@ -201,6 +206,7 @@ impl Default for CacheSettings {
             max_object_bytes: defaults::CACHE_MAX_OBJECT_BYTES,
             generate_etag: defaults::CACHE_GENERATE_ETAG,
             stale_on_shed: None,
+            stale_if_error: None,
             store_set_cookie: defaults::CACHE_STORE_SET_COOKIE,
             coalesce_timeout: Duration::from_millis(defaults::CACHE_COALESCE_TIMEOUT_MS),
         }

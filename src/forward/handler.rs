@@ -147,7 +147,21 @@ async fn serve(
         Err(error) => return Err(error),
     };
 
-    let (mut response, mut backend_done) = forward(&routed, reservation, conn, req).await?;
+    let forwarded = forward(&routed, reservation, conn, req).await;
+    // The origin failed: a stored copy within its stale-if-error window answers instead.
+    let origin_failed = match &forwarded {
+        Err(error) => matches!(error, ProxyError::Upstream { .. }),
+        Ok((response, _)) => matches!(response.status().as_u16(), 500 | 502 | 503 | 504),
+    };
+    if origin_failed {
+        if let Some(stale) = pending.as_ref().and_then(|p| p.stale_if_error()) {
+            if let Err(error) = &forwarded {
+                count_upstream_error(error);
+            }
+            return Ok(stale);
+        }
+    }
+    let (mut response, mut backend_done) = forwarded?;
     if let Some(p) = pending {
         response = match p.finish(response) {
             Finished::Answer(response) => response,
@@ -180,11 +194,7 @@ async fn serve(
 
 /// A refusal as the client sees it, counted and logged at debug.
 fn refusal(error: ProxyError) -> Response<ProxyBody> {
-    if let ProxyError::Upstream { upstream, kind, .. } = &error {
-        metrics::counter!(m::UPSTREAM_ERRORS_TOTAL,
-            m::LABEL_UPSTREAM => upstream.clone(), m::LABEL_KIND => kind.as_str())
-        .increment(1);
-    }
+    count_upstream_error(&error);
     if matches!(
         error,
         ProxyError::BadRequest(_)
@@ -195,6 +205,16 @@ fn refusal(error: ProxyError) -> Response<ProxyBody> {
     }
     tracing::debug!(%error, "answered by the proxy");
     error.into_response()
+}
+
+/// Counts a failed upstream exchange in `loadgate_upstream_errors_total`, whether the
+/// client got the error or a stale copy instead.
+fn count_upstream_error(error: &ProxyError) {
+    if let ProxyError::Upstream { upstream, kind, .. } = error {
+        metrics::counter!(m::UPSTREAM_ERRORS_TOTAL,
+            m::LABEL_UPSTREAM => upstream.clone(), m::LABEL_KIND => kind.as_str())
+        .increment(1);
+    }
 }
 
 /// Refuses an HTTP/1 request whose raw bytes framed it ambiguously, and a declared

@@ -264,6 +264,114 @@ async fn a_304_for_another_etag_is_refetched_not_passed_to_an_unconditional_clie
 }
 
 #[tokio::test]
+async fn a_failing_origin_is_answered_from_a_stored_copy_within_its_stale_if_error_window() {
+    // Each path is stored once (already stale), then the origin fails it.
+    let origin = Origin::start(Duration::ZERO, |req, _| {
+        let stored = !req.headers.contains_key("if-none-match");
+        let path = req.uri.path();
+        let cache_control = match path {
+            "/api/own-window" => "max-age=0, stale-if-error=60",
+            "/api/past-window" => "max-age=0, stale-if-error=60",
+            "/api/must-revalidate" => "max-age=0, must-revalidate",
+            _ => "max-age=0",
+        };
+        // Stored 100 s old: past its own 60 s window.
+        let age = if path == "/api/past-window" {
+            "100"
+        } else {
+            "0"
+        };
+        if stored && !req.headers.contains_key("x-second") {
+            respond(
+                200,
+                &[
+                    ("etag", "\"v1\""),
+                    ("cache-control", cache_control),
+                    ("age", age),
+                ],
+                "stored",
+            )
+        } else {
+            respond(503, &[], "down")
+        }
+    })
+    .await;
+    let settings = CacheSettings {
+        stale_if_error: Some(Duration::from_secs(300)),
+        ..CacheSettings::default()
+    };
+    let proxy = start_proxy(cached_config(origin.addr(), settings)).await;
+    let plain = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
+    let client = client();
+
+    for (proxy, path, want) in [
+        // The route's default window covers a response that sends none.
+        (&proxy, "/api/default-window", 200),
+        // The response's own window wins.
+        (&proxy, "/api/own-window", 200),
+        (&plain, "/api/own-window", 200),
+        // Past its window, or never to be served stale: the error passes through.
+        (&proxy, "/api/past-window", 503),
+        (&proxy, "/api/must-revalidate", 503),
+        // No window at all (no default, none in the response).
+        (&plain, "/api/default-window", 503),
+    ] {
+        let url = format!("http://{}{path}", proxy.addr());
+        assert_eq!(get(&client, &url).await.text(), "stored", "{path} stored");
+        let failed = get(&client, &url).await;
+        assert_eq!(failed.status, want, "{path} through {}", proxy.addr());
+        if want == 200 {
+            assert_eq!(failed.text(), "stored");
+            let status = failed.header("cache-status").unwrap();
+            assert!(status.contains("detail=stale-if-error"), "{status}");
+            assert!(failed.header("age").is_some());
+        } else {
+            assert_eq!(failed.text(), "down");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stored_copy_answers_when_the_backend_is_gone() {
+    // `connection: close`, so no pooled connection outlives the origin.
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(
+            200,
+            &[
+                ("cache-control", "max-age=0, stale-if-error=60"),
+                ("connection", "close"),
+            ],
+            "stored",
+        )
+    })
+    .await;
+    let mut config = cached_config(origin.addr(), CacheSettings::default());
+    // Without health checks the request goes to the dead address and is refused.
+    config.upstreams[0].health.enabled = false;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = format!("http://{}/api/r", proxy.addr());
+    assert_eq!(get(&client, &url).await.text(), "stored");
+
+    drop(origin);
+    let answered = get(&client, &url).await;
+    assert_eq!((answered.status, answered.text().as_str()), (200, "stored"));
+    assert!(answered
+        .header("cache-status")
+        .unwrap()
+        .contains("detail=stale-if-error"));
+    let other = get(
+        &client,
+        &format!("http://{}/api/never-stored", proxy.addr()),
+    )
+    .await;
+    assert_eq!(
+        other.status, 502,
+        "nothing stored: the error passes through"
+    );
+}
+
+#[tokio::test]
 async fn origin_200_replaces_a_stale_entry() {
     let origin = Origin::start(Duration::ZERO, |_, n| {
         respond(
