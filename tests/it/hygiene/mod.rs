@@ -8,7 +8,7 @@
 //! hygiene/messages.rs  tables: framing (CL / TE / chunks), fields, request line, methods
 //! hygiene/mod.rs       the table runs, and the cases that need more than one exchange:
 //!                      pipelining, half-close, 100-continue, HTTP/2
-//! hygiene/property.rs  the rules as a property: mutated requests forwarded with the
+//! hygiene/property/    the rules as a property: mutated requests forwarded with the
 //!                      meaning they were routed on, or not at all
 //! hygiene/case.rs      a case, and the runner that reports every failing case of a table
 //! hygiene/rig.rs       one proxy in front of three recording backends, per case
