@@ -7,7 +7,7 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tinyufo::TinyUfo;
 
@@ -50,6 +50,10 @@ pub struct Store<T> {
     ufo: TinyUfo<u64, Slot<T>>,
     hasher: RandomState,
     max_object: usize,
+    /// Held by every put and remove: TinyUFO does not say what a put replaced, so the
+    /// weight a put takes over is read first, and no other write may come in between
+    /// (reads go on unlocked).
+    writing: Mutex<()>,
     pub stats: Stats,
 }
 
@@ -63,6 +67,7 @@ impl<T: Clone + Send + Sync + 'static> Store<T> {
             ufo: TinyUfo::new(units, estimated),
             hasher: RandomState::new(),
             max_object: max_object.min(MAX_OBJECT_BYTES).min(max_bytes),
+            writing: Mutex::new(()),
             stats: Stats::default(),
         }
     }
@@ -81,7 +86,8 @@ impl<T: Clone + Send + Sync + 'static> Store<T> {
         (*slot.key == *key).then_some(slot.value)
     }
 
-    /// Stores `value` costing `bytes`; false when it is over the object limit.
+    /// Stores `value` costing `bytes`. False when it is not stored: over the object
+    /// limit, or not admitted (TinyLFU keeps a more popular object it would evict).
     pub fn put(&self, key: &str, value: T, bytes: usize) -> bool {
         if bytes > self.max_object {
             return false;
@@ -89,25 +95,31 @@ impl<T: Clone + Send + Sync + 'static> Store<T> {
         let weight = bytes.div_ceil(UNIT).clamp(1, u16::MAX as usize) as u16;
         let hash = self.hash(key);
         let key: Arc<str> = Arc::from(key);
-        if let Some(old) = self.ufo.get(&hash) {
-            self.account(-1, -i64::from(old.weight));
-        }
         let slot = Slot {
             key: key.clone(),
             value,
             weight,
         };
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = self.ufo.get(&hash) {
+            self.account(-1, -i64::from(old.weight));
+        }
         self.account(1, i64::from(weight));
+        let mut stored = true;
         for evicted in self.ufo.put(hash, slot, weight) {
             self.account(-1, -i64::from(evicted.weight));
-            if !Arc::ptr_eq(&evicted.data.key, &key) {
+            if Arc::ptr_eq(&evicted.data.key, &key) {
+                // Handed back at once: not admitted.
+                stored = false;
+            } else {
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
-        true
+        stored
     }
 
     pub fn remove(&self, key: &str) -> Option<T> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let slot = self.ufo.remove(&self.hash(key))?;
         self.account(-1, -i64::from(slot.weight));
         (*slot.key == *key).then_some(slot.value)
@@ -161,6 +173,56 @@ mod tests {
         assert!(!store.put("big", 1, 10_001));
         assert!(store.put("ok", 1, 10_000));
         assert_eq!(store.get("big"), None);
+    }
+
+    /// What the store holds, counted key by key (each key weighs 1 KiB).
+    fn held(store: &Store<u32>, keys: &[String]) -> (u64, u64) {
+        let present = keys.iter().filter(|k| store.get(k).is_some()).count() as u64;
+        (present, present * 1024)
+    }
+
+    #[test]
+    fn a_put_that_admission_refuses_says_so_and_is_not_counted() {
+        let store: Store<u32> = Store::new(64 * 1024, 8 * 1024);
+        let hot: Vec<String> = (0..64).map(|i| format!("hot-{i}")).collect();
+        // TinyLFU counts puts: keys stored again and again are popular.
+        for _ in 0..5 {
+            for (i, key) in hot.iter().enumerate() {
+                store.put(key, i as u32, 1024);
+            }
+        }
+        // A new key evicting one popular key is refused (the popular one is put back).
+        let cold: Vec<String> = (0..100).map(|i| format!("cold-{i}")).collect();
+        let mut refused = 0;
+        for (i, key) in cold.iter().enumerate() {
+            let stored = store.put(key, i as u32, 1024);
+            assert_eq!(stored, store.get(key).is_some(), "{key}: put says {stored}");
+            refused += usize::from(!stored);
+        }
+        assert!(refused > 0, "admission refused none of 100 cold keys");
+        let all: Vec<String> = hot.into_iter().chain(cold).collect();
+        assert_eq!((store.objects(), store.bytes()), held(&store, &all));
+    }
+
+    #[test]
+    fn counts_stay_exact_under_concurrent_puts_of_the_same_keys() {
+        let store: Arc<Store<u32>> = Arc::new(Store::new(1 << 20, 8 * 1024));
+        let keys: Vec<String> = (0..16).map(|i| format!("k-{i}")).collect();
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let (store, keys) = (&store, &keys);
+                scope.spawn(move || {
+                    for round in 0..500 {
+                        let key = &keys[(round * 7 + t) % keys.len()];
+                        store.put(key, round as u32, 1024);
+                        if round % 5 == 0 {
+                            store.remove(key);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!((store.objects(), store.bytes()), held(&store, &keys));
     }
 
     #[test]
