@@ -25,6 +25,10 @@ pub enum Lookup {
     /// Forward the request (after [`Pending::prepare`]) and pass the response to
     /// [`Pending::finish`].
     Forward(Box<Pending>),
+    /// Answer with this stale response now, and revalidate in the background: send
+    /// the request (after [`Pending::prepare`]) and pass the response to
+    /// [`Pending::finish`], reading its body so it is stored (RFC 5861 §3).
+    Revalidate(Response<ProxyBody>, Box<Pending>),
 }
 
 impl Cache {
@@ -108,10 +112,22 @@ impl Cache {
             if waited || rules.no_cache {
                 return Lookup::Forward(Box::new(pending));
             }
+            let while_revalidating = pending
+                .stale
+                .as_ref()
+                .filter(|entry| inner.may_serve_while_revalidating(entry, now))
+                .map(|entry| inner.stale_while_revalidate(entry, &method, headers, now));
             match fill::join(inner, &pending.key) {
                 fill::Joined::Leader(fill) => {
                     pending.fill = Some(fill);
-                    return Lookup::Forward(Box::new(pending));
+                    return match while_revalidating {
+                        Some(stale) => Lookup::Revalidate(stale, Box::new(pending)),
+                        None => Lookup::Forward(Box::new(pending)),
+                    };
+                }
+                // Another request is revalidating: the stale copy answers meanwhile.
+                fill::Joined::Follower(_) if while_revalidating.is_some() => {
+                    return Lookup::Respond(while_revalidating.expect("checked"));
                 }
                 fill::Joined::Follower(mut done) => {
                     let _ =
@@ -120,6 +136,42 @@ impl Cache {
                 }
             }
         }
+    }
+}
+
+impl Inner {
+    /// Whether `entry`, stale at `now`, may answer while it is revalidated: within its
+    /// `stale-while-revalidate` window (the response's, else the route's) and allowed
+    /// to be served stale at all.
+    fn may_serve_while_revalidating(&self, entry: &Entry, now: SystemTime) -> bool {
+        let f = &entry.freshness;
+        let Some(window) = f
+            .stale_while_revalidate
+            .or(self.settings.stale_while_revalidate)
+        else {
+            return false;
+        };
+        !f.no_cache && !f.no_stale && f.staleness(now) <= window
+    }
+
+    /// The stale copy answered while a revalidation runs.
+    fn stale_while_revalidate(
+        &self,
+        entry: &Entry,
+        method: &Method,
+        request: &HeaderMap,
+        now: SystemTime,
+    ) -> Response<ProxyBody> {
+        let mut response = self.respond_with(entry, method, request, now);
+        self.count(Outcome::Stale);
+        self.status_header(
+            response.headers_mut(),
+            &format!(
+                "hit; ttl={}; detail=stale-while-revalidate",
+                entry.freshness.ttl(now)
+            ),
+        );
+        response
     }
 }
 

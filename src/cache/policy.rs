@@ -205,6 +205,9 @@ pub struct Freshness {
     /// `stale-if-error=N` (RFC 5861 §4): how long past its lifetime the response may be
     /// served when the origin fails.
     pub stale_if_error: Option<Duration>,
+    /// `stale-while-revalidate=N` (RFC 5861 §3): how long past its lifetime the
+    /// response may be served while one revalidation runs in the background.
+    pub stale_while_revalidate: Option<Duration>,
 }
 
 impl Freshness {
@@ -224,6 +227,9 @@ impl Freshness {
             no_cache: cc.has("no-cache"),
             no_stale: cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("s-maxage"),
             stale_if_error: cc.seconds("stale-if-error").map(Duration::from_secs),
+            stale_while_revalidate: cc
+                .seconds("stale-while-revalidate")
+                .map(Duration::from_secs),
         }
     }
 

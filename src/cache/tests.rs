@@ -24,7 +24,7 @@ async fn forward(
     response: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
     match cache.lookup(req, "example.com").await {
-        Lookup::Respond(_) => panic!("expected a miss"),
+        Lookup::Respond(_) | Lookup::Revalidate(..) => panic!("expected a miss"),
         Lookup::Forward(mut p) => {
             let mut headers = req.headers().clone();
             p.prepare(&mut headers);
@@ -57,6 +57,6 @@ async fn stores_a_miss_and_answers_the_next_lookup() {
             let body = r.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "hello");
         }
-        Lookup::Forward(_) => panic!("expected a hit"),
+        Lookup::Forward(_) | Lookup::Revalidate(..) => panic!("expected a hit"),
     }
 }

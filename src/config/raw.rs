@@ -134,6 +134,7 @@ pub(super) struct RawRoute {
     pub(super) cache_generate_etag: Option<bool>,
     pub(super) cache_stale_on_shed_ms: Option<u64>,
     pub(super) cache_stale_if_error_ms: Option<u64>,
+    pub(super) cache_stale_while_revalidate_ms: Option<u64>,
     pub(super) cache_store_set_cookie: Option<bool>,
     pub(super) cache_coalesce_timeout_ms: Option<u64>,
     pub(super) threshold: Option<f64>,

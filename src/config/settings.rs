@@ -193,6 +193,10 @@ pub struct CacheSettings {
     /// its freshness instead, for responses that carry no `stale-if-error` of their
     /// own. Default `None` (only what the response allows).
     pub stale_if_error: Option<Duration>,
+    /// Answer a GET from a stored copy up to this far past its freshness while one
+    /// request revalidates it in the background, for responses that carry no
+    /// `stale-while-revalidate` of their own. Default `None`.
+    pub stale_while_revalidate: Option<Duration>,
     /// Store responses carrying `Set-Cookie`. Default off.
     pub store_set_cookie: bool,
     /// How long concurrent misses wait for the one request sent for them. Default 5 s.
@@ -207,6 +211,7 @@ impl Default for CacheSettings {
             generate_etag: defaults::CACHE_GENERATE_ETAG,
             stale_on_shed: None,
             stale_if_error: None,
+            stale_while_revalidate: None,
             store_set_cookie: defaults::CACHE_STORE_SET_COOKIE,
             coalesce_timeout: Duration::from_millis(defaults::CACHE_COALESCE_TIMEOUT_MS),
         }

@@ -778,13 +778,14 @@ fn cache_keys_defaults_and_overrides() {
     assert!(!s.generate_etag);
     assert_eq!(s.stale_on_shed, None);
     assert_eq!(s.stale_if_error, None);
+    assert_eq!(s.stale_while_revalidate, None);
     assert!(!s.store_set_cookie);
     assert_eq!(s.coalesce_timeout, Duration::from_secs(5));
 
     let c = parse(&doc(
         "[[route]]\nname = \"c\"\npath_prefix = \"/c\"\nupstream = \"app\"\ncache = \"on\"\n\
          cache_max_bytes = 1000000\ncache_max_object_bytes = 2048\ncache_generate_etag = true\n\
-         cache_stale_on_shed_ms = 30000\ncache_stale_if_error_ms = 300000\n\
+         cache_stale_on_shed_ms = 30000\ncache_stale_if_error_ms = 300000\ncache_stale_while_revalidate_ms = 10000\n\
          cache_store_set_cookie = true\ncache_coalesce_timeout_ms = 0\n",
     ));
     let r = c.routes.iter().find(|r| r.name == "c").unwrap();
@@ -795,6 +796,7 @@ fn cache_keys_defaults_and_overrides() {
     assert!(s.generate_etag);
     assert_eq!(s.stale_on_shed, Some(Duration::from_secs(30)));
     assert_eq!(s.stale_if_error, Some(Duration::from_secs(300)));
+    assert_eq!(s.stale_while_revalidate, Some(Duration::from_secs(10)));
     assert!(s.store_set_cookie);
     assert_eq!(s.coalesce_timeout, Duration::ZERO, "0 turns coalescing off");
 

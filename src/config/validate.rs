@@ -721,6 +721,9 @@ fn cache_settings(s: &Section, errs: &mut Errors, raw: &RawRoute) -> CacheSettin
         generate_etag: raw.cache_generate_etag.unwrap_or(d.generate_etag),
         stale_on_shed: raw.cache_stale_on_shed_ms.map(Duration::from_millis),
         stale_if_error: raw.cache_stale_if_error_ms.map(Duration::from_millis),
+        stale_while_revalidate: raw
+            .cache_stale_while_revalidate_ms
+            .map(Duration::from_millis),
         store_set_cookie: raw.cache_store_set_cookie.unwrap_or(d.store_set_cookie),
         coalesce_timeout: raw
             .cache_coalesce_timeout_ms

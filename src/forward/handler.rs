@@ -22,7 +22,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::admission::Rejection;
-use crate::cache::{Finished, Lookup};
+use crate::cache::{self, Finished, Lookup};
 use crate::forward::routes::Route;
 use crate::forward::state::{ClassLabel, Generation, Shared};
 use crate::http::body::{
@@ -126,6 +126,12 @@ async fn serve(
     if let Some(cache) = &route.http_cache {
         match cache.lookup(&req, &routed.host).await {
             Lookup::Respond(response) => return Ok(response),
+            Lookup::Revalidate(stale, p) => {
+                let head = (req.uri().clone(), req.version());
+                let background = revalidate_in_background(routed.clone(), conn.clone(), head, p);
+                tokio::spawn(background);
+                return Ok(stale);
+            }
             Lookup::Forward(mut p) => {
                 if p.revalidates() {
                     head_for_refetch = Some((req.uri().clone(), req.version()));
@@ -190,6 +196,47 @@ async fn serve(
         done.reservation = None;
     }
     Ok(response)
+}
+
+/// How long a background revalidation may take to read its response into the store.
+const BACKGROUND_BODY_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Revalidates a stale entry after its client was answered with it
+/// (stale-while-revalidate): admitted like any request and skipped when it would be
+/// shed or queued past its timeout, bounded by the upstream's timeouts, and its
+/// response body read into the store within [`BACKGROUND_BODY_LIMIT`].
+async fn revalidate_in_background(
+    routed: Routed,
+    conn: ConnInfo,
+    (uri, version): (Uri, Version),
+    pending: Box<cache::Pending>,
+) {
+    let Ok(mut reservation) = admit(&routed.route).await else {
+        return;
+    };
+    let mut pending = *pending;
+    // At most twice: a 304 for another ETag is fetched again, once (`Finished::Refetch`).
+    for _ in 0..2 {
+        let mut req = Request::new(ClientBody {
+            body: crate::http::body::empty(),
+            watch: None,
+        });
+        *req.uri_mut() = uri.clone();
+        *req.version_mut() = version;
+        *req.headers_mut() = pending.client_headers().clone();
+        pending.prepare(req.headers_mut());
+        let Ok((response, _)) = forward(&routed, &mut reservation, &conn, req).await else {
+            return;
+        };
+        match pending.finish(response) {
+            Finished::Answer(response) => {
+                let stored = response.into_body().collect();
+                let _ = tokio::time::timeout(BACKGROUND_BODY_LIMIT, stored).await;
+                return;
+            }
+            Finished::Refetch(again) => pending = again,
+        }
+    }
 }
 
 /// A refusal as the client sees it, counted and logged at debug.
@@ -364,6 +411,7 @@ fn settle_meaning<B>(req: &mut Request<B>, underscores: bool) -> Result<Meaning,
 }
 
 /// A request matched to its route.
+#[derive(Clone)]
 struct Routed {
     route: Arc<Route>,
     /// The normalised host it was routed on, as forwarded in `X-Forwarded-Host`; empty

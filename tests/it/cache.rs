@@ -371,6 +371,58 @@ async fn a_stored_copy_answers_when_the_backend_is_gone() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_answers_at_once_while_one_background_request_revalidates_it() {
+    // Stored already stale, with a minute of stale-while-revalidate; the origin takes
+    // a second to answer the revalidation, with a new version.
+    let slow = Origin::start(Duration::from_secs(1), |_, n| match n {
+        1 => respond(
+            200,
+            &[("cache-control", "max-age=0, stale-while-revalidate=60")],
+            "v1",
+        ),
+        _ => respond(200, &[("cache-control", "max-age=60")], "v2"),
+    })
+    .await;
+    let proxy = start_proxy(cached_config(slow.addr(), CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/r", proxy.addr());
+    assert_eq!(get(&client, &url).await.text(), "v1");
+
+    // 100 at once: every one is answered from the stale copy (none waits for the
+    // revalidation, which would answer v2), and exactly one revalidation goes out.
+    let answers: Vec<_> = (0..100)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    for answer in answers {
+        let got = answer.await.unwrap();
+        assert_eq!((got.status, got.text().as_str()), (200, "v1"));
+        let status = got.header("cache-status").unwrap();
+        assert!(status.contains("detail=stale-while-revalidate"), "{status}");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || slow.requests() == 2).await,
+        "one revalidation: {} origin requests",
+        slow.requests()
+    );
+    // Once it is back, the new version is fresh in the store.
+    let mut refreshed = false;
+    for _ in 0..50 {
+        let got = get(&client, &url).await;
+        if got.text() == "v2" {
+            assert!(got.header("cache-status").unwrap().contains("hit"));
+            refreshed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refreshed, "the background revalidation stored v2");
+    assert_eq!(slow.requests(), 2, "and nothing more went to the origin");
+}
+
 #[tokio::test]
 async fn origin_200_replaces_a_stale_entry() {
     let origin = Origin::start(Duration::ZERO, |_, n| {
