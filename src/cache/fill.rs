@@ -234,7 +234,12 @@ impl Body for StoreBody {
     }
 }
 
-/// Reads a body to its end (storing it), for a client that was answered 304.
+/// The longest a body is read into the store behind a client that was answered 304.
+pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a body to its end (storing it), for a client that was answered 304, for at
+/// most [`DRAIN_LIMIT`]: a backend trickling the body must not hold its connection
+/// (and a worker) with no client waiting. Cut off, the body is not stored.
 pub async fn drain(body: StoreBody) {
-    let _ = body.collect().await;
+    let _ = tokio::time::timeout(DRAIN_LIMIT, body.collect()).await;
 }

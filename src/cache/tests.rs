@@ -1,7 +1,8 @@
 //! Unit tests of the cache layer: lookup, store while streaming, revalidate, coalesce.
 
 use super::*;
-use crate::http::body::{full, ProxyBody};
+use crate::http::body::{full, BoxError, ProxyBody};
+use http::header;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 
@@ -59,4 +60,43 @@ async fn stores_a_miss_and_answers_the_next_lookup() {
         }
         Lookup::Forward(_) | Lookup::Revalidate(..) => panic!("expected a hit"),
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_body_read_behind_a_304_is_cut_off_at_the_drain_limit() {
+    let cache = Cache::new("t", CacheSettings::default());
+    // The client holds "v1" already; the origin's 200 starts a body that never ends.
+    let mut req = get("/a");
+    req.headers_mut()
+        .insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"v1\""));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(1);
+    let body = http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|frame| (frame, rx))
+    }));
+    let mut response = Response::new(body.boxed_unsync());
+    response
+        .headers_mut()
+        .insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=60"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+    let answered = forward(&cache, &req, response).await;
+    assert_eq!(answered.status(), StatusCode::NOT_MODIFIED);
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"abc"))))
+        .await
+        .unwrap();
+
+    let started = tokio::time::Instant::now();
+    let dropped = tokio::time::timeout(2 * fill::DRAIN_LIMIT, tx.closed()).await;
+    assert!(dropped.is_ok(), "the body behind the 304 was never dropped");
+    assert_eq!(
+        started.elapsed(),
+        fill::DRAIN_LIMIT,
+        "the body is dropped at the limit"
+    );
+    assert_eq!(cache.stats().objects, 0, "a body cut off is not stored");
 }
