@@ -3,6 +3,7 @@
 //! embedded demo config). Signals: SIGINT/SIGTERM drain and exit, SIGHUP reloads.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
@@ -40,19 +41,21 @@ async fn run_with(
     let proxy = Proxy::start(config).await.context("starting the proxy")?;
     announce(&proxy, sim.as_ref());
 
-    loop {
+    // SIGTERM (an orchestrator) waits `shutdown_delay_ms` for traffic to move away;
+    // SIGINT (someone at a terminal) stops at once.
+    let delay = loop {
         tokio::select! {
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break Duration::ZERO,
+            _ = terminate.recv() => break proxy.shared().generation.load().config.server.shutdown_delay,
             _ = hangup.recv() => match &path {
                 // Errors are logged by reload_from_file; the running config stays.
                 Some(path) => { let _ = proxy.reload_from_file(path); }
                 None => tracing::warn!("SIGHUP ignored: this config was not loaded from a file"),
             },
         }
-    }
+    };
     tracing::info!("shutting down: draining in-flight requests");
-    proxy.shutdown().await;
+    proxy.shutdown_after(delay).await;
     if let Some(sim) = sim {
         sim.shutdown().await;
     }

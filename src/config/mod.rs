@@ -34,6 +34,8 @@ pub mod defaults {
     pub const SERVER_LISTEN: SocketAddr = loopback(8080);
     pub const PROBE_PATHS: &[&str] = &["/healthz"];
     pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
+    /// Long enough for Kubernetes to take a terminating pod out of its endpoints.
+    pub const SHUTDOWN_DELAY_MS: u64 = 5_000;
     pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
     pub const CLIENT_IDLE_TIMEOUT_MS: u64 = 75_000;
     pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -141,6 +143,9 @@ pub struct ServerConfig {
     pub probe_paths: Vec<String>,
     /// How long in-flight requests may take to finish on shutdown. Key `drain_timeout_ms`, default 30000.
     pub drain_timeout: Duration,
+    /// On SIGTERM, how long readiness answers 503 while the listeners still accept, before
+    /// they close and the drain begins. Key `shutdown_delay_ms`, default 5000; 0 for none.
+    pub shutdown_delay: Duration,
     /// From the first byte of a request head (or accept, for a connection's first request) to
     /// its last. Key `header_read_timeout_ms`, default 10000.
     pub header_read_timeout: Duration,
@@ -236,6 +241,7 @@ impl Default for ServerConfig {
                 .map(|p| p.to_string())
                 .collect(),
             drain_timeout: Duration::from_millis(defaults::DRAIN_TIMEOUT_MS),
+            shutdown_delay: Duration::from_millis(defaults::SHUTDOWN_DELAY_MS),
             header_read_timeout: Duration::from_millis(defaults::HEADER_READ_TIMEOUT_MS),
             idle_timeout: Duration::from_millis(defaults::CLIENT_IDLE_TIMEOUT_MS),
             max_header_bytes: defaults::MAX_HEADER_BYTES,

@@ -14,6 +14,7 @@ pub(super) struct RawServer {
     pub(super) listen: Option<Vec<SocketAddr>>,
     pub(super) probe_paths: Option<Vec<String>>,
     pub(super) drain_timeout_ms: Option<u64>,
+    pub(super) shutdown_delay_ms: Option<u64>,
     pub(super) header_read_timeout_ms: Option<u64>,
     pub(super) idle_timeout_ms: Option<u64>,
     pub(super) max_header_bytes: Option<usize>,

@@ -91,6 +91,13 @@ fn every_key_is_read() {
 listen = ["0.0.0.0:80", "[::1]:80"]
 probe_paths = ["/healthz", "/livez"]
 drain_timeout_ms = 0
+shutdown_delay_ms = 0
+underscores_in_headers = true
+send_timeout_ms = 7000
+http2_max_concurrent_streams = 8
+request_buffer_bytes = 0
+body_read_timeout_ms = 9000
+body_min_rate = 0
 header_read_timeout_ms = 2000
 idle_timeout_ms = 620000
 max_header_bytes = 16384
@@ -129,6 +136,13 @@ workers = 3
     assert_eq!(c.server.listen.len(), 2);
     assert_eq!(c.server.probe_paths, vec!["/healthz", "/livez"]);
     assert_eq!(c.server.drain_timeout, Duration::ZERO);
+    assert_eq!(c.server.shutdown_delay, Duration::ZERO, "0 is no delay");
+    assert!(c.server.underscores_in_headers);
+    assert_eq!(c.server.send_timeout, Duration::from_secs(7));
+    assert_eq!(c.server.http2_max_concurrent_streams, 8);
+    assert_eq!(c.server.request_buffer_bytes, 0);
+    assert_eq!(c.server.upload.read_timeout, Duration::from_secs(9));
+    assert_eq!(c.server.upload.min_rate, 0);
     assert_eq!(c.server.header_read_timeout, Duration::from_secs(2));
     assert_eq!(c.server.idle_timeout, Duration::from_secs(620));
     assert_eq!(c.server.max_header_bytes, 16384);

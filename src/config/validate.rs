@@ -98,6 +98,9 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         drain_timeout: raw
             .drain_timeout_ms
             .map_or(default.drain_timeout, Duration::from_millis),
+        shutdown_delay: raw
+            .shutdown_delay_ms
+            .map_or(default.shutdown_delay, Duration::from_millis),
         header_read_timeout,
         idle_timeout,
         max_header_bytes,

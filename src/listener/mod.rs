@@ -192,7 +192,22 @@ impl Proxy {
 
     /// Stops accepting, drains in-flight requests up to the configured deadline.
     pub async fn shutdown(self) {
+        self.shutdown_after(Duration::ZERO).await;
+    }
+
+    /// Turns readiness (and the data port's probes) to 503 at once, keeps accepting
+    /// and serving for `delay` (so load balancers and Kubernetes endpoints stop sending
+    /// first), then stops accepting and drains in-flight requests up to the configured
+    /// deadline.
+    pub async fn shutdown_after(self, delay: Duration) {
         self.shared.draining.store(true, Ordering::Relaxed);
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "readiness is 503; still accepting until the delay ends"
+            );
+            tokio::time::sleep(delay).await;
+        }
         let _ = self.shutdown.send(true);
         for worker in self.workers {
             // An error means the thread ended without saying so: it panicked.

@@ -303,6 +303,46 @@ async fn shutdown_lets_in_flight_requests_finish() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shutdown_turns_unready_at_once_and_keeps_serving_through_the_delay() {
+    let backend = TestBackend::new().start().await;
+    let proxy = start_proxy(proxy_config(backend.addr())).await;
+    let (addr, admin_addr) = (proxy.addr(), proxy.admin_addr());
+    let c = client();
+    let delay = Duration::from_millis(1_500);
+    let started = tokio::time::Instant::now();
+    let shutdown = tokio::spawn(proxy.shutdown_after(delay));
+
+    // Readiness says so at once, on the admin port and on the data port's probe path.
+    let ready = get(&c, &format!("http://{admin_addr}/readyz")).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("draining"));
+    assert_eq!(get(&c, &format!("http://{addr}/healthz")).await.status, 503);
+
+    // Until the delay ends, new connections are accepted and requests served: a client
+    // on a fresh connection each time sees no refusal and no reset.
+    let mut served = 0;
+    while started.elapsed() < delay - Duration::from_millis(300) {
+        let fresh = client();
+        let got = get(&fresh, &format!("http://{addr}/api/orders/{served}")).await;
+        assert_eq!(got.status, 200, "during the delay, request {served}");
+        served += 1;
+    }
+    assert!(served > 0);
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown ends after the delay and the drain")
+        .unwrap();
+    assert!(
+        started.elapsed() >= delay,
+        "the listeners stayed open for the delay"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "closed after the delay"
+    );
+}
+
 #[tokio::test]
 async fn empty_body_methods_work() {
     let backend = TestBackend::new().start().await;
