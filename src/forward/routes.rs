@@ -2,7 +2,8 @@
 //!
 //! Matching is by host (exact beats wildcard beats any) and then by the longest
 //! path prefix on a segment boundary: `/api/orders` matches `/api/orders` and
-//! `/api/orders/7`, not `/api/ordersarchive`. It holds no I/O and no state.
+//! `/api/orders/7`, not `/api/ordersarchive`. It holds no I/O; a route's cache and
+//! counters are handed from one config generation to the next.
 
 use std::sync::Arc;
 
@@ -22,8 +23,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// Overrides the upstream's threshold for this route's class.
     pub threshold: Option<f64>,
-    /// Admission counts, for `/status`.
-    pub counters: RouteCounters,
+    /// Admission counts, for `/status` (kept across reloads with the route's class).
+    pub counters: Arc<RouteCounters>,
     host: HostMatch,
     path_prefix: String,
 }
@@ -82,23 +83,39 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table; `upstream_of` returns the upstream a route names (validated by config).
+    /// Builds the table; `upstream_of` returns the upstream a route names (validated by
+    /// config). A route of the same name in `previous` (the generation a reload
+    /// replaces) hands over its counters when its class is unchanged, and its cache when
+    /// the cache settings and the upstream are unchanged: a reload keeps what still holds.
     pub fn new(
         configs: &[RouteConfig],
+        previous: Option<&RouteTable>,
         mut upstream_of: impl FnMut(&str) -> Arc<Upstream>,
     ) -> RouteTable {
         let mut routes: Vec<Arc<Route>> = configs
             .iter()
             .map(|c| {
+                let before = previous.and_then(|p| p.routes.iter().find(|r| r.name == c.name));
+                let counters = before.filter(|r| r.class == c.class).map_or_else(
+                    || Arc::new(RouteCounters::for_class(c.class)),
+                    |r| r.counters.clone(),
+                );
+                let upstream = upstream_of(&c.upstream);
+                // The same upstream object: a changed upstream config builds a new one.
+                let kept_cache = before
+                    .filter(|r| Arc::ptr_eq(&r.upstream, &upstream) && r.cache == c.cache)
+                    .and_then(|r| r.http_cache.clone())
+                    .filter(|cache| *cache.settings() == c.cache_settings);
                 Arc::new(Route {
                     name: c.name.clone(),
                     class: c.class,
                     cache: c.cache,
-                    http_cache: (c.cache == CachePolicy::On)
-                        .then(|| Cache::new(&c.name, c.cache_settings)),
-                    upstream: upstream_of(&c.upstream),
+                    http_cache: (c.cache == CachePolicy::On).then(|| {
+                        kept_cache.unwrap_or_else(|| Cache::new(&c.name, c.cache_settings))
+                    }),
+                    upstream,
                     threshold: c.threshold,
-                    counters: RouteCounters::for_class(c.class),
+                    counters,
                     host: HostMatch::parse(c.host.as_deref()),
                     path_prefix: c.path_prefix.clone(),
                 })
@@ -112,7 +129,6 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// The route for a request to `host` (any case, port allowed) and `path`.
     /// The route for a request, by its normalised host name (lowercase, no port, no
     /// trailing dot: [`Host::name`](crate::http::target::Host::name)) and path.
     pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
@@ -153,7 +169,7 @@ mod tests {
 
     fn table(routes: &[RouteConfig]) -> RouteTable {
         let upstream = Arc::new(Upstream::for_tests("app"));
-        RouteTable::new(routes, |_| upstream.clone())
+        RouteTable::new(routes, None, |_| upstream.clone())
     }
 
     fn found(t: &RouteTable, host: &str, path: &str) -> Option<String> {

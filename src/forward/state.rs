@@ -41,7 +41,7 @@ impl Generation {
                 )
             })
             .collect();
-        let routes = RouteTable::new(&config.routes, |name| {
+        let routes = RouteTable::new(&config.routes, previous.map(|p| &p.routes), |name| {
             upstreams
                 .get(name)
                 .cloned()

@@ -424,6 +424,49 @@ async fn a_stale_copy_answers_at_once_while_one_background_request_revalidates_i
 }
 
 #[tokio::test]
+async fn a_reload_keeps_the_cache_and_counters_of_routes_it_does_not_change() {
+    let origin = Origin::start(Duration::ZERO, |_, _| {
+        respond(200, &[("cache-control", "max-age=60")], "stored")
+    })
+    .await;
+    let config = cached_config(origin.addr(), CacheSettings::default());
+    let proxy = start_proxy(config.clone()).await;
+    let client = client();
+    let url = format!("http://{}/api/orders/1", proxy.addr());
+    assert_eq!(get(&client, &url).await.text(), "stored");
+    assert_eq!(origin.requests(), 1);
+    let admitted = || async {
+        admin::status(&proxy).await["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "api")
+            .unwrap()["admitted"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(admitted().await, 1);
+
+    // A reload that changes another route: this one keeps its store and its counts.
+    let mut reloaded = config.clone();
+    reloaded.routes[1].threshold = Some(0.5);
+    proxy.apply(reloaded);
+    let hit = get(&client, &url).await;
+    assert!(hit.header("cache-status").unwrap().contains("hit"));
+    assert_eq!(origin.requests(), 1, "answered from the kept store");
+    let url2 = format!("http://{}/api/orders/2", proxy.addr());
+    assert_eq!(get(&client, &url2).await.status, 200);
+    assert_eq!(admitted().await, 2, "counting on from before the reload");
+
+    // Changing its cache settings starts it afresh.
+    let mut changed = config;
+    changed.routes[2].cache_settings.max_bytes = 1 << 20;
+    proxy.apply(changed);
+    assert_eq!(get(&client, &url).await.text(), "stored");
+    assert_eq!(origin.requests(), 3, "a new store: fetched again");
+}
+
+#[tokio::test]
 async fn origin_200_replaces_a_stale_entry() {
     let origin = Origin::start(Duration::ZERO, |_, n| {
         respond(
