@@ -172,14 +172,8 @@ async fn serve(
         response = match p.finish(response) {
             Finished::Answer(response) => response,
             Finished::Refetch(mut p) => {
-                let (uri, version) = head_for_refetch.expect("only a revalidation is refetched");
-                let mut again = Request::new(ClientBody {
-                    body: crate::http::body::empty(),
-                    watch: None,
-                });
-                *again.uri_mut() = uri;
-                *again.version_mut() = version;
-                *again.headers_mut() = p.client_headers().clone();
+                let head = head_for_refetch.expect("only a revalidation is refetched");
+                let mut again = bodiless(head, p.client_headers().clone());
                 p.prepare(again.headers_mut());
                 let (response, done_again) = forward(&routed, reservation, conn, again).await?;
                 backend_done = done_again;
@@ -196,6 +190,19 @@ async fn serve(
         done.reservation = None;
     }
     Ok(response)
+}
+
+/// A GET the cache sends on its own (a refetch, a background revalidation): the
+/// client's target and headers, no body.
+fn bodiless((uri, version): (Uri, Version), headers: http::HeaderMap) -> Request<ClientBody> {
+    let mut req = Request::new(ClientBody {
+        body: crate::http::body::empty(),
+        watch: None,
+    });
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    req
 }
 
 /// How long a background revalidation may take to read its response into the store.
@@ -217,13 +224,7 @@ async fn revalidate_in_background(
     let mut pending = *pending;
     // At most twice: a 304 for another ETag is fetched again, once (`Finished::Refetch`).
     for _ in 0..2 {
-        let mut req = Request::new(ClientBody {
-            body: crate::http::body::empty(),
-            watch: None,
-        });
-        *req.uri_mut() = uri.clone();
-        *req.version_mut() = version;
-        *req.headers_mut() = pending.client_headers().clone();
+        let mut req = bodiless((uri.clone(), version), pending.client_headers().clone());
         pending.prepare(req.headers_mut());
         let Ok((response, _)) = forward(&routed, &mut reservation, &conn, req).await else {
             return;
