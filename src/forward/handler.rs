@@ -637,12 +637,7 @@ async fn forward(
     let received = parts.version;
 
     parts.version = Version::HTTP_11;
-    let settled_host = parts.headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut parts.headers);
-    // A client's `Connection: host` must not take the host it was routed on away.
-    if let Some(host) = settled_host {
-        parts.headers.insert(header::HOST, host);
-    }
     // The client's body is already on its way; a 100-continue handshake with the
     // backend would only add a round trip.
     parts.headers.remove(header::EXPECT);

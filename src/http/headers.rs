@@ -23,7 +23,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// Removes every hop-by-hop header, including each header the `Connection` header names.
+/// Removes every hop-by-hop header, including each header the `Connection` header names,
+/// except `Host`: it is the message's target, routed on, never a connection option
+/// (`Connection: host` would otherwise send the request on without the host it was
+/// routed for).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over their few names says so more cheaply
     // than a removal (a hash and a probe) per hop-by-hop name.
@@ -36,6 +39,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| *name != header::HOST)
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -128,6 +132,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["authorization", "x-kept"]);
+    }
+
+    #[test]
+    fn a_connection_header_cannot_name_host_away() {
+        let mut h = map(&[
+            ("connection", "host, x-a"),
+            ("host", "api.example"),
+            ("x-a", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["host"]);
     }
 
     #[test]
