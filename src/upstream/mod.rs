@@ -401,27 +401,6 @@ impl Upstream {
             }
         }
     }
-
-    /// Sends `req` (its URI in origin form, `/path?query`) to `backend`, one of this
-    /// upstream's, and waits for the response head, bounded by the response-header
-    /// timeout (connect retries and a retry after a stale pooled connection included).
-    /// The body streams; its connection returns to the pool when it has been read to
-    /// the end.
-    pub async fn send(
-        &self,
-        backend: &Arc<Backend>,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, SendError> {
-        let timeout = self.config.response_header_timeout;
-        match tokio::time::timeout(timeout, self.pool.send(backend, req)).await {
-            Ok(Ok((response, _reused))) => Ok(response),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(SendError {
-                kind: UpstreamErrorKind::HeaderTimeout,
-                detail: format!("no response head within {}", fmt_duration(timeout)),
-            }),
-        }
-    }
 }
 
 /// One request counted in flight to an upstream, from admission until its response

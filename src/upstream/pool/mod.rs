@@ -131,13 +131,8 @@ impl Pool {
         self.inner.hosts.iter().map(|h| h.idle.len()).sum()
     }
 
-    /// Sends `req` to `backend` (one of the pool's) and returns the response, its body
-    /// streaming, and whether the request went out on a reused connection. The URI is
-    /// sent as it is, so it should be in origin form (`/path?query`); without a `Host`
-    /// header, the backend's authority is added as one. A reused connection that dies
-    /// before any response byte is retried once, on a new connection, if nothing was
-    /// written yet or the request is idempotent with an empty body; otherwise the answer
-    /// is a [`UpstreamErrorKind::StaleConnection`] error.
+    /// [`send_with`](Pool::send_with) with the configured connect attempts.
+    #[cfg(test)]
     pub(crate) async fn send(
         &self,
         backend: &Arc<Backend>,
@@ -149,8 +144,17 @@ impl Pool {
             .map_err(|failure| failure.error)
     }
 
-    /// [`send`](Pool::send) with at most `connect_attempts` tries to open a connection;
-    /// when none opens, the request comes back unsent, free to go to another backend.
+    /// Sends `req` to `backend` (one of the pool's) and returns the response, its body
+    /// streaming, and whether the request went out on a reused connection. The URI is
+    /// sent as it is, so it should be in origin form (`/path?query`); without a `Host`
+    /// header, the backend's authority is added as one. A reused connection that dies
+    /// before any response byte is retried once, on a new connection, if nothing was
+    /// written yet or the request is idempotent with an empty body; otherwise the answer
+    /// is a [`UpstreamErrorKind::StaleConnection`] error.
+    ///
+    /// At most `connect_attempts` tries are made to open a connection; when none opens,
+    /// the request comes back unsent ([`SendFailure::unsent`]), free to go to another
+    /// backend.
     pub(crate) async fn send_with(
         &self,
         backend: &Arc<Backend>,
