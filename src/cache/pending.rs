@@ -133,6 +133,9 @@ impl Pending {
         let inner = self.inner.clone();
         let answer = match self.mode {
             Mode::Bypass => {
+                if self.method == Method::HEAD && response.status() == StatusCode::OK {
+                    self.freshen_from_head(response.headers());
+                }
                 inner.count(Outcome::Uncacheable);
                 let mut response = response;
                 inner.status_header(response.headers_mut(), "fwd=bypass");
@@ -213,19 +216,7 @@ impl Pending {
             return Finished::Refetch(self);
         }
         let now = inner.clock.now();
-        let headers = policy::freshen(&stale.headers, response.headers());
-        let mut for_age = headers.clone();
-        if let Some(age) = response.headers().get(header::AGE) {
-            for_age.insert(header::AGE, age.clone());
-        }
-        let entry = Entry {
-            status: stale.status,
-            freshness: Freshness::of(stale.status, &for_age, self.request_time, now),
-            headers,
-            body: stale.body.clone(),
-            vary_names: stale.vary_names.clone(),
-            vary_values: stale.vary_values.clone(),
-        };
+        let entry = self.freshened(&stale, response.headers(), now);
         let still_storable = policy::storable(
             &Method::GET,
             &self.request,
@@ -250,6 +241,54 @@ impl Pending {
         };
         inner.status_header(answer.headers_mut(), detail);
         Finished::Answer(answer)
+    }
+
+    /// The stored `entry` with the fields of a `304` or `HEAD` response that validated
+    /// it, its freshness computed anew.
+    fn freshened(&self, entry: &Entry, validating: &HeaderMap, now: SystemTime) -> Entry {
+        let headers = policy::freshen(&entry.headers, validating);
+        let mut for_age = headers.clone();
+        if let Some(age) = validating.get(header::AGE) {
+            for_age.insert(header::AGE, age.clone());
+        }
+        Entry {
+            status: entry.status,
+            freshness: Freshness::of(entry.status, &for_age, self.request_time, now),
+            headers,
+            body: entry.body.clone(),
+            vary_names: entry.vary_names.clone(),
+            vary_values: entry.vary_values.clone(),
+        }
+    }
+
+    /// RFC 9111 §4.3.5: a `200` to a `HEAD` updates the stored `GET` response it
+    /// describes: same validators (or neither has any) and, when it says, the same
+    /// length. A `HEAD` that describes another representation leaves the store alone.
+    fn freshen_from_head(&self, head: &HeaderMap) {
+        let Some(stored) = &self.stale else {
+            return;
+        };
+        fn field(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+            h.get(name).and_then(|v| v.to_str().ok())
+        }
+        let validators = |h| {
+            let etag = field(h, header::ETAG).and_then(conditional::parse_etag);
+            (etag, field(h, header::LAST_MODIFIED))
+        };
+        let describes = match (validators(head), validators(&stored.headers)) {
+            ((Some(new), _), (Some(old), _)) => new.strong_eq(&old),
+            ((None, Some(new)), (None, Some(old))) => new == old,
+            ((None, None), (None, None)) => true,
+            _ => false,
+        };
+        let same_length = field(head, header::CONTENT_LENGTH)
+            .is_none_or(|length| length.parse() == Ok(stored.body.len()));
+        if !describes || !same_length || self.rules.no_store {
+            return;
+        }
+        let now = self.inner.clock.now();
+        let entry = self.freshened(stored, head, now);
+        self.inner.insert(&self.key, entry);
     }
 
     fn store_rules(&self) -> StoreRules {

@@ -100,3 +100,43 @@ async fn the_body_read_behind_a_304_is_cut_off_at_the_drain_limit() {
     );
     assert_eq!(cache.stats().objects, 0, "a body cut off is not stored");
 }
+
+#[tokio::test]
+async fn a_head_response_freshens_the_stored_get_it_describes() {
+    let cache = Cache::new("t", CacheSettings::default());
+    let stored = [
+        ("cache-control", "max-age=0"),
+        ("etag", "\"v1\""),
+        ("x-version", "1"),
+    ];
+    forward(&cache, &get("/a"), origin(&stored, "hello")).await;
+    let head = Request::head("/a").body(()).unwrap();
+
+    // Another representation (another ETag): the store is left alone.
+    let other = [("cache-control", "max-age=60"), ("etag", "\"v2\"")];
+    forward(&cache, &head, origin(&other, "")).await;
+    assert!(
+        matches!(
+            cache.lookup(&get("/a"), "example.com").await,
+            Lookup::Forward(_)
+        ),
+        "still stale"
+    );
+
+    // The same one (same ETag and length): its fields and freshness are taken.
+    let same = [
+        ("cache-control", "max-age=60"),
+        ("etag", "\"v1\""),
+        ("x-version", "2"),
+        ("content-length", "5"),
+    ];
+    forward(&cache, &head, origin(&same, "")).await;
+    match cache.lookup(&get("/a"), "example.com").await {
+        Lookup::Respond(r) => {
+            assert_eq!(r.headers()["x-version"], "2");
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "hello", "the stored body is kept");
+        }
+        _ => panic!("fresh again after the HEAD"),
+    }
+}
