@@ -18,7 +18,7 @@ mod sim;
 mod tests;
 mod validate;
 
-pub use settings::{ActuatorFormat, ActuatorSettings, AdaptiveSettings, CacheSettings};
+pub use settings::{ActuatorFormat, ActuatorSettings, AdaptiveSettings, CacheSettings, Cidr};
 pub use sim::{usable_service_time_ms, Distribution, SimConfig, SimRoute, SIM_MAX_SERVICE_TIME_MS};
 
 /// Every default, in one place. The TOML structs leave an absent key as `None`; validation
@@ -167,6 +167,10 @@ pub struct ServerConfig {
     /// Whether request header names with `_` are forwarded; by default they are dropped,
     /// as CGI-style stacks read `X_Forwarded_For` as `X-Forwarded-For`. Default false.
     pub underscores_in_headers: bool,
+    /// Peers whose forwarding headers are believed (a load balancer or ingress in
+    /// front): their `X-Forwarded-For` is appended to, their `X-Forwarded-Proto`,
+    /// `-Host` and `-Port` kept. From any other peer they are replaced. Default none.
+    pub trusted_proxies: Vec<Cidr>,
     /// Request bodies up to this many bytes are read in full before admission, so a slow
     /// upload holds no backend worker; a larger body streams after its first this-many
     /// bytes. Key `request_buffer_bytes`, default 65536; 0 streams every body.
@@ -249,6 +253,7 @@ impl Default for ServerConfig {
             max_connections: defaults::MAX_CONNECTIONS,
             worker_threads: defaults::WORKER_THREADS,
             underscores_in_headers: defaults::UNDERSCORES_IN_HEADERS,
+            trusted_proxies: Vec::new(),
             request_buffer_bytes: defaults::REQUEST_BUFFER_BYTES,
             upload: UploadPace {
                 read_timeout: Duration::from_millis(defaults::BODY_READ_TIMEOUT_MS),

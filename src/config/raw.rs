@@ -22,6 +22,7 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<usize>,
     pub(super) worker_threads: Option<usize>,
     pub(super) underscores_in_headers: Option<bool>,
+    pub(super) trusted_proxies: Option<Vec<String>>,
     pub(super) send_timeout_ms: Option<u64>,
     pub(super) request_buffer_bytes: Option<usize>,
     pub(super) body_read_timeout_ms: Option<u64>,

@@ -93,6 +93,7 @@ probe_paths = ["/healthz", "/livez"]
 drain_timeout_ms = 0
 shutdown_delay_ms = 0
 underscores_in_headers = true
+trusted_proxies = ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]
 send_timeout_ms = 7000
 http2_max_concurrent_streams = 8
 request_buffer_bytes = 0
@@ -138,6 +139,8 @@ workers = 3
     assert_eq!(c.server.drain_timeout, Duration::ZERO);
     assert_eq!(c.server.shutdown_delay, Duration::ZERO, "0 is no delay");
     assert!(c.server.underscores_in_headers);
+    assert_eq!(c.server.trusted_proxies.len(), 3);
+    assert!(c.server.trusted_proxies[0].contains("10.9.8.7".parse().unwrap()));
     assert_eq!(c.server.send_timeout, Duration::from_secs(7));
     assert_eq!(c.server.http2_max_concurrent_streams, 8);
     assert_eq!(c.server.request_buffer_bytes, 0);
@@ -882,4 +885,13 @@ fn cache_key_errors() {
     ));
     let lines: Vec<usize> = errs.iter().map(|e| e.0).collect();
     assert_eq!(lines, vec![13, 14, 15], "{errs:#?}");
+}
+
+#[test]
+fn a_bad_trusted_proxy_is_reported_at_its_line() {
+    one_error(
+        &doc("[server]\ntrusted_proxies = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]\n"),
+        11,
+        "trusted_proxies[1]: \"10.0.0.0/33\": the prefix length must be 0 to 32",
+    );
 }

@@ -11,9 +11,10 @@ use super::raw::{
 use super::section::{Errors, Section};
 use super::{
     defaults, usable_service_time_ms, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy,
-    CacheSettings, HealthConfig, Readiness, RetryConfig, RouteClass, RouteConfig, ServerConfig,
-    SheddingConfig, SimConfig, Thresholds, UpstreamConfig, CACHE_MAX_OBJECT_BYTES_LIMIT,
-    MAX_HEADER_BYTES_LIMIT, MAX_WORKER_THREADS, MIN_HEADER_BYTES, SIM_MAX_SERVICE_TIME_MS,
+    CacheSettings, Cidr, HealthConfig, Readiness, RetryConfig, RouteClass, RouteConfig,
+    ServerConfig, SheddingConfig, SimConfig, Thresholds, UpstreamConfig,
+    CACHE_MAX_OBJECT_BYTES_LIMIT, MAX_HEADER_BYTES_LIMIT, MAX_WORKER_THREADS, MIN_HEADER_BYTES,
+    SIM_MAX_SERVICE_TIME_MS,
 };
 
 pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> ServerConfig {
@@ -60,6 +61,16 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
                  can send no request",
             ),
         );
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, text) in raw.trusted_proxies.iter().flatten().enumerate() {
+        match Cidr::parse(text) {
+            Ok(cidr) => trusted_proxies.push(cidr),
+            Err(why) => errs.push(
+                s.elem_line("trusted_proxies", i),
+                s.say(format!("trusted_proxies[{i}]: {why}")),
+            ),
+        }
     }
     let max_header_bytes = raw.max_header_bytes.unwrap_or(default.max_header_bytes);
     if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES_LIMIT).contains(&max_header_bytes) {
@@ -114,6 +125,7 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         underscores_in_headers: raw
             .underscores_in_headers
             .unwrap_or(default.underscores_in_headers),
+        trusted_proxies,
         request_buffer_bytes: raw
             .request_buffer_bytes
             .unwrap_or(default.request_buffer_bytes),

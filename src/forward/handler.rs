@@ -48,6 +48,8 @@ pub struct ConnInfo {
     pub request_buffer_bytes: usize,
     /// The upload pace request bodies are held to.
     pub upload: UploadPace,
+    /// The peer is one of `trusted_proxies`: its forwarding headers are believed.
+    pub trusted: bool,
 }
 
 /// One request's completion: records its metrics and frees its upstream slot when
@@ -645,7 +647,7 @@ async fn forward(
     let host = (!routed.host.is_empty())
         .then(|| parts.headers.get(header::HOST).cloned())
         .flatten();
-    headers::add_forwarded(&mut parts.headers, &conn.client_address, host);
+    headers::add_forwarded(&mut parts.headers, &conn.client_address, host, conn.trusted);
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();

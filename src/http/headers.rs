@@ -62,14 +62,44 @@ pub fn append_via(headers: &mut HeaderMap, received: Version) {
 
 /// Adds `X-Forwarded-For` (appended to any earlier list), `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` for a request received from `client` for `host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<HeaderValue>) {
-    append_list(headers, HeaderName::from_static("x-forwarded-for"), client);
-    headers.insert(
+///
+/// From a `trusted` peer (`trusted_proxies`: a load balancer or ingress in front), the
+/// client's `X-Forwarded-For` is appended to and its `X-Forwarded-Proto`, `-Host` and
+/// `-Port` are kept (an ingress that terminated TLS says `https`, and Spring builds its
+/// redirects from it). From any other peer they would be the client's own claims, so
+/// they are replaced.
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    host: Option<HeaderValue>,
+    trusted: bool,
+) {
+    let (xff, proto, fhost, port) = (
+        HeaderName::from_static("x-forwarded-for"),
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
+        HeaderName::from_static("x-forwarded-host"),
+        HeaderName::from_static("x-forwarded-port"),
     );
-    if let Some(value) = host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), value);
+    if trusted {
+        append_list(headers, xff, client);
+        if !headers.contains_key(&proto) {
+            headers.insert(proto, HeaderValue::from_static("http"));
+        }
+        if let Some(value) = host.filter(|_| !headers.contains_key(&fhost)) {
+            headers.insert(fhost, value);
+        }
+        return;
+    }
+    headers.insert(xff, client.clone());
+    headers.insert(proto, HeaderValue::from_static("http"));
+    headers.remove(&port);
+    match host {
+        Some(value) => {
+            headers.insert(fhost, value);
+        }
+        None => {
+            headers.remove(&fhost);
+        }
     }
 }
 
@@ -147,19 +177,43 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_append_to_earlier_hops() {
+    fn forwarded_headers_from_a_trusted_proxy_are_kept_and_appended_to() {
         let mut h = map(&[
             ("x-forwarded-for", "203.0.113.7"),
             ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "shop.example"),
+            ("x-forwarded-port", "443"),
         ]);
         add_forwarded(
             &mut h,
-            &client_address("127.0.0.1".parse().unwrap()),
-            Some(HeaderValue::from_static("shop.example:8080")),
+            &client_address("10.0.0.5".parse().unwrap()),
+            Some(HeaderValue::from_static("shop.internal:8080")),
+            true,
         );
-        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.5");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+        assert_eq!(h["x-forwarded-port"], "443");
+    }
+
+    #[test]
+    fn forwarded_headers_from_anyone_else_are_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-port", "443"),
+        ]);
+        add_forwarded(
+            &mut h,
+            &client_address("198.51.100.4".parse().unwrap()),
+            Some(HeaderValue::from_static("shop.example:8080")),
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "198.51.100.4");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example:8080");
+        assert!(!h.contains_key("x-forwarded-port"));
     }
 
     #[test]

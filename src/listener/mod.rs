@@ -388,6 +388,10 @@ async fn serve(
             max_body_bytes: server.max_body_bytes,
             request_buffer_bytes: server.request_buffer_bytes,
             upload: server.upload,
+            trusted: server
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(peer.ip())),
         };
         let service = connection_service(shared.clone(), info, activity.clone());
         let connection = connection_builder(server)

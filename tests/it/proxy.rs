@@ -117,7 +117,12 @@ async fn hop_by_hop_headers_are_stripped_and_forwarded_headers_added() {
     ] {
         assert!(!body.contains(gone), "{gone} reached the backend: {body}");
     }
-    assert!(body.contains("203.0.113.9, 127.0.0.1"), "{body}");
+    // The client is no trusted proxy: its X-Forwarded-For is replaced, not appended to.
+    assert!(
+        body.contains("\"x-forwarded-for\":[\"127.0.0.1\"]"),
+        "{body}"
+    );
+    assert!(!body.contains("203.0.113.9"), "{body}");
     assert!(body.contains("x-forwarded-proto"), "{body}");
     assert!(body.contains("shop.example"), "{body}");
     assert!(body.contains("1.1 loadgate"), "{body}");
@@ -341,6 +346,50 @@ async fn sigterm_shutdown_turns_unready_at_once_and_keeps_serving_through_the_de
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "closed after the delay"
     );
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_kept_from_trusted_proxies_and_replaced_from_others() {
+    let origin = crate::support::origin::Origin::start(Duration::ZERO, |_, _| {
+        crate::support::origin::respond(200, &[], "ok")
+    })
+    .await;
+    let claims = [
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example"),
+        ("x-forwarded-port", "443"),
+    ];
+    let send_claims = |proxy: std::net::SocketAddr| async move {
+        let mut req = Request::get(format!("http://{proxy}/api/orders/1"));
+        for (n, v) in claims {
+            req = req.header(n, v);
+        }
+        send(&client(), req.body(empty()).unwrap()).await
+    };
+
+    // The client (127.0.0.1) is an ingress the config trusts.
+    let mut config = proxy_config(origin.addr());
+    config.server.trusted_proxies = vec![loadgate::config::Cidr::parse("127.0.0.0/8").unwrap()];
+    let trusting = start_proxy(config).await;
+    assert_eq!(send_claims(trusting.addr()).await.status, 200);
+    let seen = origin.last_headers();
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(
+        seen["x-forwarded-proto"], "https",
+        "TLS ended at the ingress"
+    );
+    assert_eq!(seen["x-forwarded-host"], "shop.example");
+    assert_eq!(seen["x-forwarded-port"], "443");
+
+    // By default nobody is trusted: the claims are replaced.
+    let default = start_proxy(proxy_config(origin.addr())).await;
+    assert_eq!(send_claims(default.addr()).await.status, 200);
+    let seen = origin.last_headers();
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_ne!(seen["x-forwarded-host"], "shop.example");
+    assert!(!seen.contains_key("x-forwarded-port"));
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 //!  x-forwarded-for / via / x-forwarded-proto / x-forwarded-host updated in place>
 //! x-request-id: <generated>        unless the client sent one
 //! host: <authority>                only when the client sent no Host but the target had one
-//! x-forwarded-for: 127.0.0.1       appended to the client's list, if any
+//! x-forwarded-for: 127.0.0.1       the client's own replaced (127.0.0.1 is no trusted proxy)
 //! x-forwarded-proto: http
 //! x-forwarded-host: <host>         the Host forwarded, when there is one
 //! via: 1.1 loadgate                "1.0" / "2" for requests received in HTTP/1.0 / HTTP/2
@@ -100,7 +100,7 @@ impl Expected {
         if let Some(host) = &self.host_added {
             set("host", host.clone(), false);
         }
-        set("x-forwarded-for", "127.0.0.1".to_string(), true);
+        set("x-forwarded-for", "127.0.0.1".to_string(), false);
         set("x-forwarded-proto", "http".to_string(), false);
         if let Some(host) = forwarded_host.filter(|h| !h.is_empty()) {
             set("x-forwarded-host", host, false);

@@ -211,7 +211,8 @@ pub fn syntax() -> Vec<Case> {
             Public,
             expected("GET / HTTP/1.1", &[("host", PUBLIC), ("x-kept", "1")]),
         ),
-        // X-Forwarded-For and Via append; the proxy's own Proto and Host replace the client's.
+        // Via appends; X-Forwarded-For, -Proto and -Host from a client that is not a
+        // trusted proxy are its own claims, replaced.
         served(
             "forwarding_headers_appended_or_replaced",
             &get_with("X-Forwarded-For: 203.0.113.9\r\nVia: 1.0 edge\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n"),
