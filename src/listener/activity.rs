@@ -364,6 +364,12 @@ mod tests {
         send: Duration::from_secs(60),
     };
     const S: u64 = 1_000_000_000;
+    /// A 1 s header timeout against a minute of idle and send time.
+    const SHORT_HEADER: ClientTimeouts = ClientTimeouts {
+        header_read: Duration::from_secs(1),
+        idle: Duration::from_secs(60),
+        send: Duration::from_secs(60),
+    };
 
     fn idle_h1(idle_since: u64, head_started: Option<u64>) -> Snapshot {
         Snapshot {
@@ -495,11 +501,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_started_head_is_timed_from_its_first_byte() {
-        let limits = ClientTimeouts {
-            header_read: Duration::from_secs(1),
-            idle: Duration::from_secs(60),
-            send: Duration::from_secs(60),
-        };
+        let limits = SHORT_HEADER;
         let activity = Activity::new();
         let start = Instant::now();
         drop(activity.request_started(Version::HTTP_11));
@@ -516,11 +518,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_expires_after_the_idle_timeout() {
-        let limits = ClientTimeouts {
-            header_read: Duration::from_secs(1),
-            idle: Duration::from_secs(60),
-            send: Duration::from_secs(60),
-        };
+        let limits = SHORT_HEADER;
         let activity = Activity::new();
         let start = Instant::now();
         let guard = activity.request_started(Version::HTTP_11);
