@@ -69,6 +69,7 @@ impl Cache {
             stale: None,
             fill: None,
             request_time: inner.clock.now(),
+            refetch: false,
         };
         if !cacheable {
             if !method.is_safe() {

@@ -14,6 +14,8 @@
 //! date.rs         HTTP-date parsing, lenient on case and day name
 //! range.rs        a single byte range, answered from a stored complete response
 //! store.rs        TinyUFO bounded by bytes and object size, with counters
+//! targeted.rs     a targeted field (RFC 9213, `CDN-Cache-Control`) read in place
+//!                 of `Cache-Control` on routes that name one
 //! lookup.rs       serving from the store: `Cache::lookup`, hits, 304s, ranges
 //! pending.rs      the forwarded request: prepare, finish (store, 304 refresh,
 //!                 invalidate), stale-on-shed
@@ -36,6 +38,7 @@ mod pending;
 pub mod policy;
 pub mod range;
 pub mod store;
+pub mod targeted;
 
 pub use lookup::Lookup;
 pub use pending::{Finished, Pending};
@@ -229,6 +232,12 @@ impl Cache {
 }
 
 impl Inner {
+    /// A response's fields as this route's cache reads its rules from them: with a
+    /// targeted field configured and present, that field in place of `Cache-Control`.
+    fn policy_view<'a>(&self, headers: &'a HeaderMap) -> std::borrow::Cow<'a, HeaderMap> {
+        targeted::view(headers, self.settings.targeted_field.as_ref())
+    }
+
     fn count(&self, outcome: Outcome) {
         self.lookups.increment(outcome);
     }

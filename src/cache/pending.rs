@@ -53,15 +53,20 @@ pub struct Pending {
     pub(super) stale: Option<Arc<Entry>>,
     pub(super) fill: Option<fill::Fill>,
     pub(super) request_time: SystemTime,
+    /// Sent again after a `304` for another ETag: without any validators.
+    pub(super) refetch: bool,
 }
 
 impl Pending {
-    /// Adjusts the headers of the request about to be forwarded: a miss is fetched
-    /// whole (the client's own validators are evaluated here afterwards), a stale
-    /// entry is revalidated with its stored validators.
+    /// Adjusts the headers of the request about to be forwarded. A miss keeps the
+    /// client's own validators: with nothing stored for the key, a client that holds
+    /// the body already gets the origin's `304` instead of a full transfer (a `200`
+    /// is stored and its validators evaluated here). A stale entry is revalidated with
+    /// its stored validators, and a refetch ([`Finished::Refetch`]) goes out with none.
     pub fn prepare(&mut self, headers: &mut HeaderMap) {
         self.request_time = self.inner.clock.now();
-        if !matches!(self.mode, Mode::Fetch | Mode::Revalidate) {
+        let keeps_client_validators = self.mode == Mode::Fetch && !self.refetch;
+        if !matches!(self.mode, Mode::Fetch | Mode::Revalidate) || keeps_client_validators {
             return;
         }
         headers.remove(header::IF_NONE_MATCH);
@@ -213,6 +218,7 @@ impl Pending {
             // without validators, as a miss.
             inner.invalidate(&self.key);
             self.mode = Mode::Fetch;
+            self.refetch = true;
             return Finished::Refetch(self);
         }
         let now = inner.clock.now();
@@ -221,7 +227,7 @@ impl Pending {
             &Method::GET,
             &self.request,
             entry.status,
-            &entry.headers,
+            &inner.policy_view(&entry.headers),
             self.store_rules(),
         )
         .is_ok()
@@ -253,7 +259,12 @@ impl Pending {
         }
         Entry {
             status: entry.status,
-            freshness: Freshness::of(entry.status, &for_age, self.request_time, now),
+            freshness: Freshness::of(
+                entry.status,
+                &self.inner.policy_view(&for_age),
+                self.request_time,
+                now,
+            ),
             headers,
             body: entry.body.clone(),
             vary_names: entry.vary_names.clone(),
@@ -308,12 +319,13 @@ impl Pending {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let policy_view = inner.policy_view(&parts.headers);
         let storable = !self.rules.no_store
             && policy::storable(
                 &Method::GET,
                 &self.request,
                 parts.status,
-                &parts.headers,
+                &policy_view,
                 self.store_rules(),
             )
             .is_ok()
@@ -344,7 +356,8 @@ impl Pending {
             _ => Vec::new(),
         };
         let values = key::values(&self.request, &names);
-        let freshness = Freshness::of(parts.status, &parts.headers, self.request_time, now);
+        let freshness = Freshness::of(parts.status, &policy_view, self.request_time, now);
+        drop(policy_view);
         let commit = fill::Commit {
             inner: inner.clone(),
             key: self.key.clone(),

@@ -479,7 +479,8 @@ pub struct RouteConfig {
     /// Default `off`.
     pub cache: CachePolicy,
     /// Keys `cache_max_bytes`, `cache_max_object_bytes`, `cache_generate_etag`,
-    /// `cache_stale_on_shed_ms`, `cache_stale_if_error_ms`, `cache_stale_while_revalidate_ms`, `cache_store_set_cookie`, `cache_coalesce_timeout_ms`;
+    /// `cache_stale_on_shed_ms`, `cache_stale_if_error_ms`, `cache_stale_while_revalidate_ms`,
+    /// `cache_store_set_cookie`, `cache_coalesce_timeout_ms`, `cache_control_field`;
     /// defaults in [`CacheSettings::default`].
     pub cache_settings: CacheSettings,
     /// Overrides the upstream's threshold for this route's class.

@@ -139,6 +139,7 @@ pub(super) struct RawRoute {
     pub(super) cache_stale_while_revalidate_ms: Option<u64>,
     pub(super) cache_store_set_cookie: Option<bool>,
     pub(super) cache_coalesce_timeout_ms: Option<u64>,
+    pub(super) cache_control_field: Option<String>,
     pub(super) threshold: Option<f64>,
 }
 

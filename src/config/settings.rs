@@ -177,7 +177,7 @@ impl AdaptiveSettings {
 }
 
 /// Per-route cache settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheSettings {
     /// Bound on the bytes stored. Default 64 MiB.
     pub max_bytes: usize,
@@ -201,6 +201,11 @@ pub struct CacheSettings {
     pub store_set_cookie: bool,
     /// How long concurrent misses wait for the one request sent for them. Default 5 s.
     pub coalesce_timeout: Duration,
+    /// A targeted cache-control field (RFC 9213), e.g. `CDN-Cache-Control` or
+    /// `Loadgate-Cache-Control`: when a response carries a valid one, its directives
+    /// decide this cache's storing and freshness instead of `Cache-Control` and
+    /// `Expires`. Default `None` (off).
+    pub targeted_field: Option<http::HeaderName>,
 }
 
 impl Default for CacheSettings {
@@ -214,6 +219,7 @@ impl Default for CacheSettings {
             stale_while_revalidate: None,
             store_set_cookie: defaults::CACHE_STORE_SET_COOKIE,
             coalesce_timeout: Duration::from_millis(defaults::CACHE_COALESCE_TIMEOUT_MS),
+            targeted_field: None,
         }
     }
 }

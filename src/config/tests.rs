@@ -803,7 +803,8 @@ fn cache_keys_defaults_and_overrides() {
         "[[route]]\nname = \"c\"\npath_prefix = \"/c\"\nupstream = \"app\"\ncache = \"on\"\n\
          cache_max_bytes = 1000000\ncache_max_object_bytes = 2048\ncache_generate_etag = true\n\
          cache_stale_on_shed_ms = 30000\ncache_stale_if_error_ms = 300000\ncache_stale_while_revalidate_ms = 10000\n\
-         cache_store_set_cookie = true\ncache_coalesce_timeout_ms = 0\n",
+         cache_store_set_cookie = true\ncache_coalesce_timeout_ms = 0\n\
+         cache_control_field = \"CDN-Cache-Control\"\n",
     ));
     let r = c.routes.iter().find(|r| r.name == "c").unwrap();
     assert_eq!(r.cache, CachePolicy::On);
@@ -816,6 +817,10 @@ fn cache_keys_defaults_and_overrides() {
     assert_eq!(s.stale_while_revalidate, Some(Duration::from_secs(10)));
     assert!(s.store_set_cookie);
     assert_eq!(s.coalesce_timeout, Duration::ZERO, "0 turns coalescing off");
+    assert_eq!(
+        s.targeted_field,
+        Some(http::HeaderName::from_static("cdn-cache-control"))
+    );
 
     // Left out, the object limit follows a cache smaller than its default down.
     let c = parse(&doc(
@@ -879,6 +884,16 @@ fn cache_key_errors() {
         "cache_coalesce_timeout_ms: invalid type",
     );
     one_error(&route("cache_size = 1\n"), 13, "unknown key `cache_size`");
+    one_error(
+        &route("cache_control_field = \"CDN Cache Control\"\n"),
+        13,
+        "cache_control_field \"CDN Cache Control\" is not a header field name",
+    );
+    one_error(
+        &route("cache_control_field = \"cache-control\"\n"),
+        13,
+        "names a field the cache already reads",
+    );
     // Every error at once, each at its line.
     let errs = errors(&route(
         "cache_max_bytes = 0\ncache_generate_etag = 2\ncache_coalesce_timeout_ms = -5\n",

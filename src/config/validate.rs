@@ -743,6 +743,13 @@ fn cache_settings(s: &Section, errs: &mut Errors, raw: &RawRoute) -> CacheSettin
         coalesce_timeout: raw
             .cache_coalesce_timeout_ms
             .map_or(d.coalesce_timeout, Duration::from_millis),
+        targeted_field: raw.cache_control_field.as_deref().and_then(|name| {
+            let field = targeted_field(name);
+            if let Err(why) = &field {
+                errs.push(s.line(&["cache_control_field"]), s.say(why));
+            }
+            field.ok()
+        }),
     };
     if settings.max_bytes == 0 {
         errs.push(
@@ -881,4 +888,18 @@ fn check_host(host: &str) -> Result<(), String> {
     } else {
         Err(format!("host {host:?} is not a host name; {hint}"))
     }
+}
+
+/// The `cache_control_field` of a route: a header field name other than the ones whose
+/// meaning is fixed (RFC 9213 §2.1 asks for a field of its own per cache or class).
+fn targeted_field(name: &str) -> Result<http::HeaderName, String> {
+    let field = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("cache_control_field {name:?} is not a header field name"))?;
+    if field == http::header::CACHE_CONTROL || field == http::header::EXPIRES {
+        return Err(format!(
+            "cache_control_field {name:?} names a field the cache already reads; \
+             name a targeted one, such as \"CDN-Cache-Control\" or \"Loadgate-Cache-Control\""
+        ));
+    }
+    Ok(field)
 }

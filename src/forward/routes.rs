@@ -111,7 +111,7 @@ impl RouteTable {
                     class: c.class,
                     cache: c.cache,
                     http_cache: (c.cache == CachePolicy::On).then(|| {
-                        kept_cache.unwrap_or_else(|| Cache::new(&c.name, c.cache_settings))
+                        kept_cache.unwrap_or_else(|| Cache::new(&c.name, c.cache_settings.clone()))
                     }),
                     upstream,
                     threshold: c.threshold,

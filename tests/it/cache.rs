@@ -22,7 +22,7 @@ fn cached_config(backend: SocketAddr, settings: CacheSettings) -> Config {
     let mut config = proxy_config(backend);
     for route in &mut config.routes {
         route.cache = CachePolicy::On;
-        route.cache_settings = settings;
+        route.cache_settings = settings.clone();
     }
     config
 }
@@ -464,6 +464,113 @@ async fn a_reload_keeps_the_cache_and_counters_of_routes_it_does_not_change() {
     proxy.apply(changed);
     assert_eq!(get(&client, &url).await.text(), "stored");
     assert_eq!(origin.requests(), 3, "a new store: fetched again");
+}
+
+#[tokio::test]
+async fn a_conditional_miss_carries_the_clients_validators_to_the_origin() {
+    // A browser that already holds the body asks with its ETag while the cache holds
+    // nothing: the origin's 304 reaches it without a full transfer.
+    let origin = Origin::start(Duration::ZERO, |req, _| {
+        let matches = req
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"");
+        if matches {
+            respond(
+                304,
+                &[("etag", "\"v1\""), ("cache-control", "max-age=60")],
+                "",
+            )
+        } else {
+            respond(
+                200,
+                &[("etag", "\"v1\""), ("cache-control", "max-age=60")],
+                "body",
+            )
+        }
+    })
+    .await;
+    let proxy = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
+    let client = client();
+    let url = format!("http://{}/api/conditional-miss", proxy.addr());
+
+    let first = get_with(&client, &url, &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(first.status, 304);
+    assert!(first.body.is_empty());
+    assert_eq!(first.header("etag"), Some("\"v1\""));
+    assert_eq!(
+        origin.last_headers().get("if-none-match").unwrap(),
+        "\"v1\"",
+        "the client's validator went to the origin"
+    );
+    assert!(first.header("cache-status").unwrap().contains("fwd=miss"));
+    assert_eq!(stats(&proxy, "api").objects, 0, "a 304 stores nothing");
+
+    // A client without the body gets it, and it is stored.
+    let second = get(&client, &url).await;
+    assert_eq!((second.status, second.text()), (200, "body".to_string()));
+    assert!(!origin.last_headers().contains_key("if-none-match"));
+    // A client with another version is answered from the store: 200, no origin request.
+    let third = get_with(&client, &url, &[("if-none-match", "\"v0\"")]).await;
+    assert_eq!((third.status, third.text()), (200, "body".to_string()));
+    assert_eq!(origin.requests(), 2);
+}
+
+#[tokio::test]
+async fn a_targeted_cache_control_field_gives_this_cache_its_own_lifetime() {
+    // Browsers are told to revalidate every time; this cache may keep the response a
+    // minute (RFC 9213).
+    let origin = Origin::start(Duration::ZERO, |req, n| {
+        let targeted = if req.uri.path().ends_with("/broken") {
+            "max-age=60,"
+        } else {
+            "max-age=60"
+        };
+        respond(
+            200,
+            &[
+                ("cache-control", "no-cache"),
+                ("loadgate-cache-control", targeted),
+                ("etag", &format!("\"{n}\"")),
+            ],
+            format!("v{n}"),
+        )
+    })
+    .await;
+    let settings = CacheSettings {
+        targeted_field: Some(http::HeaderName::from_static("loadgate-cache-control")),
+        ..CacheSettings::default()
+    };
+    let proxy = start_proxy(cached_config(origin.addr(), settings)).await;
+    let client = client();
+    let url = format!("http://{}/api/targeted", proxy.addr());
+
+    let first = get(&client, &url).await;
+    assert_eq!(first.text(), "v1");
+    let hit = get(&client, &url).await;
+    assert_eq!(hit.text(), "v1", "the targeted max-age=60 made it fresh");
+    assert!(hit
+        .header("cache-status")
+        .unwrap()
+        .starts_with("loadgate; hit"));
+    assert_eq!(
+        hit.header("cache-control"),
+        Some("no-cache"),
+        "clients still get the backend's Cache-Control"
+    );
+    assert_eq!(hit.header("loadgate-cache-control"), Some("max-age=60"));
+    assert_eq!(origin.requests(), 1);
+
+    // An invalid targeted value is ignored: Cache-Control (no-cache) applies.
+    let broken = format!("http://{}/api/broken", proxy.addr());
+    assert_eq!(get(&client, &broken).await.text(), "v2");
+    assert_eq!(get(&client, &broken).await.text(), "v3");
+
+    // A route that names no targeted field reads Cache-Control only.
+    let plain = start_proxy(cached_config(origin.addr(), CacheSettings::default())).await;
+    let url = format!("http://{}/api/targeted", plain.addr());
+    assert_eq!(get(&client, &url).await.text(), "v4");
+    assert_eq!(get(&client, &url).await.text(), "v5");
 }
 
 #[tokio::test]
