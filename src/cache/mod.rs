@@ -44,7 +44,7 @@ pub use lookup::Lookup;
 pub use pending::{Finished, Pending};
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -98,9 +98,28 @@ impl Entry {
 /// What the store holds under a key.
 #[derive(Clone)]
 enum Slot {
-    /// Under a primary key whose response varies: the header names to key variants by.
-    Variants(Arc<[HeaderName]>),
+    /// Under a primary key whose response varies: how its variants are keyed.
+    Variants(Arc<Variants>),
     Response(Arc<Entry>),
+}
+
+/// The variants of one primary key: the request header names they are keyed by, and
+/// the generation they were stored under. A new generation starts whenever the
+/// primary key's slot is made anew (after an invalidation, an eviction, or a response
+/// with other names), so variants stored before it can never be found again: an
+/// invalidated `de` variant does not come back when an `fr` one is stored.
+struct Variants {
+    names: Vec<HeaderName>,
+    generation: u64,
+}
+
+impl Variants {
+    /// The store key of the variant for these request header values.
+    fn key(&self, primary: &str, values: &[Option<String>]) -> String {
+        let mut key = key::secondary(primary, &self.names, values);
+        key.push_str(&format!("\n#{}", self.generation));
+        key
+    }
 }
 
 /// Counts for `/status` and tests.
@@ -161,6 +180,8 @@ struct Inner {
     route: String,
     settings: CacheSettings,
     store: Store<Slot>,
+    /// The next [`Variants`] generation.
+    generations: std::sync::atomic::AtomicU64,
     /// Primary keys with a request on its way to the origin; followers wait on it.
     inflight: Mutex<HashMap<String, watch::Receiver<()>>>,
     /// Bytes buffered by bodies being stored, and the bound on them.
@@ -193,6 +214,7 @@ impl Cache {
                 route: route.to_string(),
                 settings,
                 store,
+                generations: std::sync::atomic::AtomicU64::new(0),
                 inflight: Mutex::new(HashMap::new()),
                 buffering: AtomicUsize::new(0),
                 buffer_budget,
@@ -256,11 +278,11 @@ impl Inner {
     fn find(&self, key: &str, request: &HeaderMap) -> Option<Arc<Entry>> {
         match self.store.get(key)? {
             Slot::Response(entry) => Some(entry),
-            Slot::Variants(names) => {
-                let values = key::values(request, &names);
-                match self.store.get(&key::secondary(key, &names, &values))? {
+            Slot::Variants(variants) => {
+                let values = key::values(request, &variants.names);
+                match self.store.get(&variants.key(key, &values))? {
                     Slot::Response(e)
-                        if e.vary_names[..] == names[..] && e.vary_values == values =>
+                        if e.vary_names == variants.names && e.vary_values == values =>
                     {
                         Some(e)
                     }
@@ -270,19 +292,41 @@ impl Inner {
         }
     }
 
-    /// Stores `entry` for `key`; false when it does not fit.
+    /// Stores `entry` for `key`; false when it does not fit (or TinyLFU refuses it).
+    /// A varying response is stored under its primary key's current [`Variants`],
+    /// made first: a variant is never stored where no lookup can reach it.
     fn insert(&self, key: &str, entry: Entry) -> bool {
         let cost = entry.cost();
         let stored = if entry.vary_names.is_empty() {
             self.store.put(key, Slot::Response(Arc::new(entry)), cost)
         } else {
-            let names: Arc<[HeaderName]> = entry.vary_names.clone().into();
-            let secondary = key::secondary(key, &names, &entry.vary_values);
-            let cost_names =
-                names.iter().map(|n| n.as_str().len() + 32).sum::<usize>() + ENTRY_OVERHEAD;
-            self.store
-                .put(&secondary, Slot::Response(Arc::new(entry)), cost)
-                && self.store.put(key, Slot::Variants(names), cost_names)
+            let current = match self.store.get(key) {
+                Some(Slot::Variants(v)) if v.names == entry.vary_names => Some(v),
+                _ => None,
+            };
+            let variants = match current {
+                Some(variants) => Some(variants),
+                None => {
+                    let variants = Arc::new(Variants {
+                        names: entry.vary_names.clone(),
+                        generation: self.generations.fetch_add(1, Ordering::Relaxed),
+                    });
+                    let cost = variants
+                        .names
+                        .iter()
+                        .map(|n| n.as_str().len() + 32)
+                        .sum::<usize>()
+                        + ENTRY_OVERHEAD;
+                    self.store
+                        .put(key, Slot::Variants(variants.clone()), cost)
+                        .then_some(variants)
+                }
+            };
+            variants.is_some_and(|variants| {
+                let secondary = variants.key(key, &entry.vary_values);
+                self.store
+                    .put(&secondary, Slot::Response(Arc::new(entry)), cost)
+            })
         };
         self.publish();
         stored

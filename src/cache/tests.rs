@@ -140,3 +140,38 @@ async fn a_head_response_freshens_the_stored_get_it_describes() {
         _ => panic!("fresh again after the HEAD"),
     }
 }
+
+#[tokio::test]
+async fn an_invalidated_variant_does_not_come_back_when_another_is_stored() {
+    let cache = Cache::new("t", CacheSettings::default());
+    let with_language = |language: &'static str| {
+        let mut req = get("/v");
+        req.headers_mut()
+            .insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static(language));
+        req
+    };
+    let varying = |body| {
+        origin(
+            &[("cache-control", "max-age=60"), ("vary", "accept-language")],
+            body,
+        )
+    };
+    let (de, fr) = (with_language("de"), with_language("fr"));
+    forward(&cache, &de, varying("alt")).await;
+    assert!(matches!(
+        cache.lookup(&de, "example.com").await,
+        Lookup::Respond(_)
+    ));
+
+    // A POST to the target invalidates it; then the fr variant is stored anew.
+    cache.inner.invalidate(&key::primary("example.com", "/v"));
+    forward(&cache, &fr, varying("neu")).await;
+    assert!(matches!(
+        cache.lookup(&fr, "example.com").await,
+        Lookup::Respond(_)
+    ));
+    assert!(
+        matches!(cache.lookup(&de, "example.com").await, Lookup::Forward(_)),
+        "the de variant stored before the invalidation stays unreachable"
+    );
+}
