@@ -35,10 +35,25 @@ pub(super) enum Mode {
 pub enum Finished {
     /// The response for the client.
     Answer(Response<ProxyBody>),
+    /// The response for the client (a `304` to its own validators), and the origin's
+    /// full response still arriving behind it, to be read into the store: the caller
+    /// runs [`Drain::run`] and keeps the request's backend slot until it ends, since
+    /// the backend is still sending.
+    AnswerAndDrain(Response<ProxyBody>, Drain),
     /// The origin's 304 validated nothing the cache holds (another ETag): the entry is
     /// dropped, and the request must be sent again, unconditionally (RFC 9111 §4.3.4),
     /// then finished with this `Pending`, now a plain miss.
     Refetch(Pending),
+}
+
+/// An origin body read into the store with no client waiting for it.
+pub struct Drain(fill::StoreBody);
+
+impl Drain {
+    /// Reads the body to its end, storing it, for at most [`fill::DRAIN_LIMIT`].
+    pub async fn run(self) {
+        fill::drain(self.0).await;
+    }
 }
 
 /// A request the cache could not answer; it travels with the request to the origin.
@@ -158,7 +173,7 @@ impl Pending {
             Mode::Revalidate if response.status() == StatusCode::NOT_MODIFIED => {
                 return self.refresh(response);
             }
-            Mode::Fetch | Mode::Revalidate => self.store(response),
+            Mode::Fetch | Mode::Revalidate => return self.store(response),
         };
         Finished::Answer(answer)
     }
@@ -309,7 +324,7 @@ impl Pending {
     }
 
     /// A full response to a GET we fetched or revalidated: store it while it streams.
-    fn store(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    fn store(mut self, response: Response<ProxyBody>) -> Finished {
         let inner = self.inner.clone();
         let (mut parts, body) = response.into_parts();
         let now = inner.clock.now();
@@ -349,7 +364,7 @@ impl Pending {
                 Verdict::Full => Response::from_parts(parts, body),
             };
             inner.status_header(response.headers_mut(), &format!("fwd={fwd}"));
-            return response;
+            return Finished::Answer(response);
         }
         let names = match key::vary(&parts.headers) {
             key::Vary::Names(names) => names,
@@ -370,17 +385,17 @@ impl Pending {
             _fill: self.fill.take(),
         };
         let body = fill::StoreBody::new(body, commit);
-        inner.status_header(&mut parts.headers, &format!("fwd={fwd}; stored"));
         match verdict {
             Verdict::NotModified => {
                 // The client gets its 304 now; the body is read into the store behind it.
-                let response = not_modified(&parts.headers);
-                tokio::spawn(fill::drain(body));
-                let mut response = response;
+                let mut response = not_modified(&parts.headers);
                 inner.status_header(response.headers_mut(), &format!("fwd={fwd}; stored"));
-                response
+                Finished::AnswerAndDrain(response, Drain(body))
             }
-            Verdict::Full => Response::from_parts(parts, body.boxed()),
+            Verdict::Full => {
+                inner.status_header(&mut parts.headers, &format!("fwd={fwd}; stored"));
+                Finished::Answer(Response::from_parts(parts, body.boxed()))
+            }
         }
     }
 }

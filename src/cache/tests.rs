@@ -31,6 +31,10 @@ async fn forward(
             p.prepare(&mut headers);
             let response = match p.finish(response) {
                 Finished::Answer(response) => response,
+                Finished::AnswerAndDrain(response, drain) => {
+                    tokio::spawn(drain.run());
+                    response
+                }
                 Finished::Refetch(_) => panic!("expected an answer"),
             };
             let (parts, body) = response.into_parts();

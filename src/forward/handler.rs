@@ -170,23 +170,37 @@ async fn serve(
         }
     }
     let (mut response, mut backend_done) = forwarded?;
+    let mut drain = None;
     if let Some(p) = pending {
-        response = match p.finish(response) {
-            Finished::Answer(response) => response,
+        let finished = match p.finish(response) {
             Finished::Refetch(mut p) => {
                 let head = head_for_refetch.expect("only a revalidation is refetched");
                 let mut again = bodiless(head, p.client_headers().clone());
                 p.prepare(again.headers_mut());
                 let (response, done_again) = forward(&routed, reservation, conn, again).await?;
                 backend_done = done_again;
-                match p.finish(response) {
-                    Finished::Answer(response) => response,
-                    Finished::Refetch(_) => unreachable!("a plain fetch is never refetched"),
-                }
+                p.finish(response)
             }
+            finished => finished,
+        };
+        response = match finished {
+            Finished::Answer(response) => response,
+            Finished::AnswerAndDrain(response, body) => {
+                drain = Some(body);
+                response
+            }
+            Finished::Refetch(_) => unreachable!("a plain fetch is never refetched"),
         };
     }
-    if backend_done {
+    if let Some(drain) = drain {
+        // The client has its 304, but the backend is still sending the full response
+        // into the store: the request keeps its backend slot until that ends.
+        let reservation = done.reservation.take();
+        tokio::spawn(async move {
+            drain.run().await;
+            drop(reservation);
+        });
+    } else if backend_done {
         // The whole response is here: the backend's worker is free, whatever pace the
         // client reads at, so the request no longer counts against the upstream.
         done.reservation = None;
@@ -237,6 +251,7 @@ async fn revalidate_in_background(
                 let _ = tokio::time::timeout(BACKGROUND_BODY_LIMIT, stored).await;
                 return;
             }
+            Finished::AnswerAndDrain(_, drain) => return drain.run().await,
             Finished::Refetch(again) => pending = again,
         }
     }

@@ -1212,3 +1212,62 @@ async fn accept_language_variants_match_whatever_the_tag_case() {
         "the order is kept: a backend may pick the first of equal weights"
     );
 }
+
+#[tokio::test]
+async fn the_body_read_into_the_store_behind_a_304_keeps_its_backend_slot() {
+    // An origin that ignores the client's If-None-Match and sends the whole 200: the
+    // client gets its 304 at once, while the body still arrives into the store. The
+    // backend is busy sending it, so the request stays in flight until it ends.
+    let listener = tokio::net::TcpListener::bind(LOCAL0).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (rest_tx, rest_rx) = tokio::sync::oneshot::channel::<()>();
+    let origin = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 4096];
+        // Health checks get a 200 and a closed connection; the first GET, the script.
+        let mut stream = loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the proxy closed before its request ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            if head.starts_with(b"GET /api/") {
+                break stream;
+            }
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+            stream.write_all(ok).await.unwrap();
+        };
+        stream
+            .write_all(
+                b"HTTP/1.1 200 OK\r\netag: \"v1\"\r\ncache-control: max-age=60\r\n\
+                  content-length: 10\r\n\r\nabc",
+            )
+            .await
+            .unwrap();
+        let _ = rest_rx.await;
+        stream.write_all(b"defghij").await.unwrap();
+        // Held open until the proxy is done with the connection.
+        let _ = stream.read(&mut buf).await;
+    });
+    let proxy = start_proxy(cached_config(addr, CacheSettings::default())).await;
+    let shared = proxy.shared().clone();
+    let inflight = move || shared.generation.load().upstreams["app"].inflight();
+    let client = client();
+    let url = format!("http://{}/api/drained", proxy.addr());
+
+    let answered = get_with(&client, &url, &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(answered.status, 304);
+    assert_eq!(inflight(), 1, "the backend is still sending the body");
+
+    rest_tx.send(()).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || inflight() == 0).await,
+        "the slot is released once the body is in"
+    );
+    assert!(eventually(Duration::from_secs(5), || stats(&proxy, "api").objects == 1).await);
+    let hit = get(&client, &url).await;
+    assert_eq!((hit.status, hit.text()), (200, "abcdefghij".to_string()));
+    origin.abort();
+}
