@@ -389,6 +389,7 @@ fn cache_status(cache: &crate::cache::Cache) -> serde_json::Value {
         "max_bytes": cache.settings().max_bytes,
         "objects": stats.objects,
         "evictions": stats.evictions,
+        "coalesced_waiting": cache.coalesced_waiting(),
         "lookups": cache.lookups(),
     })
 }

@@ -72,6 +72,9 @@ pub const CACHE_STORED_OBJECTS: &str = "loadgate_cache_stored_objects";
 /// Objects evicted from a route's cache to stay within its byte bound, by `route`.
 pub const CACHE_EVICTIONS_TOTAL: &str = "loadgate_cache_evictions_total";
 
+/// Requests waiting for another request's fetch of the same key (coalesced misses), by `route`.
+pub const CACHE_COALESCED_WAITING: &str = "loadgate_cache_coalesced_waiting";
+
 /// Label names.
 pub const LABEL_CLASS: &str = "class";
 pub const LABEL_STATUS: &str = "status";
@@ -313,6 +316,10 @@ fn describe() {
     describe_counter!(
         CACHE_EVICTIONS_TOTAL,
         "Objects evicted from each route's cache to stay within its byte bound."
+    );
+    describe_gauge!(
+        CACHE_COALESCED_WAITING,
+        "Requests waiting for another request's fetch of the same key, by route."
     );
     describe_gauge!(
         CONNECTIONS_OPEN,

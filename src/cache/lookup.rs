@@ -131,6 +131,10 @@ impl Cache {
                     return Lookup::Respond(while_revalidating.expect("checked"));
                 }
                 fill::Joined::Follower(mut done) => {
+                    // Too many waiting already: sent on now, through admission.
+                    let Some(_waiting) = fill::Waiting::take(inner) else {
+                        return Lookup::Forward(Box::new(pending));
+                    };
                     let _ =
                         tokio::time::timeout(inner.settings.coalesce_timeout, done.changed()).await;
                     waited = true;

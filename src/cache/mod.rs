@@ -59,6 +59,10 @@ use store::Store;
 
 /// The cache's name in `Cache-Status`.
 const CACHE_NAME: &str = "loadgate";
+/// The most requests of one route that wait for another's fetch at once. Past it, a
+/// miss is sent on at once, through admission like any request: a stampede on a slow
+/// key is then shed by the upstream's load, not parked without bound.
+pub const MAX_COALESCED_WAITING: usize = 4096;
 /// Fixed per-entry cost added to its bytes (structs, key, map slots).
 const ENTRY_OVERHEAD: usize = 256;
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -184,6 +188,9 @@ struct Inner {
     generations: std::sync::atomic::AtomicU64,
     /// Primary keys with a request on its way to the origin; followers wait on it.
     inflight: Mutex<HashMap<String, watch::Receiver<()>>>,
+    /// Followers waiting now, at most [`MAX_COALESCED_WAITING`], and their gauge.
+    waiting: AtomicUsize,
+    waiting_gauge: metrics::Gauge,
     /// Bytes buffered by bodies being stored, and the bound on them.
     buffering: AtomicUsize,
     buffer_budget: usize,
@@ -216,6 +223,9 @@ impl Cache {
                 store,
                 generations: std::sync::atomic::AtomicU64::new(0),
                 inflight: Mutex::new(HashMap::new()),
+                waiting: AtomicUsize::new(0),
+                waiting_gauge: metrics::gauge!(m::CACHE_COALESCED_WAITING,
+                    m::LABEL_ROUTE => route.to_string()),
                 buffering: AtomicUsize::new(0),
                 buffer_budget,
                 clock: Clock::new(),
@@ -238,6 +248,11 @@ impl Cache {
             objects: s.objects(),
             evictions: s.evictions(),
         }
+    }
+
+    /// Requests waiting now for another request's fetch of the same key.
+    pub fn coalesced_waiting(&self) -> usize {
+        self.inner.waiting.load(Ordering::Relaxed)
     }
 
     pub fn lookups(&self) -> LookupCounts {

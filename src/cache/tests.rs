@@ -179,3 +179,41 @@ async fn an_invalidated_variant_does_not_come_back_when_another_is_stored() {
         "the de variant stored before the invalidation stays unreachable"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn misses_past_the_waiting_bound_are_sent_on_at_once() {
+    let cache = Cache::new("t", CacheSettings::default());
+    let req = Arc::new(get("/hot"));
+    // The first miss leads the fetch and holds it.
+    let Lookup::Forward(leader) = cache.lookup(&req, "example.com").await else {
+        panic!("expected a miss");
+    };
+    let mut followers = tokio::task::JoinSet::new();
+    for _ in 0..MAX_COALESCED_WAITING {
+        let (cache, req) = (cache.clone(), req.clone());
+        followers.spawn(async move {
+            matches!(cache.lookup(&req, "example.com").await, Lookup::Forward(_))
+        });
+    }
+    // Each follower waits on the leader's fetch.
+    while cache.coalesced_waiting() < MAX_COALESCED_WAITING {
+        tokio::task::yield_now().await;
+    }
+    let started = tokio::time::Instant::now();
+    let Lookup::Forward(_) = cache.lookup(&req, "example.com").await else {
+        panic!("expected to be sent on");
+    };
+    assert_eq!(
+        started.elapsed(),
+        std::time::Duration::ZERO,
+        "one more is sent on without waiting"
+    );
+    assert_eq!(cache.coalesced_waiting(), MAX_COALESCED_WAITING);
+
+    // The leader's fetch ends without storing: the followers go on, their places freed.
+    drop(leader);
+    while let Some(sent_on) = followers.join_next().await {
+        assert!(sent_on.unwrap());
+    }
+    assert_eq!(cache.coalesced_waiting(), 0);
+}
