@@ -9,6 +9,7 @@ mod support;
 
 mod balancing;
 mod cache;
+mod cache_stale;
 mod cli;
 mod clients;
 mod config_files;

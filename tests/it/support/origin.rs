@@ -1,21 +1,23 @@
 //! Origins for what the simulated backend does not do: a scripted HTTP/1.1 server that
-//! counts requests and keeps their headers, and one that accepts connections and never
-//! answers. Each stops listening when dropped.
+//! counts requests and keeps their headers, one that accepts connections and never
+//! answers, and one that fails on command (holds, resets, fails its health check).
+//! Each stops listening when dropped.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::LOCAL0;
 
@@ -165,4 +167,202 @@ impl Drop for Stalled {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// What a [`FaultyOrigin`] does with a request (health checks aside) when it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answers it from the script.
+    None,
+    /// Reads it and never answers; the connection stays open until the peer closes it.
+    Hold,
+    /// Reads it, then resets the connection (RST) without a byte of response.
+    Reset,
+}
+
+/// An origin that fails on command: [`FaultyOrigin::fail`] sets what it does with the
+/// requests that arrive next, [`FaultyOrigin::fail_health_checks`] turns its health
+/// check (`/actuator/health`, answered at once and not counted) to 503.
+///
+/// Every answer says `Connection: close` and closes its connection, so each request
+/// arrives on a connection of its own and meets the fault in force when it arrives,
+/// never one set for an earlier request on a pooled connection.
+pub struct FaultyOrigin {
+    addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+    fault: Arc<Mutex<Fault>>,
+    healthy: Arc<AtomicBool>,
+    /// Aborting it drops the listener and every connection (held ones too).
+    server: JoinHandle<()>,
+}
+
+/// What one [`FaultyOrigin`] connection needs.
+struct FaultyState {
+    count: Arc<AtomicUsize>,
+    fault: Arc<Mutex<Fault>>,
+    healthy: Arc<AtomicBool>,
+    script: Arc<Script>,
+}
+
+impl FaultyOrigin {
+    /// Answers with `script(request, n)` (n = 1 for the first request) until told to fail.
+    pub async fn start(
+        script: impl Fn(&http::request::Parts, usize) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    ) -> FaultyOrigin {
+        let listener = TcpListener::bind(LOCAL0).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(FaultyState {
+            count: Arc::new(AtomicUsize::new(0)),
+            fault: Arc::new(Mutex::new(Fault::None)),
+            healthy: Arc::new(AtomicBool::new(true)),
+            script: Arc::new(script),
+        });
+        let (count, fault, healthy) = (
+            state.count.clone(),
+            state.fault.clone(),
+            state.healthy.clone(),
+        );
+        let server = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                while connections.try_join_next().is_some() {}
+                connections.spawn(serve_faulty(stream, state.clone()));
+            }
+        });
+        FaultyOrigin {
+            addr,
+            count,
+            fault,
+            healthy,
+            server,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What to do with the requests that arrive from now on.
+    pub fn fail(&self, fault: Fault) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Answers health checks with 503 from now on.
+    pub fn fail_health_checks(&self) {
+        self.healthy.store(false, Ordering::SeqCst);
+    }
+
+    /// Requests received (answered, held or reset), health checks aside.
+    pub fn requests(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultyOrigin {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// One connection of a [`FaultyOrigin`]: one request, then closed (or reset, or held).
+async fn serve_faulty(mut stream: TcpStream, state: Arc<FaultyState>) {
+    let Some(head) = read_head(&mut stream).await else {
+        return;
+    };
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut fields);
+    if !matches!(parsed.parse(&head), Ok(httparse::Status::Complete(_))) {
+        return;
+    }
+    let mut request = Request::builder()
+        .method(parsed.method.unwrap_or("GET"))
+        .uri(parsed.path.unwrap_or("/"));
+    for field in parsed.headers.iter() {
+        request = request.header(field.name, field.value);
+    }
+    let Ok(request) = request.body(()) else {
+        return;
+    };
+    let (parts, ()) = request.into_parts();
+    let response = if parts.uri.path() == "/actuator/health" {
+        let status = if state.healthy.load(Ordering::SeqCst) {
+            200
+        } else {
+            503
+        };
+        respond(status, &[], "")
+    } else {
+        let n = state.count.fetch_add(1, Ordering::SeqCst) + 1;
+        let fault = *state.fault.lock().unwrap();
+        match fault {
+            Fault::None => (state.script)(&parts, n),
+            Fault::Hold => {
+                // Until the peer gives up on it.
+                let _ = stream.read_to_end(&mut Vec::new()).await;
+                return;
+            }
+            Fault::Reset => {
+                // SO_LINGER 0: closing sends RST, not FIN.
+                let _ = stream.set_zero_linger();
+                return;
+            }
+        }
+    };
+    let _ = write_closing(&mut stream, response).await;
+}
+
+/// Reads a request head (GET-style, no body) within 5 s; `None` if the peer closed first.
+async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Some(head)
+}
+
+/// Writes `response` with `Content-Length` and `Connection: close`, then closes the
+/// connection once the peer has (within 5 s).
+async fn write_closing(
+    stream: &mut TcpStream,
+    response: Response<Full<Bytes>>,
+) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(
+        format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&body);
+    stream.write_all(&out).await?;
+    stream.shutdown().await?;
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut Vec::new())).await;
+    Ok(())
 }
