@@ -305,12 +305,14 @@ fn lifetime(
 }
 
 /// The `Age` of a response in seconds (RFC 9111 §5.1): the first member of the
-/// first field line, as a list-based value is read; `None` when that is not a
-/// delta-seconds (negative, fractional, text), which is then ignored. A value too
-/// large to represent is 2147483648 (§1.2.2).
+/// first field line, as a list-based value is read, without any `;` parameters (Age
+/// has none, and reading the number makes the response older, never younger); `None`
+/// when that is not a delta-seconds (negative, fractional, text), which is then
+/// ignored. A value too large to represent is 2147483648 (§1.2.2).
 pub fn age_value(headers: &HeaderMap) -> Option<u64> {
     let line = headers.get(header::AGE)?.to_str().ok()?;
-    let first = line.split(',').next()?.trim();
+    let first = line.split(',').next()?;
+    let first = first.split(';').next()?.trim();
     if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -600,6 +602,10 @@ mod tests {
                 .as_secs(),
             100
         );
+        // A resource changed 5 s ago is fresh for a tenth of that: no floor.
+        let recent = fresh(&[("date", &d), ("last-modified", &date_at(995))], 1000);
+        assert_eq!(recent.lifetime, Duration::from_millis(500));
+        assert!(!recent.is_fresh(t(1001)));
         let heuristic_302 = Freshness::of(
             StatusCode::FOUND,
             &h(&[("date", &d), ("last-modified", &lm)]),
@@ -645,7 +651,10 @@ mod tests {
         assert_eq!(age(&["0", "7200"]), Some(0));
         assert_eq!(age(&["7200", "0"]), Some(7200));
         assert_eq!(age(&["99999999999999999999"]), Some(DELTA_MAX));
-        for invalid in ["abc", "-7200", "7200.0", ""] {
+        // Parameters are not part of Age: the number before them counts.
+        assert_eq!(age(&["3600;foo=bar"]), Some(3600));
+        assert_eq!(age(&["3600 ; 5"]), Some(3600));
+        for invalid in ["abc", "-7200", "7200.0", "", ";3600"] {
             assert_eq!(age(&[invalid]), None, "{invalid:?} is ignored");
         }
     }

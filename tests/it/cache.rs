@@ -1096,6 +1096,7 @@ async fn age_is_read_from_its_first_member_and_an_invalid_one_is_ignored() {
     let origin = Origin::start(Duration::ZERO, |req, _| {
         let age = match req.uri.path() {
             "/api/list" => "7200, 0",
+            "/api/param" => "7200;foo",
             _ => "abc",
         };
         respond(200, &[("cache-control", "max-age=3600"), ("age", age)], "x")
@@ -1111,10 +1112,18 @@ async fn age_is_read_from_its_first_member_and_an_invalid_one_is_ignored() {
         2,
         "`Age: 7200, 0` is 7200: older than max-age, so stale"
     );
+    let param = format!("http://{}/api/param", proxy.addr());
+    get(&client, &param).await;
+    get(&client, &param).await;
+    assert_eq!(
+        origin.requests(),
+        4,
+        "`Age: 7200;foo` is 7200, its parameter dropped: stale"
+    );
     let text = format!("http://{}/api/text", proxy.addr());
     get(&client, &text).await;
     let hit = get(&client, &text).await;
-    assert_eq!(origin.requests(), 3, "`Age: abc` is ignored: still fresh");
+    assert_eq!(origin.requests(), 5, "`Age: abc` is ignored: still fresh");
     let age: u64 = hit.header("age").unwrap().parse().unwrap();
     assert!(age < 60, "the invalid Age did not count: {age}");
 }
