@@ -32,6 +32,7 @@ use crate::http::error::{ProxyError, UpstreamErrorKind};
 use crate::http::{headers, target};
 use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
+use crate::listener::interim::Interim;
 use crate::metrics as m;
 use crate::upstream::Reservation;
 
@@ -42,6 +43,8 @@ pub struct ConnInfo {
     /// The peer's IP as an `X-Forwarded-For` item, formatted once for the connection.
     pub client_address: HeaderValue,
     pub verdicts: FramingVerdicts,
+    /// Where a backend's interim (1xx) responses go on to an HTTP/1.1 client.
+    pub interim: Interim,
     /// `max_body_bytes` when the connection was accepted.
     pub max_body_bytes: Option<u64>,
     /// `request_buffer_bytes` when the connection was accepted.
@@ -666,7 +669,16 @@ async fn forward(
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();
-    let request = Request::from_parts(parts, body);
+    let mut request = Request::from_parts(parts, body);
+    // A backend's 103 Early Hints (or 102) reaches an HTTP/1.1 client as it comes; an
+    // HTTP/1.0 client must not get one (RFC 9110 §15.2), and hyper's HTTP/2 server
+    // cannot send one. Never stored: only the final response reaches the cache.
+    if received == Version::HTTP_11 {
+        let interim = conn.interim.clone();
+        hyper::ext::on_informational(&mut request, move |response| {
+            interim.send(response.status(), response.headers());
+        });
+    }
     let sent = Instant::now();
     let result = upstream.forward(reservation, request).await;
     let kind = result.as_ref().err().map(|(error, _)| error.kind);

@@ -24,6 +24,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::interim::Interim;
+
 /// Largest request head scanned; equal to hyper's default maximum read buffer, so every
 /// head hyper accepts with default settings fits.
 pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -420,6 +422,7 @@ pin_project_lite::pin_project! {
         scanner: Scanner,
         pending: Arc<Mutex<Pending>>,
         replacing: Option<Replacing>,
+        interim: Interim,
     }
 }
 
@@ -433,6 +436,12 @@ struct Replacing {
 }
 
 impl<IO: AsyncWrite> FramingIo<IO> {
+    /// Interim responses queued go out before hyper's bytes (`interim.rs`).
+    fn before_hyper_writes(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        this.interim.before_hyper_writes(this.io, cx)
+    }
+
     /// Writes the replacement under way to its end; `Ready(n)` reports hyper's `n` bytes.
     fn poll_replacing(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let mut this = self.project();
@@ -455,7 +464,8 @@ impl<IO: AsyncWrite> FramingIo<IO> {
 }
 
 /// Wraps `io` and returns the wrapper for hyper plus the verdict handle for the service.
-pub fn wrap<IO>(io: IO) -> (FramingIo<IO>, FramingVerdicts) {
+/// Interim responses given to `interim` are written between hyper's writes.
+pub fn wrap<IO>(io: IO, interim: Interim) -> (FramingIo<IO>, FramingVerdicts) {
     let pending = Arc::new(Mutex::new(Pending::default()));
     let verdicts = FramingVerdicts {
         pending: Arc::clone(&pending),
@@ -465,17 +475,24 @@ pub fn wrap<IO>(io: IO) -> (FramingIo<IO>, FramingVerdicts) {
         scanner: Scanner::new(),
         pending,
         replacing: None,
+        interim,
     };
     (io, verdicts)
 }
 
-impl<IO: AsyncRead> AsyncRead for FramingIo<IO> {
+impl<IO: AsyncRead + AsyncWrite> AsyncRead for FramingIo<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
+        // hyper reads while it waits for the service: the moment to send an interim
+        // response that came meanwhile. A write that must wait registers `cx` too.
+        this.interim.register_reader(cx);
+        if let Poll::Ready(Err(e)) = this.interim.poll_write_to(this.io.as_mut(), cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let result = this.io.poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
@@ -499,6 +516,7 @@ impl<IO: AsyncWrite> AsyncWrite for FramingIo<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.as_mut().before_hyper_writes(cx))?;
         if self.replacing.is_none() {
             match super::refusal::rewrite(buf) {
                 Some(bytes) => {
@@ -519,6 +537,7 @@ impl<IO: AsyncWrite> AsyncWrite for FramingIo<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.as_mut().before_hyper_writes(cx))?;
         if self.replacing.is_some() {
             return self.poll_replacing(cx);
         }
@@ -546,7 +565,14 @@ impl<IO: AsyncWrite> AsyncWrite for FramingIo<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_flush(cx)
+        let mut this = self.project();
+        // hyper flushes the IO only once its own buffer is written, and on every turn
+        // of its connection loop while the service runs: the moment to send an interim
+        // response that came meanwhile.
+        this.interim.hyper_flushed();
+        this.interim.register_reader(cx);
+        std::task::ready!(this.interim.poll_write_to(this.io.as_mut(), cx))?;
+        this.io.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -737,7 +763,7 @@ mod tests {
                 ))
             )
         );
-        let (_, verdicts) = wrap(());
+        let (_, verdicts) = wrap((), Interim::default());
         verdicts.pending.lock().unwrap().append(&mut pending);
         let clone = verdicts.clone();
         assert!((0..5000).all(|_| clone.next_request() == OK));
@@ -752,7 +778,7 @@ mod tests {
     #[tokio::test]
     async fn framing_io_passes_bytes_through() {
         let (mut client, server) = tokio::io::duplex(16);
-        let (mut io, verdicts) = wrap(server);
+        let (mut io, verdicts) = wrap(server, Interim::default());
         let input = format!("{GET}POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd{CL_TE}");
         let sent = input.clone();
         let peer = tokio::spawn(async move {

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 
 pub mod activity;
 pub mod framing;
+pub mod interim;
 mod refusal;
 pub mod workers;
 
@@ -379,12 +380,16 @@ async fn serve(
         connections_total.increment(1);
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
-        let (io, verdicts) =
-            crate::listener::framing::wrap(ActivityIo::new(stream, activity.clone()));
+        let interim = crate::listener::interim::Interim::default();
+        let (io, verdicts) = crate::listener::framing::wrap(
+            ActivityIo::new(stream, activity.clone()),
+            interim.clone(),
+        );
         let info = ConnInfo {
             peer,
             client_address: crate::http::headers::client_address(peer.ip()),
             verdicts,
+            interim,
             max_body_bytes: server.max_body_bytes,
             request_buffer_bytes: server.request_buffer_bytes,
             upload: server.upload,

@@ -1280,3 +1280,101 @@ async fn the_body_read_into_the_store_behind_a_304_keeps_its_backend_slot() {
     assert_eq!((hit.status, hit.text()), (200, "abcdefghij".to_string()));
     origin.abort();
 }
+
+#[tokio::test]
+async fn early_hints_reach_an_http11_client_as_they_come_and_are_never_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The origin sends `103 Early Hints`, then waits for the test before its 200.
+    let listener = tokio::net::TcpListener::bind(LOCAL0).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (final_tx, mut final_rx) = tokio::sync::mpsc::channel::<()>(4);
+    let origin = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            if !head.starts_with(b"GET /api/") {
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                stream.write_all(ok).await.unwrap();
+                continue;
+            }
+            stream
+                .write_all(
+                    b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\
+                      connection: x-hop\r\nx-hop: 1\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            final_rx.recv().await.unwrap();
+            stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 2\r\n\
+                      connection: close\r\n\r\nok",
+                )
+                .await
+                .unwrap();
+        }
+    });
+    let proxy = start_proxy(cached_config(addr, CacheSettings::default())).await;
+    let request = |version: &str| {
+        format!("GET /api/hints HTTP/{version}\r\nhost: a\r\nconnection: close\r\n\r\n")
+    };
+
+    // HTTP/1.1: the 103 arrives while the origin still holds its final response.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    stream.write_all(request("1.1").as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_hint = async {
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the hint");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read_hint)
+        .await
+        .expect("the 103 came before the final response");
+    let hint = String::from_utf8_lossy(&seen).into_owned();
+    assert!(hint.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{hint}");
+    assert!(
+        hint.contains("link: </style.css>; rel=preload\r\n"),
+        "{hint}"
+    );
+    assert!(
+        !hint.contains("x-hop"),
+        "hop-by-hop fields stay behind: {hint}"
+    );
+    final_tx.send(()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let last = String::from_utf8_lossy(&rest).into_owned();
+    assert!(last.starts_with("HTTP/1.1 200 OK\r\n"), "{last}");
+    assert!(last.ends_with("\r\n\r\nok"), "{last}");
+    assert!(!last.to_ascii_lowercase().contains("link:"), "{last}");
+
+    // The stored response is the final one alone: no 103, no hint fields.
+    let hit = raw_exchange(proxy.addr(), request("1.1").as_bytes()).await;
+    assert!(hit.starts_with("HTTP/1.1 200 OK\r\n"), "{hit}");
+    assert!(hit.contains("cache-status: loadgate; hit"), "{hit}");
+    assert!(!hit.to_ascii_lowercase().contains("link:"), "{hit}");
+
+    // HTTP/1.0 clients never get an interim response (RFC 9110 §15.2).
+    let other = "GET /api/hints-10 HTTP/1.0\r\nhost: a\r\n\r\n";
+    let exchange = tokio::spawn(raw_exchange(proxy.addr(), other.as_bytes()));
+    final_tx.send(()).await.unwrap();
+    let old = exchange.await.unwrap();
+    assert!(old.starts_with("HTTP/1.0 200 OK\r\n"), "{old}");
+    assert!(!old.contains("103"), "{old}");
+    origin.abort();
+}
