@@ -49,6 +49,9 @@ fn directives(headers: &HeaderMap, field: &HeaderName) -> Option<String> {
     let written: Vec<String> = members
         .into_iter()
         .filter_map(|(key, value)| match value {
+            // A lifetime given as anything but an Integer is ignored, not read as a
+            // number (`max-age="10000"` is a String).
+            _ if SECONDS.contains(&key.as_str()) && !matches!(value, Item::Integer(_)) => None,
             Item::True => Some(key),
             Item::False => None,
             Item::Integer(n) => Some(format!("{key}={n}")),
@@ -58,6 +61,14 @@ fn directives(headers: &HeaderMap, field: &HeaderName) -> Option<String> {
         .collect();
     Some(written.join(", "))
 }
+
+/// The directives whose value is a number of seconds: an Integer, or ignored.
+const SECONDS: &[&str] = &[
+    "max-age",
+    "s-maxage",
+    "stale-if-error",
+    "stale-while-revalidate",
+];
 
 /// A dictionary member's value, as far as cache directives care.
 #[derive(Debug, Clone, PartialEq)]
@@ -340,6 +351,25 @@ mod tests {
         assert_eq!(
             seen[header::CACHE_CONTROL],
             "no-cache=\"set-cookie\", must-revalidate, no-store, a=tok"
+        );
+    }
+
+    #[test]
+    fn a_lifetime_of_the_wrong_type_is_ignored() {
+        let seen = read(&[(
+            "cdn-cache-control",
+            "max-age=\"10000\", s-maxage=1.5, stale-if-error=tok, public",
+        )]);
+        assert_eq!(seen[header::CACHE_CONTROL], "public");
+        let headers = fields(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=\"10000\""),
+        ]);
+        let seen = view(&headers, Some(&FIELD));
+        assert_eq!(
+            seen[header::CACHE_CONTROL],
+            "",
+            "valid and non-empty, so Cache-Control is replaced, with nothing usable"
         );
     }
 
