@@ -1,4 +1,5 @@
-//! The shared cache's hit path next to nginx's `proxy_cache`, measured in one run.
+//! The shared cache next to nginx's `proxy_cache`, measured in one run: its hit path, and
+//! serving stored copies while the origin is down.
 //!
 //! Two kinds of answer straight from the cache, each through loadgate (`cache = "on"`)
 //! and through nginx (`proxy_cache` + `proxy_cache_revalidate on`, when installed):
@@ -21,20 +22,40 @@
 //! read directly; it has nothing to do while the caches answer); the load
 //! generator in this process on another runtime. All traffic stays on 127.0.0.1.
 //!
+//! A second table, **stale on error** (`common/cache_outage.rs`), keeps a read route
+//! under steady load while its origin is stopped for 5 s: a fresh loadgate and nginx
+//! (now with `proxy_cache_use_stale error timeout updating http_500 http_502 http_503
+//! http_504`) in front of a simulated origin on a fixed port that sends
+//! `Cache-Control: max-age=1, stale-if-error=60` for 100 keys, all stored before the
+//! load starts. Each run measures a window with the origin up, then drops the origin's
+//! listener (connections are refused) for 5 s, then starts it again on the same port.
+//! Entries go stale within a second of the stop, so for most of the outage every
+//! answer has to be a stale copy. Per proxy and run: p99 during the outage over p99
+//! with the origin up, errors (any status other than 2xx/304, or no answer) during the
+//! outage and after the restart, how many answers were served stale, and how long after
+//! the restart stale copies were still served. Target: zero errors for stored keys and
+//! p99 unchanged (at most 1.5x), nginx measured in the same run. loadgate runs with its
+//! defaults here (health checks and the actuator poller on), plus `cache = "on"`.
+//!
 //! ```sh
 //! cargo bench --bench cache
 //! LOADGATE_BENCH_SECS=10 LOADGATE_BENCH_ROUNDS=5 cargo bench --bench cache
 //! ```
 //!
 //! Settings (environment):
-//! - `LOADGATE_BENCH_SECS` measured seconds per run (5), `LOADGATE_BENCH_WARMUP_SECS` (1)
+//! - `LOADGATE_BENCH_SECS` measured seconds per run (5; in the outage row, the window with
+//!   the origin up), `LOADGATE_BENCH_WARMUP_SECS` (1)
 //! - `LOADGATE_BENCH_ROUNDS` rounds of all targets (3)
 //! - `LOADGATE_BENCH_CONNECTIONS` client connections (64)
 //! - `LOADGATE_BENCH_WORKERS` loadgate worker threads = nginx worker_processes (the core count)
 //! - `LOADGATE_BENCH_CLIENT_THREADS` the load generator's runtime threads (1)
 //! - `LOADGATE_BENCH_NGINX` path of nginx, or `off` to skip it (found on PATH or in /usr/sbin)
+//! - `LOADGATE_BENCH_CACHE_ROWS` `all` (default), `hits` (the hit-path table) or `stale`
+//!   (the stale-on-error table)
 
 mod common;
+#[path = "common/cache_outage.rs"]
+mod outage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,10 +86,18 @@ struct Settings {
     connections: usize,
     workers: usize,
     client_threads: usize,
+    /// Which tables to run: the hit path, stale on error, or both.
+    hit_rows: bool,
+    stale_rows: bool,
 }
 
 impl Settings {
     fn from_env() -> Settings {
+        let rows: String = env_or("LOADGATE_BENCH_CACHE_ROWS", "all".to_string());
+        if !matches!(rows.as_str(), "all" | "hits" | "stale") {
+            eprintln!("LOADGATE_BENCH_CACHE_ROWS={rows:?}: expected all, hits or stale");
+            std::process::exit(2);
+        }
         Settings {
             secs: env_or("LOADGATE_BENCH_SECS", 5.0),
             warmup_secs: env_or("LOADGATE_BENCH_WARMUP_SECS", 1.0),
@@ -76,6 +105,8 @@ impl Settings {
             connections: env_or("LOADGATE_BENCH_CONNECTIONS", 64usize).max(1),
             workers: env_or("LOADGATE_BENCH_WORKERS", common::cores()).max(1),
             client_threads: env_or("LOADGATE_BENCH_CLIENT_THREADS", 1usize).max(1),
+            hit_rows: rows != "stale",
+            stale_rows: rows != "hits",
         }
     }
 }
@@ -113,6 +144,20 @@ struct Target {
 }
 
 fn bench(s: &Settings) -> std::io::Result<()> {
+    if s.hit_rows {
+        hit_rows(s)?;
+    }
+    if s.hit_rows && s.stale_rows {
+        println!();
+    }
+    if s.stale_rows {
+        outage::bench(s)?;
+    }
+    Ok(())
+}
+
+/// The hit-path table: 304s and 200s from each proxy's cache.
+fn hit_rows(s: &Settings) -> std::io::Result<()> {
     println!(
         "cache: {} connections, {} s measured after {} s warm-up, {} round(s); \
          loadgate {} worker thread(s), nginx {} worker process(es), load generator {} thread(s), \
@@ -160,7 +205,7 @@ fn bench(s: &Settings) -> std::io::Result<()> {
         ],
     )?;
     let nginx = common::nginx::start_or_skip(|dir, listen| {
-        nginx_cache_conf(dir, s.workers, listen, backend_addr)
+        nginx_cache_conf(dir, s.workers, listen, backend_addr, "")
     });
 
     // Fill each cache with one request, and check that it then answers from it.
@@ -372,12 +417,14 @@ fn fmt_cpu(us: f64) -> String {
 /// nginx as a shared cache in front of the backend: the proxy config of
 /// `proxy_overhead` plus `proxy_cache` (freshness from the origin's Cache-Control),
 /// `proxy_cache_revalidate on`, and `$upstream_cache_status` in a response header so
-/// the smoke check can see where the answer came from.
+/// the smoke check can see where the answer came from. `location` adds directives to
+/// the proxied location (e.g. `proxy_cache_use_stale`).
 fn nginx_cache_conf(
     dir: &std::path::Path,
     workers: usize,
     listen: SocketAddr,
     backend: SocketAddr,
+    location: &str,
 ) -> String {
     common::nginx::proxy_conf_with(
         dir,
@@ -385,9 +432,12 @@ fn nginx_cache_conf(
         listen,
         backend,
         "proxy_cache_path {dir}/cache levels=1:2 keys_zone=bench:10m max_size=64m inactive=1h use_temp_path=off;",
-        "proxy_cache bench;\n\
-         proxy_cache_revalidate on;\n\
-         add_header X-Cache-Status $upstream_cache_status always;",
+        &format!(
+            "proxy_cache bench;\n\
+             proxy_cache_revalidate on;\n\
+             add_header X-Cache-Status $upstream_cache_status always;\n\
+             {location}"
+        ),
     )
 }
 
@@ -399,7 +449,7 @@ fn smoke_check(proxy: &str, addr: SocketAddr) -> std::io::Result<HeaderValue> {
         .enable_all()
         .build()?;
     let first = runtime
-        .block_on(fetch(addr, &[]))
+        .block_on(fetch(addr, PATH, &[]))
         .map_err(|e| fail(e.to_string()))?;
     if first.0 != StatusCode::OK {
         return Err(fail(format!("GET {PATH} answered {}", first.0)));
@@ -431,7 +481,7 @@ fn smoke_check(proxy: &str, addr: SocketAddr) -> std::io::Result<HeaderValue> {
     let mut hit = (StatusCode::OK, HeaderMap::new());
     for _ in 0..50 {
         hit = runtime
-            .block_on(fetch(addr, &[]))
+            .block_on(fetch(addr, PATH, &[]))
             .map_err(|e| fail(e.to_string()))?;
         if hit.0 != StatusCode::OK || from_cache(&hit.1) {
             break;
@@ -446,7 +496,11 @@ fn smoke_check(proxy: &str, addr: SocketAddr) -> std::io::Result<HeaderValue> {
         )));
     }
     let conditional = runtime
-        .block_on(fetch(addr, &[(http::header::IF_NONE_MATCH, etag.clone())]))
+        .block_on(fetch(
+            addr,
+            PATH,
+            &[(http::header::IF_NONE_MATCH, etag.clone())],
+        ))
         .map_err(|e| fail(e.to_string()))?;
     if conditional.0 != StatusCode::NOT_MODIFIED || !from_cache(&conditional.1) {
         return Err(fail(format!(
@@ -458,9 +512,10 @@ fn smoke_check(proxy: &str, addr: SocketAddr) -> std::io::Result<HeaderValue> {
     Ok(etag)
 }
 
-/// One GET of [`PATH`] on a connection of its own: status and headers.
+/// One GET of `path` on a connection of its own: status and headers.
 async fn fetch(
     addr: SocketAddr,
+    path: &str,
     headers: &[(HeaderName, HeaderValue)],
 ) -> Result<(StatusCode, HeaderMap), Box<dyn std::error::Error + Send + Sync>> {
     let exchange = async {
@@ -468,7 +523,7 @@ async fn fetch(
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let mut request = Request::get(PATH)
+        let mut request = Request::get(path)
             .header(http::header::HOST, addr.to_string())
             .body(Empty::new())?;
         for (name, value) in headers {
@@ -490,20 +545,24 @@ async fn fetch(
 
 fn helper_main(args: &[String]) {
     let arg = |i: usize| -> &str { args.get(i).map_or("", String::as_str) };
-    assert_eq!(arg(0), "loadgate", "unknown helper role");
     let threads: usize = arg(1).parse().expect("helper: thread count");
     let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
-    // Requests are served by the proxy's own worker threads; this runtime only
-    // starts them (and would run the admin port).
-    let runtime = common::helper_runtime(1, "warn");
-    let proxy = runtime
-        .block_on(Proxy::start(common::loadgate_config(
+    let config = match arg(0) {
+        "loadgate" => common::loadgate_config(
             threads,
             backend,
             "127.0.0.1:0".parse().expect("address"),
             "idle_timeout_ms = 60000",
             "cache = \"on\"",
-        )))
+        ),
+        outage::HELPER_ROLE => outage::loadgate_config(threads, backend),
+        other => panic!("unknown helper role {other:?}"),
+    };
+    // Requests are served by the proxy's own worker threads; this runtime only
+    // starts them (and runs the admin port and, in the outage row, the pollers).
+    let runtime = common::helper_runtime(1, "warn");
+    let proxy = runtime
+        .block_on(Proxy::start(config))
         .expect("loadgate starts");
     common::announce_and_wait_for_parent(proxy.addr());
     runtime.block_on(proxy.shutdown());
