@@ -414,7 +414,8 @@ impl FramingVerdicts {
 pin_project_lite::pin_project! {
     /// Wraps the inbound connection's IO, delegating reads and writes unchanged while
     /// scanning the bytes hyper reads; hyper's own bare refusal of a request it cannot
-    /// parse is the one write it changes (`refusal.rs`).
+    /// parse is the one write it changes (`refusal.rs`), and a backend's interim (1xx)
+    /// responses are the one write it adds, between hyper's own (`interim.rs`).
     #[derive(Debug)]
     pub struct FramingIo<IO> {
         #[pin]
