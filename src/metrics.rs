@@ -5,8 +5,8 @@
 //! class, status class, error kind, upstream name from config), never raw paths.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -221,6 +221,51 @@ impl<L: Label> CounterTable<L> {
     }
 }
 
+/// Things held at once, bounded when each is taken and mirrored in a gauge: the open
+/// client connections (`max_connections`), the requests of a route waiting on another's
+/// cache fill.
+#[derive(Clone)]
+pub struct Slots {
+    held: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+}
+
+/// One thing held; frees its slot (and the gauge's count) when dropped.
+pub struct Slot(Slots);
+
+impl Slots {
+    pub fn new(gauge: metrics::Gauge) -> Slots {
+        Slots {
+            held: Arc::new(AtomicUsize::new(0)),
+            gauge,
+        }
+    }
+
+    /// A slot, unless `max` are held already. `max` is read at each take, so a raised
+    /// limit (a reload) applies at once.
+    pub fn try_take(&self, max: usize) -> Option<Slot> {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < max).then_some(held + 1)
+            })
+            .ok()?;
+        self.gauge.increment(1.0);
+        Some(Slot(self.clone()))
+    }
+
+    /// How many are held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.decrement(1.0);
+    }
+}
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 ///
 /// The recorder is global (the `metrics` facade has one), so several proxies in one
@@ -338,6 +383,21 @@ fn describe() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_refuse_past_the_limit_and_free_on_drop() {
+        let slots = Slots::new(metrics::Gauge::noop());
+        let a = slots.try_take(2).expect("first");
+        let _b = slots.try_take(2).expect("second");
+        assert!(slots.try_take(2).is_none(), "third of two");
+        assert_eq!(slots.held(), 2);
+        drop(a);
+        assert!(slots.try_take(2).is_some(), "a freed slot is taken again");
+        assert!(
+            slots.try_take(3).is_some(),
+            "a raised limit (reload) applies at once"
+        );
+    }
 
     label_values! {
         enum Fruit { Apple => "apple", Pear => "pear", Plum => "plum" }

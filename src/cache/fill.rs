@@ -64,32 +64,6 @@ pub fn join(inner: &Arc<Inner>, key: &str) -> Joined {
     })
 }
 
-/// A follower's place among the route's waiting requests, given back when dropped.
-pub struct Waiting(Arc<Inner>);
-
-impl Waiting {
-    /// A place to wait, or `None` when [`MAX_COALESCED_WAITING`] requests wait already.
-    ///
-    /// [`MAX_COALESCED_WAITING`]: super::MAX_COALESCED_WAITING
-    pub fn take(inner: &Arc<Inner>) -> Option<Waiting> {
-        inner
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < super::MAX_COALESCED_WAITING).then_some(n + 1)
-            })
-            .ok()?;
-        inner.waiting_gauge.increment(1.0);
-        Some(Waiting(inner.clone()))
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.0.waiting_gauge.decrement(1.0);
-    }
-}
-
 /// Everything needed to store a response once its body is complete.
 pub struct Commit {
     pub inner: Arc<Inner>,

@@ -132,7 +132,8 @@ impl Cache {
                 }
                 fill::Joined::Follower(mut done) => {
                     // Too many waiting already: sent on now, through admission.
-                    let Some(_waiting) = fill::Waiting::take(inner) else {
+                    let Some(_waiting) = inner.waiting.try_take(super::MAX_COALESCED_WAITING)
+                    else {
                         return Lookup::Forward(Box::new(pending));
                     };
                     let _ =

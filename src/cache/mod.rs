@@ -188,9 +188,8 @@ struct Inner {
     generations: std::sync::atomic::AtomicU64,
     /// Primary keys with a request on its way to the origin; followers wait on it.
     inflight: Mutex<HashMap<String, watch::Receiver<()>>>,
-    /// Followers waiting now, at most [`MAX_COALESCED_WAITING`], and their gauge.
-    waiting: AtomicUsize,
-    waiting_gauge: metrics::Gauge,
+    /// Followers waiting now, at most [`MAX_COALESCED_WAITING`].
+    waiting: m::Slots,
     /// Bytes buffered by bodies being stored, and the bound on them.
     buffering: AtomicUsize,
     buffer_budget: usize,
@@ -223,9 +222,8 @@ impl Cache {
                 store,
                 generations: std::sync::atomic::AtomicU64::new(0),
                 inflight: Mutex::new(HashMap::new()),
-                waiting: AtomicUsize::new(0),
-                waiting_gauge: metrics::gauge!(m::CACHE_COALESCED_WAITING,
-                    m::LABEL_ROUTE => route.to_string()),
+                waiting: m::Slots::new(metrics::gauge!(m::CACHE_COALESCED_WAITING,
+                    m::LABEL_ROUTE => route.to_string())),
                 buffering: AtomicUsize::new(0),
                 buffer_budget,
                 clock: Clock::new(),
@@ -252,7 +250,7 @@ impl Cache {
 
     /// Requests waiting now for another request's fetch of the same key.
     pub fn coalesced_waiting(&self) -> usize {
-        self.inner.waiting.load(Ordering::Relaxed)
+        self.inner.waiting.held()
     }
 
     pub fn lookups(&self) -> LookupCounts {

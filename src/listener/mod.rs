@@ -26,7 +26,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::AtomicUsize;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -94,7 +93,8 @@ impl Proxy {
         let threads = workers::worker_count(config.server.worker_threads);
         let shared = Arc::new(Shared::new(Generation::build(config, None)));
         let (shutdown, _) = watch::channel(false);
-        let slots = ConnectionSlots::default();
+        // Client connections open on all data listeners, counted against `max_connections`.
+        let slots = m::Slots::new(metrics::gauge!(m::CONNECTIONS_OPEN));
         let mut workers = Vec::new();
         for index in 0..threads {
             let listeners = std_listeners
@@ -228,7 +228,7 @@ impl Worker {
         index: usize,
         listeners: Vec<std::net::TcpListener>,
         shared: Arc<Shared>,
-        slots: ConnectionSlots,
+        slots: m::Slots,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -280,40 +280,6 @@ impl Worker {
     }
 }
 
-/// Client connections open on all data listeners, counted against `max_connections`.
-#[derive(Clone, Default)]
-struct ConnectionSlots(Arc<AtomicUsize>);
-
-/// One open client connection; frees its slot when dropped.
-struct ConnectionSlot {
-    open: Arc<AtomicUsize>,
-    gauge: metrics::Gauge,
-}
-
-impl ConnectionSlots {
-    /// A slot, unless `max` connections are open already.
-    fn try_take(&self, max: usize) -> Option<ConnectionSlot> {
-        self.0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < max).then_some(open + 1)
-            })
-            .ok()?;
-        let gauge = metrics::gauge!(m::CONNECTIONS_OPEN);
-        gauge.increment(1.0);
-        Some(ConnectionSlot {
-            open: self.0.clone(),
-            gauge,
-        })
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::AcqRel);
-        self.gauge.decrement(1.0);
-    }
-}
-
 /// The per-connection protocol settings, from the config in force at accept.
 fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let head_bytes = server.max_header_bytes.max(MIN_HEADER_BYTES);
@@ -344,7 +310,7 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
 async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    slots: ConnectionSlots,
+    slots: m::Slots,
     shutdown: watch::Receiver<bool>,
 ) {
     let (abort, _) = watch::channel(false);
@@ -598,6 +564,7 @@ async fn raised(flag: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn when_woken_polls_its_future_only_after_its_own_wake_up() {
@@ -623,19 +590,5 @@ mod tests {
         tx.send(()).unwrap();
         assert!(gated.as_mut().poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn slots_refuse_past_the_limit_and_free_on_drop() {
-        let slots = ConnectionSlots::default();
-        let a = slots.try_take(2).expect("first");
-        let _b = slots.try_take(2).expect("second");
-        assert!(slots.try_take(2).is_none(), "third of two");
-        drop(a);
-        assert!(slots.try_take(2).is_some(), "a freed slot is taken again");
-        assert!(
-            slots.try_take(3).is_some(),
-            "a raised limit (reload) applies at once"
-        );
     }
 }
