@@ -449,19 +449,29 @@ impl<IO: AsyncWrite> FramingIo<IO> {
         let Some(replacing) = this.replacing.as_mut() else {
             return Poll::Ready(Ok(0));
         };
-        while replacing.written < replacing.bytes.len() {
-            let rest = &replacing.bytes[replacing.written..];
-            match this.io.as_mut().poll_write(cx, rest) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => replacing.written += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        let Replacing { bytes, written, .. } = replacing;
+        std::task::ready!(poll_write_all(this.io.as_mut(), cx, bytes, written))?;
         let n = replacing.stands_for;
         *this.replacing = None;
         Poll::Ready(Ok(n))
     }
+}
+
+/// Writes `bytes` from `*written` on to their end, advancing `*written`: bytes the
+/// wrapper writes on its own between hyper's.
+pub(super) fn poll_write_all<IO: AsyncWrite>(
+    mut io: Pin<&mut IO>,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *written < bytes.len() {
+        match std::task::ready!(io.as_mut().poll_write(cx, &bytes[*written..]))? {
+            0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            n => *written += n,
+        }
+    }
+    Poll::Ready(Ok(()))
 }
 
 /// Wraps `io` and returns the wrapper for hyper plus the verdict handle for the service.

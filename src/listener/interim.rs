@@ -102,20 +102,8 @@ impl Interim {
         io: Pin<&mut IO>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        let shared = &self.0;
-        if shared.queued.load(Ordering::Acquire) {
-            let flushed = !shared.hyper_unflushed.load(Ordering::Acquire);
-            let started = {
-                let queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-                queue.written > 0
-            };
-            if flushed || started {
-                std::task::ready!(self.poll_write_to(io, cx))?;
-            } else {
-                self.clear();
-            }
-        }
-        shared.hyper_unflushed.store(true, Ordering::Release);
+        std::task::ready!(self.poll_write(io, cx, Unflushed::Drop))?;
+        self.0.hyper_unflushed.store(true, Ordering::Release);
         Poll::Ready(Ok(()))
     }
 
@@ -125,40 +113,52 @@ impl Interim {
     }
 
     /// Writes what is queued when hyper has nothing half-written; `Ready` once the queue
-    /// is empty (or when there is nothing it may write now).
+    /// is empty, or when it must wait for hyper's flush.
     pub(super) fn poll_write_to<IO: AsyncWrite>(
         &self,
-        mut io: Pin<&mut IO>,
+        io: Pin<&mut IO>,
         cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.poll_write(io, cx, Unflushed::Wait)
+    }
+
+    fn poll_write<IO: AsyncWrite>(
+        &self,
+        io: Pin<&mut IO>,
+        cx: &mut Context<'_>,
+        unflushed: Unflushed,
     ) -> Poll<io::Result<()>> {
         let shared = &self.0;
         if !shared.queued.load(Ordering::Acquire) {
             return Poll::Ready(Ok(()));
         }
         let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        // A response already begun is always finished; one not begun waits for hyper's
+        // flush, or is dropped when hyper writes first.
         if queue.written == 0 && shared.hyper_unflushed.load(Ordering::Acquire) {
-            // Wait for hyper's flush (or drop it at hyper's next write).
+            if unflushed == Unflushed::Drop {
+                self.emptied(&mut queue);
+            }
             return Poll::Ready(Ok(()));
         }
-        while queue.written < queue.bytes.len() {
-            let rest = &queue.bytes[queue.written..];
-            match io.as_mut().poll_write(cx, rest) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => queue.written += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        queue.bytes.clear();
-        queue.written = 0;
-        shared.queued.store(false, Ordering::Release);
+        let Queue { bytes, written } = &mut *queue;
+        std::task::ready!(super::framing::poll_write_all(io, cx, bytes, written))?;
+        self.emptied(&mut queue);
         Poll::Ready(Ok(()))
     }
 
-    fn clear(&self) {
-        let mut queue = self.0.queue.lock().unwrap_or_else(|e| e.into_inner());
+    fn emptied(&self, queue: &mut Queue) {
         queue.bytes.clear();
         queue.written = 0;
         self.0.queued.store(false, Ordering::Release);
     }
+}
+
+/// What a queued response not yet begun does while hyper has bytes unflushed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unflushed {
+    /// Waits for hyper's flush.
+    Wait,
+    /// Is dropped: hyper is writing now, and its bytes must come first.
+    Drop,
 }
