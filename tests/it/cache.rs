@@ -12,7 +12,7 @@ use loadgate::http::body::empty;
 use loadgate::listener::Proxy;
 use loadgate::sim::SimBackend;
 
-use crate::support::origin::{respond, Origin};
+use crate::support::origin::{next_request, respond, Origin};
 use crate::support::*;
 
 /// A path, the request headers to send, and the origin requests two GETs cause.
@@ -1232,22 +1232,7 @@ async fn the_body_read_into_the_store_behind_a_304_keeps_its_backend_slot() {
     let (rest_tx, rest_rx) = tokio::sync::oneshot::channel::<()>();
     let origin = tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut buf = [0u8; 4096];
-        // Health checks get a 200 and a closed connection; the first GET, the script.
-        let mut stream = loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = stream.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the proxy closed before its request ended");
-                head.extend_from_slice(&buf[..n]);
-            }
-            if head.starts_with(b"GET /api/") {
-                break stream;
-            }
-            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-            stream.write_all(ok).await.unwrap();
-        };
+        let mut stream = next_request(&listener).await;
         stream
             .write_all(
                 b"HTTP/1.1 200 OK\r\netag: \"v1\"\r\ncache-control: max-age=60\r\n\
@@ -1258,7 +1243,7 @@ async fn the_body_read_into_the_store_behind_a_304_keeps_its_backend_slot() {
         let _ = rest_rx.await;
         stream.write_all(b"defghij").await.unwrap();
         // Held open until the proxy is done with the connection.
-        let _ = stream.read(&mut buf).await;
+        let _ = stream.read(&mut [0u8; 64]).await;
     });
     let proxy = start_proxy(cached_config(addr, CacheSettings::default())).await;
     let shared = proxy.shared().clone();
@@ -1289,22 +1274,8 @@ async fn early_hints_reach_an_http11_client_as_they_come_and_are_never_stored() 
     let addr = listener.local_addr().unwrap();
     let (final_tx, mut final_rx) = tokio::sync::mpsc::channel::<()>(4);
     let origin = tokio::spawn(async move {
-        let mut buf = [0u8; 4096];
         loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = stream.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                head.extend_from_slice(&buf[..n]);
-            }
-            if !head.starts_with(b"GET /api/") {
-                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-                stream.write_all(ok).await.unwrap();
-                continue;
-            }
+            let mut stream = next_request(&listener).await;
             stream
                 .write_all(
                     b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\

@@ -311,6 +311,22 @@ async fn serve_faulty(mut stream: TcpStream, state: Arc<FaultyState>) {
     let _ = write_closing(&mut stream, response).await;
 }
 
+/// The next connection to `listener` whose request is not a health check, with its head
+/// read: for a test's own origin that writes its answer byte by byte. Health checks
+/// (`/actuator/health`) are answered 200 and closed.
+pub async fn next_request(listener: &TcpListener) -> TcpStream {
+    loop {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let Some(head) = read_head(&mut stream).await else {
+            continue;
+        };
+        if !head.starts_with(b"GET /actuator/health ") {
+            return stream;
+        }
+        tokio::spawn(async move { write_closing(&mut stream, respond(200, &[], "")).await });
+    }
+}
+
 /// Reads a request head (GET-style, no body) within 5 s; `None` if the peer closed first.
 async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     let mut head = Vec::new();
