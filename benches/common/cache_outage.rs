@@ -306,17 +306,7 @@ fn run(s: &Settings, target: &Target, origin: &mut Origin) -> std::io::Result<Ru
     let paths: Vec<String> = (0..KEYS).map(key).collect();
     let (samples, restarted_at) = std::thread::scope(|scope| {
         let load = scope.spawn(move || {
-            let runtime = if threads <= 1 {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-            } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(threads)
-                    .enable_all()
-                    .build()
-            }
-            .expect("load generator runtime");
+            let runtime = common::load_runtime(threads);
             let start = tokio::time::Instant::from_std(start);
             let samples =
                 runtime.block_on(load::run(addr, paths, connections, start, start + length));

@@ -116,22 +116,28 @@ pub fn quantile_us(sorted: &[u32], q: f64) -> Option<u32> {
     Some(sorted[rank.saturating_sub(1).min(sorted.len() - 1)])
 }
 
+/// A runtime of the load generator's own (`threads` workers; 1 means a current-thread
+/// runtime), so it never shares worker threads with the system under test.
+pub fn load_runtime(threads: usize) -> tokio::runtime::Runtime {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .expect("load generator runtime")
+}
+
 impl Load {
     /// Runs the load on a runtime of its own (`threads` workers; 1 means a
     /// current-thread runtime), so it never shares worker threads with the
     /// system under test. Blocks until the run is over.
     pub fn run_on_own_runtime(&self, threads: usize) -> LoadResult {
-        let runtime = if threads <= 1 {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-        } else {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .enable_all()
-                .build()
-        }
-        .expect("load generator runtime");
+        let runtime = load_runtime(threads);
         let result = runtime.block_on(self.run());
         runtime.shutdown_timeout(Duration::from_secs(1));
         result
