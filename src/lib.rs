@@ -14,6 +14,7 @@
 //!   workers.rs      worker identity and count (a leaf: the pool keys its stacks by it)
 //!   activity.rs     per-connection header read and keep-alive idle deadlines
 //!   framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
+//!   interim.rs      a backend's 1xx responses, written between hyper's own writes
 //! http/           plumbing every stage shares
 //!   body.rs         streamed body types; guards released when a body ends; upload pace
 //!   headers.rs      hop-by-hop stripping, Via, X-Forwarded-*

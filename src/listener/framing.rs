@@ -491,19 +491,13 @@ pub fn wrap<IO>(io: IO, interim: Interim) -> (FramingIo<IO>, FramingVerdicts) {
     (io, verdicts)
 }
 
-impl<IO: AsyncRead + AsyncWrite> AsyncRead for FramingIo<IO> {
+impl<IO: AsyncRead> AsyncRead for FramingIo<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut this = self.project();
-        // hyper reads while it waits for the service: the moment to send an interim
-        // response that came meanwhile. A write that must wait registers `cx` too.
-        this.interim.register_reader(cx);
-        if let Poll::Ready(Err(e)) = this.interim.poll_write_to(this.io.as_mut(), cx) {
-            return Poll::Ready(Err(e));
-        }
+        let this = self.project();
         let before = buf.filled().len();
         let result = this.io.poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
@@ -581,7 +575,7 @@ impl<IO: AsyncWrite> AsyncWrite for FramingIo<IO> {
         // of its connection loop while the service runs: the moment to send an interim
         // response that came meanwhile.
         this.interim.hyper_flushed();
-        this.interim.register_reader(cx);
+        this.interim.register_connection(cx);
         std::task::ready!(this.interim.poll_write_to(this.io.as_mut(), cx))?;
         this.io.poll_flush(cx)
     }

@@ -43,8 +43,9 @@ struct Shared {
     /// hyper wrote and has not flushed since: its buffer may hold part of a message.
     hyper_unflushed: AtomicBool,
     queue: Mutex<Queue>,
-    /// The IO's last read, woken to write what was queued while hyper waits.
-    reader: AtomicWaker,
+    /// The connection task, as of hyper's last flush: woken to write what was queued
+    /// while hyper waits for the service.
+    connection: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -86,13 +87,13 @@ impl Interim {
         queue.bytes.extend_from_slice(&head);
         shared.queued.store(true, Ordering::Release);
         drop(queue);
-        shared.reader.wake();
+        shared.connection.wake();
     }
 
-    /// Called by the IO on every read: remembers the reader, so a queued response can
-    /// wake it to be written while hyper waits for the backend.
-    pub(super) fn register_reader(&self, cx: &Context<'_>) {
-        self.0.reader.register(cx.waker());
+    /// Called by the IO at each of hyper's flushes: remembers the connection task, so a
+    /// queued response can wake it to be written while hyper waits for the backend.
+    pub(super) fn register_connection(&self, cx: &Context<'_>) {
+        self.0.connection.register(cx.waker());
     }
 
     /// hyper is about to write: what is queued goes first if hyper had flushed, and is

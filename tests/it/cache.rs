@@ -1301,19 +1301,7 @@ async fn early_hints_reach_an_http11_client_as_they_come_and_are_never_stored() 
     // HTTP/1.1: the 103 arrives while the origin still holds its final response.
     let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
     stream.write_all(request("1.1").as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let read_hint = async {
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before the hint");
-            seen.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), read_hint)
-        .await
-        .expect("the 103 came before the final response");
-    let hint = String::from_utf8_lossy(&seen).into_owned();
+    let hint = read_until(&mut stream, "\r\n\r\n").await;
     assert!(hint.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{hint}");
     assert!(
         hint.contains("link: </style.css>; rel=preload\r\n"),
@@ -1347,5 +1335,36 @@ async fn early_hints_reach_an_http11_client_as_they_come_and_are_never_stored() 
     let old = exchange.await.unwrap();
     assert!(old.starts_with("HTTP/1.0 200 OK\r\n"), "{old}");
     assert!(!old.contains("103"), "{old}");
+
+    // On a kept-alive connection, a second request's hint comes between the responses.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let keep_alive = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n");
+    for path in ["/api/kept-1", "/api/kept-2"] {
+        stream.write_all(keep_alive(path).as_bytes()).await.unwrap();
+        let hint = read_until(&mut stream, "\r\n\r\n").await;
+        assert!(
+            hint.starts_with("HTTP/1.1 103 Early Hints\r\n"),
+            "{path}: {hint}"
+        );
+        final_tx.send(()).await.unwrap();
+        let last = read_until(&mut stream, "\r\n\r\nok").await;
+        assert!(last.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {last}");
+    }
     origin.abort();
+}
+
+/// Reads from `stream` until what it has read ends with `end`, within 5 s.
+async fn read_until(stream: &mut tokio::net::TcpStream, end: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).ends_with(end) {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
 }
