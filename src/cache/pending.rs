@@ -372,7 +372,6 @@ impl Pending {
         };
         let values = key::values(&self.request, &names);
         let freshness = Freshness::of(parts.status, &policy_view, self.request_time, now);
-        drop(policy_view);
         let commit = fill::Commit {
             inner: inner.clone(),
             key: self.key.clone(),
