@@ -72,6 +72,12 @@ impl Streak {
                     // Connect failures while it was down ejected it passively too;
                     // `rise` passing checks are better evidence than that timer.
                     backend.clear_ejection();
+                } else if backend.is_healthy() && backend.is_ejected() {
+                    // Ejected for failed connects, but this check connected and was
+                    // answered: the backend is back before the ejection timer says so.
+                    tracing::info!(upstream, backend = %backend.authority,
+                        "backend passed a health check; its ejection for failed connects ends");
+                    backend.clear_ejection();
                 }
             }
             Err(why) => {
@@ -107,5 +113,44 @@ async fn check_once(
         Ok(Err(e)) => Err(e.to_string()),
         Ok(Ok(response)) if response.status().is_success() => Ok(()),
         Ok(Ok(response)) => Err(format!("status {}", response.status())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryConfig;
+
+    fn health() -> HealthConfig {
+        use crate::config::defaults as d;
+        HealthConfig {
+            enabled: true,
+            path: d::HEALTH_PATH.to_string(),
+            interval: std::time::Duration::from_millis(d::HEALTH_INTERVAL_MS),
+            timeout: std::time::Duration::from_millis(d::HEALTH_TIMEOUT_MS),
+            rise: d::HEALTH_RISE,
+            fall: d::HEALTH_FALL,
+        }
+    }
+
+    #[test]
+    fn a_passing_check_ends_an_ejection_for_failed_connects() {
+        let backend = Backend::new("health-test", "127.0.0.1:9");
+        let retry = RetryConfig::default();
+        for _ in 0..retry.eject_after_connect_failures {
+            backend.connect_failed(&retry);
+        }
+        assert!(backend.is_ejected());
+        let mut streak = Streak::default();
+        streak.record(
+            "health-test",
+            &backend,
+            &health(),
+            Err("refused".to_string()),
+        );
+        assert!(backend.is_ejected(), "a failing check leaves it ejected");
+        streak.record("health-test", &backend, &health(), Ok(()));
+        assert!(!backend.is_ejected(), "one passing check ends the ejection");
+        assert!(backend.is_healthy());
     }
 }
