@@ -108,23 +108,43 @@ impl Pending {
     /// within the response's `stale-if-error` window or else the route's default
     /// (RFC 5861 §4).
     pub fn stale_if_error(&self) -> Option<Response<ProxyBody>> {
-        let entry = self.stale.as_ref()?;
-        let limit = entry
-            .freshness
-            .stale_if_error
-            .or(self.inner.settings.stale_if_error)?;
-        self.serve_stale(limit, "stale-if-error")
+        self.serve_stale(self.stale_if_error_window()?, "stale-if-error")
     }
 
-    /// The stored copy, if serving it stale is allowed and it is at most `limit` past
-    /// its freshness: one rule for every reason to serve stale.
-    fn serve_stale(&self, limit: Duration, why: &str) -> Option<Response<ProxyBody>> {
-        let entry = self.stale.as_ref()?;
-        let f = &entry.freshness;
+    /// Whether [`stale_if_error`](Pending::stale_if_error) would answer if the origin
+    /// failed now: the forward can then give up on an unreachable backend at once.
+    pub fn has_stale_if_error(&self) -> bool {
         let now = self.inner.clock.now();
-        if f.no_cache || f.no_stale || self.rules.no_cache || f.staleness(now) > limit {
+        self.stale_if_error_window()
+            .is_some_and(|limit| self.may_serve_stale(limit, now))
+    }
+
+    /// The stored copy's stale-if-error window: its own, else the route's.
+    fn stale_if_error_window(&self) -> Option<Duration> {
+        let entry = self.stale.as_ref()?;
+        entry
+            .freshness
+            .stale_if_error
+            .or(self.inner.settings.stale_if_error)
+    }
+
+    /// One rule for every reason to serve stale: a stored copy that may be served stale
+    /// at all, at most `limit` past its freshness at `now`.
+    fn may_serve_stale(&self, limit: Duration, now: SystemTime) -> bool {
+        self.stale.as_ref().is_some_and(|entry| {
+            let f = &entry.freshness;
+            !(f.no_cache || f.no_stale || self.rules.no_cache || f.staleness(now) > limit)
+        })
+    }
+
+    /// The stored copy, if [`may_serve_stale`](Pending::may_serve_stale).
+    fn serve_stale(&self, limit: Duration, why: &str) -> Option<Response<ProxyBody>> {
+        let now = self.inner.clock.now();
+        if !self.may_serve_stale(limit, now) {
             return None;
         }
+        let entry = self.stale.as_ref()?;
+        let f = &entry.freshness;
         let mut response = self
             .inner
             .respond_with(entry, &self.method, &self.request, now);

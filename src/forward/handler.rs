@@ -34,7 +34,7 @@ use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
 use crate::listener::interim::Interim;
 use crate::metrics as m;
-use crate::upstream::Reservation;
+use crate::upstream::{Fallback, Reservation};
 
 /// What the handler knows about the client connection a request arrived on.
 #[derive(Clone)]
@@ -158,7 +158,13 @@ async fn serve(
         Err(error) => return Err(error),
     };
 
-    let forwarded = forward(&routed, reservation, conn, req).await;
+    // With a stored copy to answer if the backend fails, an unreachable backend is given
+    // up on at once rather than after every connect retry.
+    let fallback = match &pending {
+        Some(p) if p.has_stale_if_error() => Fallback::StoredCopy,
+        _ => Fallback::None,
+    };
+    let forwarded = forward(&routed, reservation, conn, req, fallback).await;
     // The origin failed: a stored copy within its stale-if-error window answers instead.
     let origin_failed = match &forwarded {
         Err(error) => matches!(error, ProxyError::Upstream { .. }),
@@ -180,7 +186,8 @@ async fn serve(
                 let head = head_for_refetch.expect("only a revalidation is refetched");
                 let mut again = bodiless(head, p.client_headers().clone());
                 p.prepare(again.headers_mut());
-                let (response, done_again) = forward(&routed, reservation, conn, again).await?;
+                let (response, done_again) =
+                    forward(&routed, reservation, conn, again, Fallback::None).await?;
                 backend_done = done_again;
                 p.finish(response)
             }
@@ -245,7 +252,10 @@ async fn revalidate_in_background(
     for _ in 0..2 {
         let mut req = bodiless((uri.clone(), version), pending.client_headers().clone());
         pending.prepare(req.headers_mut());
-        let Ok((response, _)) = forward(&routed, &mut reservation, &conn, req).await else {
+        // The client has its copy already: a backend that cannot be reached is not
+        // retried for a revalidation nobody waits on.
+        let forwarded = forward(&routed, &mut reservation, &conn, req, Fallback::StoredCopy);
+        let Ok((response, _)) = forwarded.await else {
             return;
         };
         match pending.finish(response) {
@@ -651,6 +661,7 @@ async fn forward(
     reservation: &mut Reservation,
     conn: &ConnInfo,
     req: Request<ClientBody>,
+    fallback: Fallback,
 ) -> Result<(Response<ProxyBody>, bool), ProxyError> {
     let upstream = &routed.route.upstream;
     let (mut parts, ClientBody { body, watch }) = req.into_parts();
@@ -680,7 +691,7 @@ async fn forward(
         });
     }
     let sent = Instant::now();
-    let result = upstream.forward(reservation, request).await;
+    let result = upstream.forward(reservation, request, fallback).await;
     let kind = result.as_ref().err().map(|(error, _)| error.kind);
     if kind != Some(UpstreamErrorKind::NoHealthyBackend) {
         let dropped = kind == Some(UpstreamErrorKind::HeaderTimeout);

@@ -309,14 +309,18 @@ impl Upstream {
     /// (connect failures) are skipped unless every healthy one is ejected: then
     /// ejection is ignored, so it never empties the rotation by itself.
     pub fn pick(&self) -> Option<Arc<Backend>> {
-        self.pick_other_than(&[])
+        self.pick_other_than(&[], Fallback::None)
     }
 
-    /// [`pick`](Upstream::pick), leaving out the backends in `tried`.
-    fn pick_other_than(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
-        // One backend: ejection never empties the rotation, so only health counts.
+    /// [`pick`](Upstream::pick), leaving out the backends in `tried`, and every ejected
+    /// backend when the request has a stored copy to fall back on.
+    fn pick_other_than(&self, tried: &[Arc<Backend>], fallback: Fallback) -> Option<Arc<Backend>> {
+        let skip_ejected = fallback == Fallback::StoredCopy;
+        // One backend: ejection never empties the rotation by itself, so only health
+        // counts, unless a stored copy can answer instead.
         if let [only] = self.backends.as_slice() {
-            return (only.is_healthy() && tried.is_empty()).then(|| only.clone());
+            let usable = only.is_healthy() && !(skip_ejected && only.is_ejected());
+            return (usable && tried.is_empty()).then(|| only.clone());
         }
         let untried = |b: &&Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
         let mut healthy: Vec<&Arc<Backend>> = self
@@ -325,7 +329,7 @@ impl Upstream {
             .filter(untried)
             .filter(|b| b.is_healthy() && !b.is_ejected())
             .collect();
-        if healthy.is_empty() {
+        if healthy.is_empty() && !skip_ejected {
             healthy = self
                 .backends
                 .iter()
@@ -351,10 +355,16 @@ impl Upstream {
     /// request no connection could be opened for was never sent, so it goes to another
     /// healthy backend, each tried once; the last backend left gets the configured
     /// connect attempts with backoff. The error names the backend it came from.
+    ///
+    /// With a stored copy to fall back on ([`Fallback::StoredCopy`]), a backend that
+    /// cannot be reached is given up on at once: one connect attempt, and no ejected
+    /// backend tried, so the copy answers in a connect's time instead of after every
+    /// retry's backoff.
     pub async fn forward(
         &self,
         reservation: &mut Reservation,
         req: Request<ProxyBody>,
+        fallback: Fallback,
     ) -> Result<Response<ProxyBody>, (SendError, Option<Arc<Backend>>)> {
         let timeout = self.config.response_header_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -366,10 +376,16 @@ impl Upstream {
         let mut failed: Vec<Arc<Backend>> = Vec::new();
         let mut req = req;
         loop {
-            let Some(backend) = self.pick_other_than(&failed) else {
+            let Some(backend) = self.pick_other_than(&failed, fallback) else {
+                let detail = match fallback {
+                    Fallback::None => "no backend passes its health check",
+                    Fallback::StoredCopy => {
+                        "no backend passes its health check or is in rotation after failed connects"
+                    }
+                };
                 let error = SendError {
                     kind: UpstreamErrorKind::NoHealthyBackend,
-                    detail: "no backend passes its health check".to_string(),
+                    detail: detail.to_string(),
                 };
                 return Err((error, None));
             };
@@ -379,7 +395,7 @@ impl Upstream {
                     && b.is_healthy()
                     && !failed.iter().any(|f| Arc::ptr_eq(f, b))
             });
-            let attempts = if last {
+            let attempts = if last && fallback == Fallback::None {
                 self.config.retry.connect_attempts
             } else {
                 1
@@ -401,6 +417,16 @@ impl Upstream {
             }
         }
     }
+}
+
+/// What a request falls back on when its upstream fails it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Nothing: the backend gets every chance (connect retries with backoff, and an
+    /// only backend is tried even while ejected).
+    None,
+    /// A stored copy answers instead (stale-if-error): fail fast.
+    StoredCopy,
 }
 
 /// One request counted in flight to an upstream, from admission until its response

@@ -348,27 +348,80 @@ async fn a_stored_copy_answers_when_the_backend_is_gone() {
     let mut config = cached_config(origin.addr(), CacheSettings::default());
     // Without health checks the request goes to the dead address and is refused.
     config.upstreams[0].health.enabled = false;
+    name_upstream(&mut config, "gone");
+    let retry = config.upstreams[0].retry.clone();
     let proxy = start_proxy(config).await;
     let client = client();
     let url = format!("http://{}/api/r", proxy.addr());
     assert_eq!(get(&client, &url).await.text(), "stored");
+    let shared = proxy.shared().clone();
+    let connect_retries = || {
+        shared.generation.load().upstreams["gone"]
+            .pool_stats()
+            .connect_retries
+    };
+    let errors = |kind: &'static str| {
+        let labels = [("upstream", "gone"), ("kind", kind)];
+        let proxy = &proxy;
+        async move { admin::counter(proxy, "loadgate_upstream_errors_total", &labels).await }
+    };
 
+    let addr = origin.addr();
     drop(origin);
+    // Its listener closes when its task is next polled: from then on, connects are refused.
+    let mut refused = false;
+    for _ in 0..250 {
+        refused = tokio::net::TcpStream::connect(addr).await.is_err();
+        if refused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the origin's port still accepts connections");
     let answered = get(&client, &url).await;
     assert_eq!((answered.status, answered.text().as_str()), (200, "stored"));
     assert!(answered
         .header("cache-status")
         .unwrap()
         .contains("detail=stale-if-error"));
-    let other = get(
-        &client,
-        &format!("http://{}/api/never-stored", proxy.addr()),
-    )
-    .await;
+    assert_eq!(
+        connect_retries(),
+        0,
+        "with a copy to answer, one connect attempt and no backoff"
+    );
+    assert_eq!(errors("connect").await, 1.0);
+    let never_stored = format!("http://{}/api/never-stored", proxy.addr());
+    let other = get(&client, &never_stored).await;
     assert_eq!(
         other.status, 502,
         "nothing stored: the error passes through"
     );
+    assert_eq!(
+        connect_retries(),
+        u64::from(retry.connect_attempts - 1),
+        "with nothing to fall back on, every connect attempt is made"
+    );
+
+    // Once failed connects eject the only backend, a request with a copy does not try it.
+    let ejected = || shared.generation.load().upstreams["gone"].backends()[0].is_ejected();
+    for _ in 0..retry.eject_after_connect_failures {
+        if ejected() {
+            break;
+        }
+        assert_eq!(get(&client, &never_stored).await.status, 502);
+    }
+    assert!(
+        ejected(),
+        "each refused request counts its connect attempts"
+    );
+    let connects = errors("connect").await;
+    let answered = get(&client, &url).await;
+    assert_eq!((answered.status, answered.text().as_str()), (200, "stored"));
+    assert_eq!(errors("connect").await, connects, "no connect was tried");
+    assert_eq!(errors("no_healthy_backend").await, 1.0);
+    // Without a copy, the ejected only backend is still tried.
+    assert_eq!(get(&client, &never_stored).await.status, 502);
+    assert_eq!(errors("connect").await, connects + 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
