@@ -173,11 +173,17 @@ impl Pending {
         let inner = self.inner.clone();
         let answer = match self.mode {
             Mode::Bypass => {
+                let mut response = response;
                 if self.method == Method::HEAD && response.status() == StatusCode::OK {
-                    self.freshen_from_head(response.headers());
+                    // The client gets the stored fields the HEAD left out, too.
+                    if let Some(mut fields) = self.freshen_from_head(response.headers()) {
+                        if let Some(age) = response.headers().get(header::AGE) {
+                            fields.insert(header::AGE, age.clone());
+                        }
+                        *response.headers_mut() = fields;
+                    }
                 }
                 inner.count(Outcome::Uncacheable);
-                let mut response = response;
                 inner.status_header(response.headers_mut(), "fwd=bypass");
                 response
             }
@@ -310,10 +316,10 @@ impl Pending {
     /// RFC 9111 §4.3.5: a `200` to a `HEAD` updates the stored `GET` response it
     /// describes: same validators (or neither has any) and, when it says, the same
     /// length. A `HEAD` that describes another representation leaves the store alone.
-    fn freshen_from_head(&self, head: &HeaderMap) {
-        let Some(stored) = &self.stale else {
-            return;
-        };
+    /// Returns the stored fields as updated (what the `HEAD`'s answer then carries), or
+    /// `None` when the `HEAD` describes no stored response.
+    fn freshen_from_head(&self, head: &HeaderMap) -> Option<HeaderMap> {
+        let stored = self.stale.as_ref()?;
         fn field(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
             h.get(name).and_then(|v| v.to_str().ok())
         }
@@ -329,12 +335,16 @@ impl Pending {
         };
         let same_length = field(head, header::CONTENT_LENGTH)
             .is_none_or(|length| length.parse() == Ok(stored.body.len()));
-        if !describes || !same_length || self.rules.no_store {
-            return;
+        if !describes || !same_length {
+            return None;
         }
         let now = self.inner.clock.now();
         let entry = self.freshened(stored, head, now);
-        self.inner.insert(&self.key, entry);
+        let fields = entry.headers.clone();
+        if !self.rules.no_store {
+            self.inner.insert(&self.key, entry);
+        }
+        Some(fields)
     }
 
     fn store_rules(&self) -> StoreRules {

@@ -118,7 +118,11 @@ async fn a_head_response_freshens_the_stored_get_it_describes() {
 
     // Another representation (another ETag): the store is left alone.
     let other = [("cache-control", "max-age=60"), ("etag", "\"v2\"")];
-    forward(&cache, &head, origin(&other, "")).await;
+    let answered = forward(&cache, &head, origin(&other, "")).await;
+    assert!(
+        answered.headers().get("x-version").is_none(),
+        "its answer is the backend's alone"
+    );
     assert!(
         matches!(
             cache.lookup(&get("/a"), "example.com").await,
@@ -134,7 +138,24 @@ async fn a_head_response_freshens_the_stored_get_it_describes() {
         ("x-version", "2"),
         ("content-length", "5"),
     ];
-    forward(&cache, &head, origin(&same, "")).await;
+    let answered = forward(&cache, &head, origin(&same, "")).await;
+    assert_eq!(answered.headers()["x-version"], "2", "the HEAD's own field");
+
+    // A HEAD answer that leaves a stored field out gets it from the store.
+    let stale_again = [
+        ("cache-control", "max-age=0"),
+        ("etag", "\"v1\""),
+        ("x-stored-only", "kept"),
+    ];
+    forward(&cache, &get("/b"), origin(&stale_again, "hello")).await;
+    let head_b = Request::head("/b").body(()).unwrap();
+    let bare = [("etag", "\"v1\""), ("cache-control", "max-age=60")];
+    let answered = forward(&cache, &head_b, origin(&bare, "")).await;
+    assert_eq!(answered.headers()["x-stored-only"], "kept");
+    assert_eq!(answered.headers()["cache-control"], "max-age=60");
+    let body = answered.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.is_empty());
+
     match cache.lookup(&get("/a"), "example.com").await {
         Lookup::Respond(r) => {
             assert_eq!(r.headers()["x-version"], "2");
