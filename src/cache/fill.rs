@@ -24,7 +24,8 @@ use tokio::sync::watch;
 
 use super::{Entry, Inner};
 use crate::cache::policy::Freshness;
-use crate::http::body::{BoxError, ProxyBody};
+use crate::http::body::{BoxError, Prepend, ProxyBody};
+use futures_util::FutureExt;
 
 /// Held by the one request filling a key; followers wake when it is dropped.
 pub struct Fill {
@@ -107,13 +108,15 @@ impl Buffer {
         before + n <= inner.buffer_budget
     }
 
-    fn store(mut self) {
+    /// Stores the body kept; false when it is not stored (shorter than its
+    /// `Content-Length`, or refused by the store).
+    fn store(mut self) -> bool {
         if self
             .commit
             .expected
             .is_some_and(|expected| expected != self.len as u64)
         {
-            return;
+            return false;
         }
         let body = match self.chunks.len() {
             0 => Bytes::new(),
@@ -145,7 +148,7 @@ impl Buffer {
             vary_names: std::mem::take(&mut c.vary_names),
             vary_values: std::mem::take(&mut c.vary_values),
         };
-        c.inner.insert(&c.key, entry);
+        c.inner.insert(&c.key, entry)
         // `self` drops here: the budget is released, then the fill guard wakes followers.
     }
 }
@@ -154,28 +157,57 @@ impl Buffer {
 pub struct StoreBody {
     inner: ProxyBody,
     buffer: Option<Buffer>,
+    /// Whether it was stored, when that was settled before the body was sent on.
+    stored: Option<bool>,
 }
 
 impl StoreBody {
-    pub fn new(inner: ProxyBody, commit: Commit) -> StoreBody {
-        let buffer = Buffer {
+    pub fn new(mut inner: ProxyBody, commit: Commit) -> StoreBody {
+        let mut buffer = Buffer {
             commit,
             chunks: Vec::new(),
             len: 0,
         };
-        // An empty body (a 204, `Content-Length: 0`) may never be polled: the server
-        // writes no body for it. It is complete already, so store it now.
-        if inner.is_end_stream() {
-            buffer.store();
-            return StoreBody {
-                inner,
-                buffer: None,
-            };
-        }
+        // A body all here already (most answers arrive with their head, and an empty one
+        // may never be polled at all) is stored now, so the response can say whether
+        // it was. A longer one is stored as it streams.
+        let mut frames = Vec::new();
+        let complete = loop {
+            if inner.is_end_stream() {
+                break true;
+            }
+            match inner.frame().now_or_never() {
+                Some(Some(Ok(frame))) => frames.push(frame),
+                Some(None) => break true,
+                Some(Some(Err(_))) | None => break false,
+            }
+        };
+        let (buffer, stored) = if complete {
+            let kept = frames
+                .iter()
+                .filter_map(Frame::data_ref)
+                .all(|data| buffer.keep(data));
+            (None, Some(kept && buffer.store()))
+        } else {
+            // Still streaming: each frame, the ones taken too, is kept as it passes.
+            (Some(buffer), None)
+        };
+        let inner = if frames.is_empty() {
+            inner
+        } else {
+            Prepend::new(frames, inner).boxed_unsync()
+        };
         StoreBody {
             inner,
-            buffer: Some(buffer),
+            buffer,
+            stored,
         }
+    }
+
+    /// `Some(stored)` when the body was whole before it was sent on, so whether it was
+    /// stored is known; `None` while that waits for the body's end.
+    pub fn stored(&self) -> Option<bool> {
+        self.stored
     }
 
     pub fn boxed(self) -> ProxyBody {

@@ -47,12 +47,12 @@ pub enum Finished {
 }
 
 /// An origin body read into the store with no client waiting for it.
-pub struct Drain(fill::StoreBody);
+pub struct Drain(Box<fill::StoreBody>);
 
 impl Drain {
     /// Reads the body to its end, storing it, for at most [`fill::DRAIN_LIMIT`].
     pub async fn run(self) {
-        fill::drain(self.0).await;
+        fill::drain(*self.0).await;
     }
 }
 
@@ -414,15 +414,21 @@ impl Pending {
             _fill: self.fill.take(),
         };
         let body = fill::StoreBody::new(body, commit);
+        // `stored` says what happened to a body that was whole already; for one still
+        // streaming, that it is being stored (it may yet be cut short or refused).
+        let status = match body.stored() {
+            Some(false) => format!("fwd={fwd}"),
+            Some(true) | None => format!("fwd={fwd}; stored"),
+        };
         match verdict {
             Verdict::NotModified => {
                 // The client gets its 304 now; the body is read into the store behind it.
                 let mut response = not_modified(&parts.headers);
-                inner.status_header(response.headers_mut(), &format!("fwd={fwd}; stored"));
-                Finished::AnswerAndDrain(response, Drain(body))
+                inner.status_header(response.headers_mut(), &status);
+                Finished::AnswerAndDrain(response, Drain(Box::new(body)))
             }
             Verdict::Full => {
-                inner.status_header(&mut parts.headers, &format!("fwd={fwd}; stored"));
+                inner.status_header(&mut parts.headers, &status);
                 Finished::Answer(Response::from_parts(parts, body.boxed()))
             }
         }

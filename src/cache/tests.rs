@@ -238,3 +238,23 @@ async fn misses_past_the_waiting_bound_are_sent_on_at_once() {
     }
     assert_eq!(cache.coalesced_waiting(), 0);
 }
+
+#[tokio::test]
+async fn cache_status_says_stored_only_for_a_whole_body_the_store_took() {
+    let settings = CacheSettings {
+        max_bytes: 64 << 10,
+        max_object_bytes: 4096,
+        ..CacheSettings::default()
+    };
+    let cache = Cache::new("t", settings);
+    let fresh = [("cache-control", "max-age=60")];
+    // No Content-Length: only the body, whole already, shows it is over the limit.
+    let over: &'static str = "x".repeat(5000).leak();
+    let large = forward(&cache, &get("/large"), origin(&fresh, over)).await;
+    assert_eq!(large.headers()[CACHE_STATUS], "loadgate; fwd=miss");
+    assert_eq!(cache.stats().objects, 0);
+
+    let small = forward(&cache, &get("/small"), origin(&fresh, "0123")).await;
+    assert_eq!(small.headers()[CACHE_STATUS], "loadgate; fwd=miss; stored");
+    assert_eq!(cache.stats().objects, 1);
+}
