@@ -24,8 +24,7 @@ use tokio::sync::watch;
 
 use super::{Entry, Inner};
 use crate::cache::policy::Freshness;
-use crate::http::body::{BoxError, Prepend, ProxyBody};
-use futures_util::FutureExt;
+use crate::http::body::{from_frames, take_whole, BoxError, ProxyBody};
 
 /// Held by the one request filling a key; followers wake when it is dropped.
 pub struct Fill {
@@ -162,7 +161,7 @@ pub struct StoreBody {
 }
 
 impl StoreBody {
-    pub fn new(mut inner: ProxyBody, commit: Commit) -> StoreBody {
+    pub fn new(inner: ProxyBody, commit: Commit) -> StoreBody {
         let mut buffer = Buffer {
             commit,
             chunks: Vec::new(),
@@ -170,37 +169,25 @@ impl StoreBody {
         };
         // A body all here already (most answers arrive with their head, and an empty one
         // may never be polled at all) is stored now, so the response can say whether
-        // it was. A longer one is stored as it streams.
-        let mut frames = Vec::new();
-        let complete = loop {
-            if inner.is_end_stream() {
-                break true;
+        // it was. A longer one is kept as it streams past.
+        match take_whole(inner) {
+            Ok(frames) => {
+                let kept = frames
+                    .iter()
+                    .filter_map(Frame::data_ref)
+                    .all(|data| buffer.keep(data));
+                let stored = kept && buffer.store();
+                StoreBody {
+                    inner: from_frames(frames),
+                    buffer: None,
+                    stored: Some(stored),
+                }
             }
-            match inner.frame().now_or_never() {
-                Some(Some(Ok(frame))) => frames.push(frame),
-                Some(None) => break true,
-                Some(Some(Err(_))) | None => break false,
-            }
-        };
-        let (buffer, stored) = if complete {
-            let kept = frames
-                .iter()
-                .filter_map(Frame::data_ref)
-                .all(|data| buffer.keep(data));
-            (None, Some(kept && buffer.store()))
-        } else {
-            // Still streaming: each frame, the ones taken too, is kept as it passes.
-            (Some(buffer), None)
-        };
-        let inner = if frames.is_empty() {
-            inner
-        } else {
-            Prepend::new(frames, inner).boxed_unsync()
-        };
-        StoreBody {
-            inner,
-            buffer,
-            stored,
+            Err(inner) => StoreBody {
+                inner,
+                buffer: Some(buffer),
+                stored: None,
+            },
         }
     }
 

@@ -257,7 +257,44 @@ where
 /// ended: a small response usually arrives with its head, and once it is all here the
 /// backend is done with it however slowly the client reads. A streaming response (server-
 /// sent events, a long download) is not held back: only what is ready is taken.
-pub fn take_ready(mut body: ProxyBody, limit: usize) -> (ProxyBody, bool) {
+pub fn take_ready(body: ProxyBody, limit: usize) -> (ProxyBody, bool) {
+    match ready_frames(body, limit) {
+        // Nothing had arrived: the body as it was, without another layer.
+        (frames, Rest::Ended(body)) if frames.is_empty() => (body, true),
+        (frames, Rest::Ended(_)) => (from_frames(frames), true),
+        (frames, Rest::Failed(error)) => {
+            let failed = Failed(Some(error));
+            (Prepend::new(frames, failed).boxed_unsync(), false)
+        }
+        (frames, Rest::More(body)) if frames.is_empty() => (body, false),
+        (frames, Rest::More(body)) => (Prepend::new(frames, body).boxed_unsync(), false),
+    }
+}
+
+/// The frames of `body` when all of it has arrived already; otherwise the body as it
+/// was (what was taken of it first, then the rest, its error included).
+pub fn take_whole(body: ProxyBody) -> Result<Vec<Frame<Bytes>>, ProxyBody> {
+    let (frames, rest) = ready_frames(body, usize::MAX);
+    let rest = match rest {
+        Rest::Ended(_) => return Ok(frames),
+        Rest::Failed(error) => Failed(Some(error)).boxed_unsync(),
+        Rest::More(body) if frames.is_empty() => return Err(body),
+        Rest::More(body) => body,
+    };
+    Err(Prepend::new(frames, rest).boxed_unsync())
+}
+
+/// What follows the frames [`ready_frames`] took.
+enum Rest {
+    /// The body has ended (it is given back, spent).
+    Ended(ProxyBody),
+    Failed(BoxError),
+    More(ProxyBody),
+}
+
+/// The frames of `body` already arrived, up to `limit` bytes (the frame that passes it
+/// included), and what follows them.
+fn ready_frames(mut body: ProxyBody, limit: usize) -> (Vec<Frame<Bytes>>, Rest) {
     use futures_util::FutureExt;
     let mut frames = Vec::new();
     let mut read = 0;
@@ -267,25 +304,24 @@ pub fn take_ready(mut body: ProxyBody, limit: usize) -> (ProxyBody, bool) {
                 read += frame.data_ref().map_or(0, |d| d.len());
                 frames.push(frame);
             }
-            Some(None) => return (from_frames(frames), true),
+            Some(None) => return (frames, Rest::Ended(body)),
             // The error is the client's to see after the frames before it.
-            Some(Some(Err(error))) => {
-                let failed = Failed(Some(error));
-                return (Prepend::new(frames, failed).boxed_unsync(), false);
-            }
+            Some(Some(Err(error))) => return (frames, Rest::Failed(error)),
             None => break,
         }
     }
-    match (frames.is_empty(), body.is_end_stream()) {
-        // Nothing had arrived: the body as it was, without another layer.
-        (true, ended) => (body, ended),
-        (false, true) => (from_frames(frames), true),
-        (false, false) => (Prepend::new(frames, body).boxed_unsync(), false),
+    if body.is_end_stream() {
+        (frames, Rest::Ended(body))
+    } else {
+        (frames, Rest::More(body))
     }
 }
 
 /// A whole body from its frames; the usual single data frame as a plain full body.
-fn from_frames(mut frames: Vec<Frame<Bytes>>) -> ProxyBody {
+pub fn from_frames(mut frames: Vec<Frame<Bytes>>) -> ProxyBody {
+    if frames.is_empty() {
+        return empty();
+    }
     if frames.len() == 1 && frames[0].is_data() {
         if let Ok(data) = frames.pop().expect("one frame").into_data() {
             return full(data);
@@ -472,6 +508,35 @@ mod tests {
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
         let (mut body, ended) = take_ready(body.boxed_unsync(), 1024);
         assert!(!ended);
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(
+            body.frame().await.unwrap().is_err(),
+            "the error still reaches the client"
+        );
+    }
+
+    #[tokio::test]
+    async fn take_whole_gives_the_frames_of_an_ended_body_and_keeps_any_other() {
+        let frames = take_whole(chunks(&[3, 4])).unwrap_or_else(|_| panic!("all here"));
+        let lengths: Vec<usize> = frames
+            .iter()
+            .filter_map(|f| f.data_ref().map(Bytes::len))
+            .collect();
+        assert_eq!(lengths, [3, 4]);
+
+        let (tx, body) = fed();
+        tx.send(b"head").unwrap();
+        let body = take_whole(body).expect_err("the sender is still open");
+        tx.send(b"tail").unwrap();
+        drop(tx);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "headtail");
+
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("reset".into()),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let mut body = take_whole(body.boxed_unsync()).expect_err("it failed");
         assert!(body.frame().await.unwrap().is_ok());
         assert!(
             body.frame().await.unwrap().is_err(),
