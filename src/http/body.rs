@@ -403,12 +403,7 @@ mod tests {
 
     #[tokio::test]
     async fn watched_body_without_limit_records_a_broken_body() {
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"ab"))),
-            Err("reset".into()),
-        ];
-        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let (body, watch) = WatchedBody::new(body, None, None);
+        let (body, watch) = WatchedBody::new(failing_after_two_bytes(), None, None);
         assert!(body.collect().await.is_err());
         assert_eq!(watch.fault(), Some(BodyFault::Broken));
     }
@@ -487,6 +482,15 @@ mod tests {
         assert_eq!(watch.fault(), None);
     }
 
+    /// Two bytes, then a reset.
+    fn failing_after_two_bytes() -> ProxyBody {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("reset".into()),
+        ];
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
     #[tokio::test]
     async fn take_ready_takes_what_has_arrived_and_keeps_the_rest() {
         let (whole, ended) = take_ready(chunks(&[3, 4]), 1024);
@@ -501,12 +505,7 @@ mod tests {
         drop(tx);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "headtail");
 
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"ab"))),
-            Err("reset".into()),
-        ];
-        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let (mut body, ended) = take_ready(body.boxed_unsync(), 1024);
+        let (mut body, ended) = take_ready(failing_after_two_bytes(), 1024);
         assert!(!ended);
         assert!(body.frame().await.unwrap().is_ok());
         assert!(
@@ -531,12 +530,7 @@ mod tests {
         drop(tx);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "headtail");
 
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"ab"))),
-            Err("reset".into()),
-        ];
-        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let mut body = take_whole(body.boxed_unsync()).expect_err("it failed");
+        let mut body = take_whole(failing_after_two_bytes()).expect_err("it failed");
         assert!(body.frame().await.unwrap().is_ok());
         assert!(
             body.frame().await.unwrap().is_err(),
