@@ -53,6 +53,8 @@ pub struct ConnInfo {
     pub upload: UploadPace,
     /// The peer is one of `trusted_proxies`: its forwarding headers are believed.
     pub trusted: bool,
+    /// The TLS session, for a connection that came in over TLS.
+    pub tls: Option<std::sync::Arc<crate::listener::tls::TlsInfo>>,
 }
 
 /// One request's completion: records its metrics and frees its upstream slot when

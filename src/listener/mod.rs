@@ -36,6 +36,7 @@ pub mod activity;
 pub mod framing;
 pub mod interim;
 mod refusal;
+pub mod tls;
 pub mod workers;
 
 use crate::config::{Config, ConfigErrors, ServerConfig, MIN_HEADER_BYTES};
@@ -363,6 +364,7 @@ async fn serve(
                 .trusted_proxies
                 .iter()
                 .any(|net| net.contains(peer.ip())),
+            tls: None,
         };
         let service = connection_service(shared.clone(), info, activity.clone());
         let connection = connection_builder(server)
