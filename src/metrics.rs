@@ -49,6 +49,10 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "loadgate_connections_refused_total"
 /// than `header_read_timeout_ms`), `idle` (keep-alive idle longer than `idle_timeout_ms`)
 /// or `send` (the client read nothing of a response for `send_timeout_ms`).
 pub const CONNECTIONS_TIMED_OUT_TOTAL: &str = "loadgate_connections_timed_out_total";
+/// TLS handshakes on data listeners, by `result`: `ok`, or why one failed: `timeout`,
+/// `eof` (the client left), `not_tls`, `protocol_version`, `no_common_parameters`,
+/// `alert_received`, `io_error`, `other`.
+pub const TLS_HANDSHAKES_TOTAL: &str = "loadgate_tls_handshakes_total";
 
 /// Utilisation of an upstream, by `upstream` and `source`: `local` (own in-flight ÷ pool),
 /// `reported` (the backends' own busy ÷ max), `in_force` ((own + external) ÷ pool).
@@ -373,6 +377,10 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,
         "Client connections closed at accept because max_connections were open."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "TLS handshakes on data listeners, by result: ok or the reason one failed."
     );
     describe_counter!(
         CONNECTIONS_TIMED_OUT_TOTAL,

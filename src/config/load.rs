@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use toml_edit::{ImDocument, Item, Value};
 
+use super::listener::{build_listener, check_listener_tables};
 use super::section::{Errors, LineIndex, Section};
 use super::validate::{
     build_admin, build_route, build_server, build_sim, build_upstream, check_listeners,
@@ -17,12 +18,12 @@ use super::validate::{
 };
 use super::{Config, ConfigError, Readiness, ServerConfig};
 
-const SECTIONS: &str = "server, admin, upstream, route, sim";
+const SECTIONS: &str = "server, admin, listener, upstream, route, sim";
 
 // ---------------------------------------------------------------------------------------------
 // Entry point.
 
-pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+pub(super) fn parse(text: &str, base: &std::path::Path) -> Result<Config, Vec<ConfigError>> {
     let lines = LineIndex::new(text);
     let doc = ImDocument::parse(text).map_err(|e| {
         let message = e
@@ -44,6 +45,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
     let mut sim = None;
     let mut upstreams = Vec::new();
     let mut routes = Vec::new();
+    let mut listeners = Vec::new();
 
     let root = doc.as_table();
     for (key, item) in root.iter() {
@@ -62,16 +64,17 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
                     errs.push(key_line, format!("`{key}` must be a table: write [{key}]"));
                 }
             }
-            "upstream" | "route" => match table_array(item) {
+            "upstream" | "route" | "listener" => match table_array(item) {
                 Some(tables) => {
-                    let list = if key == "upstream" {
-                        &mut upstreams
-                    } else {
-                        &mut routes
+                    let list = match key {
+                        "upstream" => &mut upstreams,
+                        "route" => &mut routes,
+                        _ => &mut listeners,
                     };
                     for (i, (table, span)) in tables.into_iter().enumerate() {
                         let header = span.map_or(key_line, |s| lines.line(s.start));
-                        let name = table.as_table_like().and_then(|t| t.get("name"));
+                        let field = if key == "listener" { "address" } else { "name" };
+                        let name = table.as_table_like().and_then(|t| t.get(field));
                         let label = match name.and_then(Item::as_str) {
                             Some(name) => format!("{key} {name:?}"),
                             None => format!("[[{key}]] #{}", i + 1),
@@ -96,11 +99,23 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
 
     let server_cfg = build_server(server.as_mut(), &mut errs);
     let admin_cfg = build_admin(admin.as_mut(), &mut errs);
+    let listener_cfgs: Vec<_> = listeners
+        .iter_mut()
+        .map(|s| build_listener(s, base, &mut errs))
+        .collect();
     check_listeners(
         &server_cfg,
         server.as_ref(),
         &admin_cfg,
         admin.as_ref(),
+        !listeners.is_empty(),
+        &mut errs,
+    );
+    check_listener_tables(
+        &server_cfg,
+        &admin_cfg,
+        &listeners,
+        &listener_cfgs,
         &mut errs,
     );
     let sim_cfg = sim
@@ -152,6 +167,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
         admin: admin_cfg,
         upstreams: upstream_cfgs.into_iter().flatten().collect(),
         routes: route_cfgs.into_iter().flatten().collect(),
+        listeners: listener_cfgs.into_iter().flatten().collect(),
         sim: sim_cfg,
     })
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+mod listener;
 mod load;
 mod raw;
 mod section;
@@ -18,6 +19,7 @@ mod sim;
 mod tests;
 mod validate;
 
+pub use listener::{Certificate, ListenerConfig, TlsConfig, TlsVersion};
 pub use settings::{ActuatorFormat, ActuatorSettings, AdaptiveSettings, CacheSettings, Cidr};
 pub use sim::{usable_service_time_ms, Distribution, SimConfig, SimRoute, SIM_MAX_SERVICE_TIME_MS};
 
@@ -37,6 +39,8 @@ pub mod defaults {
     /// Long enough for Kubernetes to take a terminating pod out of its endpoints.
     pub const SHUTDOWN_DELAY_MS: u64 = 5_000;
     pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+    /// As long as a request head may take: a handshake is the same kind of wait.
+    pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
     pub const CLIENT_IDLE_TIMEOUT_MS: u64 = 75_000;
     pub const MAX_HEADER_BYTES: usize = 64 * 1024;
     pub const MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
@@ -131,6 +135,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Data listeners with TLS (`[[listener]]`), served after the
+    /// plain ones of `server.listen`.
+    pub listeners: Vec<ListenerConfig>,
     /// Optional built-in simulated backend started beside the proxy (used by the demo).
     pub sim: Option<SimConfig>,
 }
@@ -520,7 +527,12 @@ pub const DEMO_TOML: &str = include_str!("../../config/demo.toml");
 impl Config {
     /// Parses and validates a TOML document. `origin` names it in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
-        load::parse(text).map_err(|errors| ConfigErrors {
+        Config::parse_in(text, origin, Path::new("."))
+    }
+
+    /// Parses a document whose relative file paths (certificates) are taken from `base`.
+    pub fn parse_in(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigErrors> {
+        load::parse(text, base).map_err(|errors| ConfigErrors {
             origin: origin.to_string(),
             errors,
         })
@@ -536,7 +548,8 @@ impl Config {
                 message: format!("cannot read file: {e}"),
             }],
         })?;
-        Config::parse(&text, &origin)
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse_in(&text, &origin, base)
     }
 
     /// The embedded demo configuration.

@@ -156,16 +156,17 @@ pub(super) fn check_listeners(
     server_sec: Option<&Section>,
     admin: &AdminConfig,
     admin_sec: Option<&Section>,
+    has_listener_tables: bool,
     errs: &mut Errors,
 ) {
     let elem_line = |i: usize| server_sec.map_or(1, |s| s.elem_line("listen", i));
     let label = "[server]";
-    if server.listen.is_empty() {
+    if server.listen.is_empty() && !has_listener_tables {
         let line = server_sec.map_or(1, |s| s.line(&["listen"]));
         errs.push(
             line,
             format!(
-                "{label}: listen is empty; give at least one address, e.g. [\"127.0.0.1:8080\"]"
+                "{label}: listen is empty; give at least one address, e.g. [\"127.0.0.1:8080\"], or a [[listener]]"
             ),
         );
     }
@@ -220,7 +221,7 @@ pub(super) fn check_listeners(
 /// Two listen addresses that cannot both be bound: same non-zero port, and the same IP or,
 /// in one address family, either one the wildcard. (Whether `[::]` also takes IPv4 depends
 /// on the OS, so mixed families are left to the bind.)
-fn same_port(a: &SocketAddr, b: &SocketAddr) -> bool {
+pub(super) fn same_port(a: &SocketAddr, b: &SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
         && (a.ip() == b.ip()

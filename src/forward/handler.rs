@@ -678,7 +678,14 @@ async fn forward(
     let host = (!routed.host.is_empty())
         .then(|| parts.headers.get(header::HOST).cloned())
         .flatten();
-    headers::add_forwarded(&mut parts.headers, &conn.client_address, host, conn.trusted);
+    let https = conn.tls.is_some();
+    headers::add_forwarded(
+        &mut parts.headers,
+        &conn.client_address,
+        host,
+        conn.trusted,
+        https,
+    );
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();

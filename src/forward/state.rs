@@ -2,13 +2,14 @@
 //! reload), the draining flag, and pre-registered per-request metric handles.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, RouteClass};
+use crate::config::{Config, RouteClass, TlsConfig};
 use crate::forward::routes::RouteTable;
 use crate::listener::workers::worker_count;
 use crate::metrics as m;
@@ -19,6 +20,54 @@ pub struct Generation {
     pub config: Config,
     pub routes: RouteTable,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// The TLS of each `[[listener]]` bound at start, in that order.
+    pub listeners: Vec<ListenerTls>,
+}
+
+/// A started `[[listener]]` and the TLS it serves new connections with.
+#[derive(Clone)]
+pub struct ListenerTls {
+    pub address: SocketAddr,
+    pub settings: Option<TlsConfig>,
+    pub server: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl ListenerTls {
+    fn build(address: SocketAddr, settings: Option<&TlsConfig>) -> ListenerTls {
+        ListenerTls {
+            address,
+            settings: settings.cloned(),
+            server: settings.map(crate::listener::tls::server_config),
+        }
+    }
+}
+
+/// The listeners of a new generation. Listeners are bound once, at start: after a reload
+/// each keeps its address and whether it speaks TLS, and takes the new certificates (and
+/// TLS settings) of the `[[listener]]` at the same address. Unchanged TLS settings keep
+/// their rustls config, and with it its session cache.
+fn listeners(config: &Config, previous: Option<&Generation>) -> Vec<ListenerTls> {
+    let Some(previous) = previous else {
+        return config
+            .listeners
+            .iter()
+            .map(|l| ListenerTls::build(l.address, l.tls.as_ref()))
+            .collect();
+    };
+    previous
+        .listeners
+        .iter()
+        .map(|old| {
+            let new = config.listeners.iter().find(|l| l.address == old.address);
+            match new.and_then(|l| l.tls.as_ref()) {
+                Some(tls) if old.settings.is_some() && old.settings.as_ref() != Some(tls) => {
+                    ListenerTls::build(old.address, Some(tls))
+                }
+                // Unchanged; or gone, or TLS turned on or off, which takes a restart.
+                _ => old.clone(),
+            }
+        })
+        .collect()
 }
 
 impl Generation {
@@ -48,6 +97,7 @@ impl Generation {
                 .expect("config validation guarantees every route names an upstream")
         });
         Generation {
+            listeners: listeners(&config, previous),
             config,
             routes,
             upstreams,

@@ -73,7 +73,9 @@ pub fn add_forwarded(
     client: &HeaderValue,
     host: Option<HeaderValue>,
     trusted: bool,
+    https: bool,
 ) {
+    let scheme = HeaderValue::from_static(if https { "https" } else { "http" });
     let (xff, proto, fhost, port) = (
         HeaderName::from_static("x-forwarded-for"),
         HeaderName::from_static("x-forwarded-proto"),
@@ -83,7 +85,7 @@ pub fn add_forwarded(
     if trusted {
         append_list(headers, xff, client);
         if !headers.contains_key(&proto) {
-            headers.insert(proto, HeaderValue::from_static("http"));
+            headers.insert(proto, scheme);
         }
         if let Some(value) = host.filter(|_| !headers.contains_key(&fhost)) {
             headers.insert(fhost, value);
@@ -91,7 +93,7 @@ pub fn add_forwarded(
         return;
     }
     headers.insert(xff, client.clone());
-    headers.insert(proto, HeaderValue::from_static("http"));
+    headers.insert(proto, scheme);
     headers.remove(&port);
     match host {
         Some(value) => {
@@ -189,6 +191,7 @@ mod tests {
             &client_address("10.0.0.5".parse().unwrap()),
             Some(HeaderValue::from_static("shop.internal:8080")),
             true,
+            false,
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.5");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -208,6 +211,7 @@ mod tests {
             &mut h,
             &client_address("198.51.100.4".parse().unwrap()),
             Some(HeaderValue::from_static("shop.example:8080")),
+            false,
             false,
         );
         assert_eq!(h["x-forwarded-for"], "198.51.100.4");

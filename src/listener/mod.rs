@@ -27,7 +27,7 @@ use hyper_util::server::conn::auto;
 use std::future::Future;
 use std::pin::{pin, Pin};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -45,6 +45,7 @@ use crate::forward::stack::connection_service;
 use crate::forward::state::{Generation, Shared};
 use crate::metrics as m;
 use activity::{Activity, ActivityIo, ClientTimeouts, Expiry};
+use tls::ClientStream;
 
 /// A running proxy: data listeners plus the admin listener.
 pub struct Proxy {
@@ -67,12 +68,18 @@ impl Proxy {
     /// Binds the configured addresses (port 0 picks a free port) and starts serving.
     pub async fn start(config: Config) -> std::io::Result<Proxy> {
         crate::metrics::handle();
+        // `server.listen` (plain HTTP) first, then each `[[listener]]` in order.
         let mut bound = Vec::new();
-        for addr in &config.server.listen {
+        let roles = config.server.listen.iter().map(|addr| (*addr, Role::PLAIN));
+        let tables = config.listeners.iter().enumerate().map(|(index, l)| {
+            let role = Role { table: Some(index) };
+            (l.address, role)
+        });
+        for (addr, role) in roles.chain(tables) {
             let listener = TcpListener::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
             })?;
-            bound.push(listener);
+            bound.push((listener, role));
         }
         let admin_listener = TcpListener::bind(config.admin.listen).await.map_err(|e| {
             std::io::Error::new(
@@ -87,9 +94,9 @@ impl Proxy {
 
         let mut addrs = Vec::new();
         let mut std_listeners = Vec::new();
-        for listener in bound {
+        for (listener, role) in bound {
             addrs.push(listener.local_addr()?);
-            std_listeners.push(listener.into_std()?);
+            std_listeners.push((listener.into_std()?, role));
         }
         let threads = workers::worker_count(config.server.worker_threads);
         let shared = Arc::new(Shared::new(Generation::build(config, None)));
@@ -100,7 +107,7 @@ impl Proxy {
         for index in 0..threads {
             let listeners = std_listeners
                 .iter()
-                .map(std::net::TcpListener::try_clone)
+                .map(|(listener, role)| Ok((listener.try_clone()?, *role)))
                 .collect::<std::io::Result<Vec<_>>>()?;
             let worker = Worker::start(
                 index,
@@ -162,10 +169,19 @@ impl Proxy {
     /// are fixed for the life of the process.
     pub fn apply(&self, config: Config) {
         let current = self.shared.generation.load();
+        let shape = |c: &Config| -> Vec<(SocketAddr, bool)> {
+            let tables = c.listeners.iter();
+            tables.map(|l| (l.address, l.tls.is_some())).collect()
+        };
         if config.server.listen != current.config.server.listen
             || config.admin.listen != current.config.admin.listen
+            || shape(&config) != shape(&current.config)
         {
-            tracing::warn!("listen addresses changed in the config; they take effect on restart");
+            tracing::warn!(
+                "listeners changed in the config (addresses, TLS on or off); \
+                 that takes effect on restart, while new certificates for a listener at the \
+                 same address take effect now"
+            );
         }
         if config.server.worker_threads != current.config.server.worker_threads {
             tracing::warn!("worker_threads changed in the config; it takes effect on restart");
@@ -227,7 +243,7 @@ impl Worker {
     /// Starts worker thread `index` serving `listeners`, and returns once it accepts.
     async fn start(
         index: usize,
-        listeners: Vec<std::net::TcpListener>,
+        listeners: Vec<(std::net::TcpListener, Role)>,
         shared: Arc<Shared>,
         slots: m::Slots,
         shutdown: watch::Receiver<bool>,
@@ -242,8 +258,10 @@ impl Worker {
             .spawn(move || {
                 workers::enter(index);
                 runtime.block_on(async move {
-                    let registered: std::io::Result<Vec<TcpListener>> =
-                        listeners.into_iter().map(TcpListener::from_std).collect();
+                    let registered: std::io::Result<Vec<(TcpListener, Role)>> = listeners
+                        .into_iter()
+                        .map(|(listener, role)| Ok((TcpListener::from_std(listener)?, role)))
+                        .collect();
                     let listeners = match registered {
                         Ok(listeners) => {
                             let _ = ready_tx.send(Ok(()));
@@ -256,9 +274,10 @@ impl Worker {
                     };
                     let serving: Vec<_> = listeners
                         .into_iter()
-                        .map(|listener| {
+                        .map(|(listener, role)| {
                             tokio::spawn(serve(
                                 listener,
+                                role,
                                 shared.clone(),
                                 slots.clone(),
                                 shutdown.clone(),
@@ -307,9 +326,22 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// What a data listener does with a connection before HTTP: TLS when its
+/// `[[listener]]` has certificates.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Role {
+    /// Index of its `[[listener]]` table; `None` for a `server.listen` address.
+    table: Option<usize>,
+}
+
+impl Role {
+    const PLAIN: Role = Role { table: None };
+}
+
 /// Accepts connections on one listener until shutdown, then drains them.
 async fn serve(
     listener: TcpListener,
+    role: Role,
     shared: Arc<Shared>,
     slots: m::Slots,
     shutdown: watch::Receiver<bool>,
@@ -333,56 +365,26 @@ async fn serve(
             },
             () = raised(&mut stop) => break,
         };
-        let generation = shared.generation.load();
-        let server = &generation.config.server;
+        let max_connections = shared.generation.load().config.server.max_connections;
         // Over the limit, the connection is accepted and closed at once rather than left in
         // the kernel's backlog: the client learns now instead of after a SYN timeout, and
         // the refusal is counted.
-        let Some(slot) = slots.try_take(server.max_connections) else {
+        let Some(slot) = slots.try_take(max_connections) else {
             refused_total.increment(1);
-            tracing::debug!(%peer, max = server.max_connections, "connection refused: at max_connections");
+            tracing::debug!(%peer, max = max_connections, "connection refused: at max_connections");
             drop(stream);
             continue;
         };
         connections_total.increment(1);
         let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
-        let interim = crate::listener::interim::Interim::default();
-        let (io, verdicts) = crate::listener::framing::wrap(
-            ActivityIo::new(stream, activity.clone()),
-            interim.clone(),
-        );
-        let info = ConnInfo {
-            peer,
-            client_address: crate::http::headers::client_address(peer.ip()),
-            verdicts,
-            interim,
-            max_body_bytes: server.max_body_bytes,
-            request_buffer_bytes: server.request_buffer_bytes,
-            upload: server.upload,
-            trusted: server
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(peer.ip())),
-            tls: None,
-        };
-        let service = connection_service(shared.clone(), info, activity.clone());
-        let connection = connection_builder(server)
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let timeouts = ClientTimeouts {
-            header_read: server.header_read_timeout,
-            idle: server.idle_timeout,
-            send: server.send_timeout,
-        };
         let stop = Stop {
             shutdown: shutdown.clone(),
             abort: abort.subscribe(),
         };
         let open = open_tx.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let graceful = auto::Connection::graceful_shutdown;
-            watch_connection(connection, graceful, &activity, timeouts, stop, peer).await;
+            serve_connection(stream, peer, role, shared, stop).await;
             drop((open, slot));
         });
     }
@@ -396,6 +398,73 @@ async fn serve(
             let _ = abort.send(true);
         }
     }
+}
+
+/// Serves one accepted connection: its TLS handshake when the listener has TLS, then
+/// HTTP until the connection ends, a timeout closes it, or the drain ends it.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+    mut stop: Stop,
+) {
+    let tls = role.table.and_then(|index| {
+        let generation = shared.generation.load();
+        let listener = &generation.listeners[index];
+        let timeout = listener.settings.as_ref()?.handshake_timeout;
+        Some((listener.server.clone()?, timeout))
+    });
+    let (stream, tls) = match tls {
+        None => (ClientStream::Plain(stream), None),
+        Some((config, timeout)) => {
+            let handshake = ClientStream::accept_tls(stream, config, timeout);
+            let outcome = tokio::select! {
+                outcome = handshake => outcome,
+                () = raised(&mut stop.abort) => return,
+            };
+            match outcome {
+                Ok((stream, info)) => (stream, Some(Arc::new(info))),
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "closing client connection");
+                    return;
+                }
+            }
+        }
+    };
+    // Loaded after the handshake: a reload during it applies to this connection.
+    let generation = shared.generation.load();
+    let server = &generation.config.server;
+    let activity = Activity::new();
+    let interim = crate::listener::interim::Interim::default();
+    let (io, verdicts) =
+        crate::listener::framing::wrap(ActivityIo::new(stream, activity.clone()), interim.clone());
+    let info = ConnInfo {
+        peer,
+        client_address: crate::http::headers::client_address(peer.ip()),
+        verdicts,
+        interim,
+        max_body_bytes: server.max_body_bytes,
+        request_buffer_bytes: server.request_buffer_bytes,
+        upload: server.upload,
+        trusted: server
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(peer.ip())),
+        tls,
+    };
+    let service = connection_service(shared.clone(), info, activity.clone());
+    let connection = connection_builder(server)
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    let timeouts = ClientTimeouts {
+        header_read: server.header_read_timeout,
+        idle: server.idle_timeout,
+        send: server.send_timeout,
+    };
+    drop(generation);
+    let graceful = auto::Connection::graceful_shutdown;
+    watch_connection(connection, graceful, &activity, timeouts, stop, peer).await;
 }
 
 /// Whether a connection ended because its client sent a request hyper could not parse.

@@ -20,5 +20,6 @@ mod shedding;
 mod signal;
 mod sim;
 mod slow_clients;
+mod tls;
 mod tomcat;
 mod upstream;

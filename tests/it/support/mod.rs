@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod origin;
 pub mod process;
+pub mod tls;
 pub mod tomcat;
 
 use std::net::SocketAddr;
@@ -155,6 +156,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
             route("reports", "/api/reports", RouteClass::Sheddable),
             route("api", "/api", RouteClass::Normal),
         ],
+        listeners: Vec::new(),
         sim: None,
     }
 }
