@@ -35,6 +35,7 @@ use tokio::time::Instant;
 pub mod activity;
 pub mod framing;
 pub mod interim;
+pub mod proxy_protocol;
 mod refusal;
 pub mod tls;
 pub mod workers;
