@@ -366,6 +366,8 @@ async fn serve(
                 .iter()
                 .any(|net| net.contains(peer.ip())),
             tls: None,
+            local_port: listener.local_addr().map_or(0, |addr| addr.port()),
+            forwarded: server.forwarded,
         };
         let service = connection_service(shared.clone(), info, activity.clone());
         let connection = connection_builder(server)
