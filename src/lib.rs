@@ -15,6 +15,7 @@
 //!   activity.rs     per-connection header read and keep-alive idle deadlines
 //!   framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
 //!   interim.rs      a backend's 1xx responses, written between hyper's own writes
+//!   proxy_protocol.rs  the PROXY protocol header (v1, v2) a balancer sends first
 //! http/           plumbing every stage shares
 //!   body.rs         streamed body types; guards released when a body ends; upload pace
 //!   headers.rs      hop-by-hop stripping, Via, X-Forwarded-*

@@ -49,6 +49,8 @@ pub mod defaults {
     pub const WORKER_THREADS: usize = 0;
     /// Request header names with `_` are dropped, not forwarded.
     pub const UNDERSCORES_IN_HEADERS: bool = false;
+    /// No RFC 7239 `Forwarded` element added: Spring and Tomcat read X-Forwarded-*.
+    pub const FORWARDED: super::ForwardedHeader = super::ForwardedHeader::Off;
     /// Request bodies up to 64 KiB are read in full before they take a backend worker.
     pub const REQUEST_BUFFER_BYTES: usize = 64 * 1024;
     /// Tomcat's `connectionTimeout` (its default; the server.xml Tomcat ships sets 20 s).
@@ -178,6 +180,9 @@ pub struct ServerConfig {
     /// front): their `X-Forwarded-For` is appended to, their `X-Forwarded-Proto`,
     /// `-Host` and `-Port` kept. From any other peer they are replaced. Default none.
     pub trusted_proxies: Vec<Cidr>,
+    /// Whether an RFC 7239 `Forwarded` element is appended to each forwarded request. An
+    /// untrusted peer's `Forwarded` is removed either way. Key `forwarded`, default off.
+    pub forwarded: ForwardedHeader,
     /// Request bodies up to this many bytes are read in full before admission, so a slow
     /// upload holds no backend worker; a larger body streams after its first this-many
     /// bytes. Key `request_buffer_bytes`, default 65536; 0 streams every body.
@@ -261,6 +266,7 @@ impl Default for ServerConfig {
             worker_threads: defaults::WORKER_THREADS,
             underscores_in_headers: defaults::UNDERSCORES_IN_HEADERS,
             trusted_proxies: Vec::new(),
+            forwarded: defaults::FORWARDED,
             request_buffer_bytes: defaults::REQUEST_BUFFER_BYTES,
             upload: UploadPace {
                 read_timeout: Duration::from_millis(defaults::BODY_READ_TIMEOUT_MS),
@@ -464,6 +470,16 @@ impl RouteClass {
             RouteClass::Sheddable => "sheddable",
         }
     }
+}
+
+/// Whether loadgate adds an RFC 7239 `Forwarded` element (`for`, `proto`, `host`) to the
+/// requests it forwards, as well as the `X-Forwarded-*` headers it always sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// Not added. A trusted peer's `Forwarded` passes unchanged; anyone else's is removed.
+    Off,
+    /// Appended to a trusted peer's `Forwarded`; replaces anyone else's.
+    On,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

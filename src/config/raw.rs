@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::{ActuatorFormat, CachePolicy, RouteClass, ShedMode};
+use super::{ActuatorFormat, CachePolicy, ForwardedHeader, RouteClass, ShedMode};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +23,7 @@ pub(super) struct RawServer {
     pub(super) worker_threads: Option<usize>,
     pub(super) underscores_in_headers: Option<bool>,
     pub(super) trusted_proxies: Option<Vec<String>>,
+    pub(super) forwarded: Option<RawForwarded>,
     pub(super) send_timeout_ms: Option<u64>,
     pub(super) request_buffer_bytes: Option<usize>,
     pub(super) body_read_timeout_ms: Option<u64>,
@@ -183,6 +184,22 @@ impl From<RawCache> for CachePolicy {
         match c {
             RawCache::Off => CachePolicy::Off,
             RawCache::On => CachePolicy::On,
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawForwarded {
+    Off,
+    On,
+}
+
+impl From<RawForwarded> for ForwardedHeader {
+    fn from(f: RawForwarded) -> Self {
+        match f {
+            RawForwarded::Off => ForwardedHeader::Off,
+            RawForwarded::On => ForwardedHeader::On,
         }
     }
 }

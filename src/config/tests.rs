@@ -94,6 +94,7 @@ drain_timeout_ms = 0
 shutdown_delay_ms = 0
 underscores_in_headers = true
 trusted_proxies = ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]
+forwarded = "on"
 send_timeout_ms = 7000
 http2_max_concurrent_streams = 8
 request_buffer_bytes = 0
@@ -141,6 +142,7 @@ workers = 3
     assert!(c.server.underscores_in_headers);
     assert_eq!(c.server.trusted_proxies.len(), 3);
     assert!(c.server.trusted_proxies[0].contains("10.9.8.7".parse().unwrap()));
+    assert_eq!(c.server.forwarded, crate::config::ForwardedHeader::On);
     assert_eq!(c.server.send_timeout, Duration::from_secs(7));
     assert_eq!(c.server.http2_max_concurrent_streams, 8);
     assert_eq!(c.server.request_buffer_bytes, 0);
@@ -908,5 +910,18 @@ fn a_bad_trusted_proxy_is_reported_at_its_line() {
         &doc("[server]\ntrusted_proxies = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]\n"),
         11,
         "trusted_proxies[1]: \"10.0.0.0/33\": the prefix length must be 0 to 32",
+    );
+}
+
+#[test]
+fn forwarded_is_off_or_on() {
+    assert_eq!(
+        parse(BASE).server.forwarded,
+        crate::config::ForwardedHeader::Off
+    );
+    one_error(
+        &doc("[server]\nforwarded = \"rfc7239\"\n"),
+        9,
+        "expected `off` or `on`",
     );
 }

@@ -126,6 +126,7 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
             .underscores_in_headers
             .unwrap_or(default.underscores_in_headers),
         trusted_proxies,
+        forwarded: raw.forwarded.map_or(default.forwarded, Into::into),
         request_buffer_bytes: raw
             .request_buffer_bytes
             .unwrap_or(default.request_buffer_bytes),

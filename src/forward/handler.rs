@@ -55,6 +55,10 @@ pub struct ConnInfo {
     pub trusted: bool,
     /// The TLS session, for a connection that came in over TLS.
     pub tls: Option<std::sync::Arc<crate::listener::tls::TlsInfo>>,
+    /// The port the connection came in on: `X-Forwarded-Port` when the request names no host.
+    pub local_port: u16,
+    /// `forwarded` when the connection was accepted: whether an RFC 7239 element is added.
+    pub forwarded: crate::config::ForwardedHeader,
 }
 
 /// One request's completion: records its metrics and frees its upstream slot when
@@ -678,14 +682,15 @@ async fn forward(
     let host = (!routed.host.is_empty())
         .then(|| parts.headers.get(header::HOST).cloned())
         .flatten();
-    let https = conn.tls.is_some();
-    headers::add_forwarded(
-        &mut parts.headers,
-        &conn.client_address,
-        host,
-        conn.trusted,
-        https,
-    );
+    let hop = headers::Hop {
+        client: &conn.client_address,
+        peer: conn.peer.ip(),
+        tls: conn.tls.is_some(),
+        local_port: conn.local_port,
+        trusted: conn.trusted,
+        forwarded: conn.forwarded == crate::config::ForwardedHeader::On,
+    };
+    headers::add_forwarded(&mut parts.headers, &hop, host);
     headers::append_via(&mut parts.headers, received);
 
     let inflight_at_start = upstream.inflight();

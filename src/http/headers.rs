@@ -60,41 +60,89 @@ pub fn append_via(headers: &mut HeaderMap, received: Version) {
     append_list(headers, header::VIA, &HeaderValue::from_static(ours));
 }
 
-/// Adds `X-Forwarded-For` (appended to any earlier list), `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` for a request received from `client` for `host`.
+/// What the forwarding headers say about the connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop<'a> {
+    /// The peer's address as an `X-Forwarded-For` item ([`client_address`]).
+    pub client: &'a HeaderValue,
+    /// The peer's address.
+    pub peer: IpAddr,
+    /// The connection came in over TLS: the scheme is `https`.
+    pub tls: bool,
+    /// The port the connection came in on (the listener's).
+    pub local_port: u16,
+    /// The peer is one of `trusted_proxies`: its forwarding headers are believed.
+    pub trusted: bool,
+    /// An RFC 7239 `Forwarded` element is added (`forwarded = "on"`).
+    pub forwarded: bool,
+}
+
+/// Sets the forwarding headers of a request received over `hop` for `host` (the `Host`
+/// forwarded; `None` when the client named none):
 ///
-/// From a `trusted` peer (`trusted_proxies`: a load balancer or ingress in front), the
-/// client's `X-Forwarded-For` is appended to and its `X-Forwarded-Proto`, `-Host` and
-/// `-Port` are kept (an ingress that terminated TLS says `https`, and Spring builds its
-/// redirects from it). From any other peer they would be the client's own claims, so
-/// they are replaced.
-pub fn add_forwarded(
-    headers: &mut HeaderMap,
-    client: &HeaderValue,
-    host: Option<HeaderValue>,
-    trusted: bool,
-    https: bool,
-) {
-    let scheme = HeaderValue::from_static(if https { "https" } else { "http" });
+/// - `X-Forwarded-For`: the peer's address, appended to a trusted peer's list.
+/// - `X-Forwarded-Proto`: `https` over TLS, `http` otherwise.
+/// - `X-Forwarded-Host`: `host`.
+/// - `X-Forwarded-Port`: the port the client asked for: the one in the forwarded host,
+///   else the scheme's default (443, 80), as Traefik does; with no host at all, the
+///   listener's port. Not the listener's port when the host names none: behind a port
+///   mapping (a Kubernetes Service 80 → 8080, `docker -p 80:8080`) the client used 80,
+///   and Spring's `ForwardedHeaderFilter` and Tomcat's `RemoteIpValve` build redirects
+///   with this port, overriding the one in `X-Forwarded-Host` (`RemoteIpValve` drops
+///   that one and falls back to 80 / 443 when this header is missing).
+/// - `Forwarded` (RFC 7239), when `hop.forwarded`: `for=<peer>;proto=<scheme>;host=<host>`.
+///
+/// From a `trusted` peer (a load balancer or ingress in front) `X-Forwarded-For` and
+/// `Forwarded` are appended to, and its `X-Forwarded-Proto`, `-Host` and `-Port` kept:
+/// an ingress that terminated TLS says `https`, and Spring builds its redirects from it.
+/// Whichever it left out is filled in, the port from the host and scheme it forwarded.
+/// From any other peer they would be the client's own claims, so they are replaced, and
+/// its `Forwarded` is removed even when loadgate adds none: Spring reads `Forwarded`
+/// before any `X-Forwarded-*` (`forward-headers-strategy = framework`).
+pub fn add_forwarded(headers: &mut HeaderMap, hop: &Hop<'_>, host: Option<HeaderValue>) {
     let (xff, proto, fhost, port) = (
         HeaderName::from_static("x-forwarded-for"),
         HeaderName::from_static("x-forwarded-proto"),
         HeaderName::from_static("x-forwarded-host"),
         HeaderName::from_static("x-forwarded-port"),
     );
-    if trusted {
-        append_list(headers, xff, client);
+    let scheme = if hop.tls { "https" } else { "http" };
+    if hop.forwarded {
+        let element = forwarded_element(hop.peer, scheme, host.as_ref());
+        if hop.trusted {
+            append_list(headers, header::FORWARDED, &element);
+        } else {
+            headers.insert(header::FORWARDED, element);
+        }
+    } else if !hop.trusted {
+        headers.remove(header::FORWARDED);
+    }
+    if hop.trusted {
+        append_list(headers, xff, hop.client);
         if !headers.contains_key(&proto) {
-            headers.insert(proto, scheme);
+            headers.insert(proto.clone(), HeaderValue::from_static(scheme));
         }
         if let Some(value) = host.filter(|_| !headers.contains_key(&fhost)) {
-            headers.insert(fhost, value);
+            headers.insert(fhost.clone(), value);
+        }
+        if !headers.contains_key(&port) {
+            let first = |name: &HeaderName| {
+                let value = headers.get(name)?.to_str().ok()?;
+                value.split(',').next().map(str::trim)
+            };
+            let value = forwarded_port(
+                first(&fhost),
+                first(&proto).unwrap_or(scheme),
+                hop.local_port,
+            );
+            headers.insert(port, value);
         }
         return;
     }
-    headers.insert(xff, client.clone());
-    headers.insert(proto, scheme);
-    headers.remove(&port);
+    headers.insert(xff, hop.client.clone());
+    headers.insert(proto, HeaderValue::from_static(scheme));
+    let host_text = host.as_ref().and_then(|h| h.to_str().ok());
+    headers.insert(port, forwarded_port(host_text, scheme, hop.local_port));
     match host {
         Some(value) => {
             headers.insert(fhost, value);
@@ -103,6 +151,60 @@ pub fn add_forwarded(
             headers.remove(&fhost);
         }
     }
+}
+
+/// The `X-Forwarded-Port` for a request to `host` over `scheme`: the host's own port,
+/// else the scheme's default; `local_port` when there is no host.
+fn forwarded_port(host: Option<&str>, scheme: &str, local_port: u16) -> HeaderValue {
+    let Some(host) = host else {
+        return HeaderValue::from(local_port);
+    };
+    // The port follows the last ':' outside an IPv6 literal's brackets.
+    let after_name = host.rfind(']').map_or(0, |end| end + 1);
+    let port = host[after_name..]
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok());
+    match port {
+        Some(port) => HeaderValue::from(port),
+        None if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("wss") => {
+            HeaderValue::from_static("443")
+        }
+        None => HeaderValue::from_static("80"),
+    }
+}
+
+/// This hop's RFC 7239 `Forwarded` element: `for=<peer>;proto=<scheme>;host=<host>`, an
+/// IPv6 address bracketed and quoted (§6), a value that is not a token quoted (§4).
+fn forwarded_element(peer: IpAddr, scheme: &str, host: Option<&HeaderValue>) -> HeaderValue {
+    let mut element = String::with_capacity(64);
+    match peer {
+        IpAddr::V4(ip) => element.push_str(&format!("for={ip}")),
+        IpAddr::V6(ip) => element.push_str(&format!("for=\"[{ip}]\"")),
+    }
+    element.push_str(";proto=");
+    element.push_str(scheme);
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        element.push_str(";host=");
+        push_token_or_quoted(&mut element, host);
+    }
+    HeaderValue::from_str(&element).expect("visible ASCII, quoted or not, is a header value")
+}
+
+/// Appends `value` as a token when it is one (RFC 9110 §5.6.2), else as a quoted-string.
+fn push_token_or_quoted(out: &mut String, value: &str) {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if !value.is_empty() && value.chars().all(tchar) {
+        out.push_str(value);
+        return;
+    }
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// A client address as the value of `X-Forwarded-For`; made once per connection.
@@ -178,6 +280,25 @@ mod tests {
         assert_eq!(left, vec!["host"]);
     }
 
+    /// A plain-HTTP connection on port 8080 from `peer`, trusted or not, without RFC 7239.
+    /// Its `X-Forwarded-For` item is leaked (a few bytes a test) so that one expression
+    /// builds the whole `Hop`.
+    fn from(peer: &str, trusted: bool) -> Hop<'static> {
+        let peer: IpAddr = peer.parse().unwrap();
+        Hop {
+            client: Box::leak(Box::new(client_address(peer))),
+            peer,
+            tls: false,
+            local_port: 8080,
+            trusted,
+            forwarded: false,
+        }
+    }
+
+    fn host(value: &'static str) -> Option<HeaderValue> {
+        Some(HeaderValue::from_static(value))
+    }
+
     #[test]
     fn forwarded_headers_from_a_trusted_proxy_are_kept_and_appended_to() {
         let mut h = map(&[
@@ -185,18 +306,17 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "shop.example"),
             ("x-forwarded-port", "443"),
+            ("forwarded", "for=203.0.113.7;proto=https;host=shop.example"),
         ]);
-        add_forwarded(
-            &mut h,
-            &client_address("10.0.0.5".parse().unwrap()),
-            Some(HeaderValue::from_static("shop.internal:8080")),
-            true,
-            false,
-        );
+        add_forwarded(&mut h, &from("10.0.0.5", true), host("shop.internal:8080"));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.5");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "shop.example");
         assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(
+            h["forwarded"], "for=203.0.113.7;proto=https;host=shop.example",
+            "kept as it came when loadgate adds none"
+        );
     }
 
     #[test]
@@ -206,18 +326,130 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "evil.example"),
             ("x-forwarded-port", "443"),
+            ("forwarded", "for=203.0.113.7;proto=https;host=evil.example"),
         ]);
         add_forwarded(
             &mut h,
-            &client_address("198.51.100.4".parse().unwrap()),
-            Some(HeaderValue::from_static("shop.example:8080")),
-            false,
-            false,
+            &from("198.51.100.4", false),
+            host("shop.example:8080"),
         );
         assert_eq!(h["x-forwarded-for"], "198.51.100.4");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example:8080");
-        assert!(!h.contains_key("x-forwarded-port"));
+        assert_eq!(h["x-forwarded-port"], "8080");
+        assert!(
+            !h.contains_key("forwarded"),
+            "a client's own Forwarded never reaches the backend"
+        );
+    }
+
+    #[test]
+    fn proto_says_https_for_a_connection_that_came_in_over_tls() {
+        let tls = Hop {
+            tls: true,
+            ..from("198.51.100.4", false)
+        };
+        let mut h = map(&[("x-forwarded-proto", "http")]);
+        add_forwarded(&mut h, &tls, host("shop.example"));
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-port"], "443");
+        // A trusted peer that said nothing gets the scheme loadgate saw; what it said stays.
+        let trusted = Hop {
+            trusted: true,
+            ..tls
+        };
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, &trusted, host("shop.example"));
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-port"], "443");
+        let mut h = map(&[("x-forwarded-proto", "http")]);
+        add_forwarded(&mut h, &trusted, host("shop.example"));
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-port"], "80");
+    }
+
+    #[test]
+    fn port_is_the_one_the_client_asked_for() {
+        let port = |hop: &Hop<'_>, value: Option<HeaderValue>, headers: &[(&str, &str)]| {
+            let mut h = map(headers);
+            add_forwarded(&mut h, hop, value);
+            h["x-forwarded-port"].to_str().unwrap().to_string()
+        };
+        let plain = from("198.51.100.4", false);
+        let tls = Hop { tls: true, ..plain };
+        // The listener is on 8080, but a host without a port was asked for on the
+        // scheme's default port (a port mapping 80 -> 8080 in front).
+        assert_eq!(port(&plain, host("shop.example"), &[]), "80");
+        assert_eq!(port(&tls, host("shop.example"), &[]), "443");
+        assert_eq!(port(&plain, host("shop.example:8081"), &[]), "8081");
+        assert_eq!(port(&tls, host("[2001:db8::1]:8443"), &[]), "8443");
+        assert_eq!(port(&plain, host("[2001:db8::1]"), &[]), "80");
+        // No host at all (HTTP/1.0): the port the connection came in on.
+        assert_eq!(port(&plain, None, &[]), "8080");
+        // A trusted peer's port stays; without one, it follows the host and scheme it sent.
+        let trusted = from("10.0.0.5", true);
+        let sent = [("x-forwarded-port", "8443")];
+        assert_eq!(port(&trusted, host("internal:8080"), &sent), "8443");
+        let sent = [
+            ("x-forwarded-proto", "https, http"),
+            ("x-forwarded-host", "shop.example, internal"),
+        ];
+        assert_eq!(port(&trusted, host("internal:8080"), &sent), "443");
+        let sent = [("x-forwarded-host", "shop.example:9443")];
+        assert_eq!(port(&trusted, host("internal:8080"), &sent), "9443");
+        assert_eq!(port(&trusted, host("internal:8080"), &[]), "8080");
+    }
+
+    #[test]
+    fn rfc7239_element_replaces_a_clients_and_extends_a_trusted_proxys() {
+        let on = |peer: &str, trusted: bool| Hop {
+            forwarded: true,
+            ..from(peer, trusted)
+        };
+        let mut h = map(&[("forwarded", "for=203.0.113.7;proto=https")]);
+        add_forwarded(&mut h, &on("198.51.100.4", false), host("shop.example"));
+        assert_eq!(
+            h["forwarded"],
+            "for=198.51.100.4;proto=http;host=shop.example"
+        );
+
+        let mut h = map(&[
+            ("forwarded", "for=203.0.113.7;proto=https"),
+            ("forwarded", "for=192.0.2.1"),
+        ]);
+        add_forwarded(&mut h, &on("10.0.0.5", true), host("shop.example:8080"));
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.7;proto=https, for=192.0.2.1, \
+             for=10.0.0.5;proto=http;host=\"shop.example:8080\""
+        );
+        assert_eq!(h.get_all("forwarded").iter().count(), 1);
+
+        // IPv6 addresses are bracketed and quoted (RFC 7239 §6); TLS says https; no host,
+        // no host parameter.
+        let mut h = HeaderMap::new();
+        let v6 = Hop {
+            tls: true,
+            ..on("2001:db8::1", false)
+        };
+        add_forwarded(&mut h, &v6, host("[2001:db8::2]:8443"));
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[2001:db8::1]\";proto=https;host=\"[2001:db8::2]:8443\""
+        );
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, &on("::1", false), None);
+        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+    }
+
+    #[test]
+    fn quoted_values_escape_quotes_and_backslashes() {
+        let mut out = String::new();
+        push_token_or_quoted(&mut out, "a\"b\\c");
+        assert_eq!(out, "\"a\\\"b\\\\c\"");
+        let mut out = String::new();
+        push_token_or_quoted(&mut out, "shop.example");
+        assert_eq!(out, "shop.example");
     }
 
     #[test]

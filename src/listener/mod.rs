@@ -35,6 +35,7 @@ use tokio::time::Instant;
 pub mod activity;
 pub mod framing;
 pub mod interim;
+pub mod proxy_protocol;
 mod refusal;
 pub mod tls;
 pub mod workers;
@@ -352,6 +353,7 @@ async fn serve(
     let connections_total = metrics::counter!(m::CONNECTIONS_TOTAL);
     let refused_total = metrics::counter!(m::CONNECTIONS_REFUSED_TOTAL);
     let mut stop = shutdown.clone();
+    let local_port = listener.local_addr().map_or(0, |addr| addr.port());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -384,7 +386,7 @@ async fn serve(
         let open = open_tx.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, role, shared, stop).await;
+            serve_connection(stream, peer, local_port, role, shared, stop).await;
             drop((open, slot));
         });
     }
@@ -405,6 +407,7 @@ async fn serve(
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    local_port: u16,
     role: Role,
     shared: Arc<Shared>,
     mut stop: Stop,
@@ -452,6 +455,8 @@ async fn serve_connection(
             .iter()
             .any(|net| net.contains(peer.ip())),
         tls,
+        local_port,
+        forwarded: server.forwarded,
     };
     let service = connection_service(shared.clone(), info, activity.clone());
     let connection = connection_builder(server)

@@ -13,6 +13,7 @@ mod cache_stale;
 mod cli;
 mod clients;
 mod config_files;
+mod forwarding;
 mod hygiene;
 mod proxy;
 mod readiness;

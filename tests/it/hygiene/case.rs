@@ -164,7 +164,7 @@ pub async fn check_requests(rig: &Rig, want: &[(Backend, &Expected)]) -> Vec<Str
         let here: Vec<Vec<u8>> = want
             .iter()
             .filter(|(b, _)| *b == backend)
-            .map(|(_, e)| e.bytes(recorder.addr()))
+            .map(|(_, e)| e.bytes(recorder.addr(), rig.proxy.addr()))
             .collect();
         if here.is_empty() {
             continue;

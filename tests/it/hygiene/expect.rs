@@ -5,12 +5,13 @@
 //! ```text
 //! <the client's headers, in order; names lowercased (hyper writes them so); hop-by-hop
 //!  headers, Expect and headers with '_' in their name gone; an existing
-//!  x-forwarded-for / via / x-forwarded-proto / x-forwarded-host updated in place>
+//!  x-forwarded-for / via / x-forwarded-proto / -host / -port updated in place>
 //! x-request-id: <generated>        unless the client sent one
 //! host: <authority>                only when the client sent no Host but the target had one
 //! x-forwarded-for: 127.0.0.1       the client's own replaced (127.0.0.1 is no trusted proxy)
 //! x-forwarded-proto: http
 //! x-forwarded-host: <host>         the Host forwarded, when there is one
+//! x-forwarded-port: <port>         the Host's port, else 80; the proxy's port when no Host
 //! via: 1.1 loadgate                "1.0" / "2" for requests received in HTTP/1.0 / HTTP/2
 //! host: <backend address>          only when there is no host at all (HTTP/1.0 without Host)
 //! content-length: <n>              a body read ahead in full (≤ 64 KiB), however framed
@@ -77,8 +78,8 @@ impl Expected {
         self
     }
 
-    /// The exact bytes, for a request that reached `backend`.
-    pub fn bytes(&self, backend: SocketAddr) -> Vec<u8> {
+    /// The exact bytes, for a request that reached `backend` through the proxy on `proxy`.
+    pub fn bytes(&self, backend: SocketAddr, proxy: SocketAddr) -> Vec<u8> {
         let mut headers = self.headers.clone();
         let mut set = |name: &str, value: String, append: bool| match headers
             .iter_mut()
@@ -102,7 +103,17 @@ impl Expected {
         }
         set("x-forwarded-for", "127.0.0.1".to_string(), false);
         set("x-forwarded-proto", "http".to_string(), false);
-        if let Some(host) = forwarded_host.filter(|h| !h.is_empty()) {
+        let forwarded_host = forwarded_host.filter(|h| !h.is_empty());
+        let port = match &forwarded_host {
+            // The port follows the last ':' after an IPv6 literal's brackets.
+            Some(host) => host[host.rfind(']').map_or(0, |end| end + 1)..]
+                .rsplit_once(':')
+                .map_or("80", |(_, port)| port)
+                .to_string(),
+            None => proxy.port().to_string(),
+        };
+        set("x-forwarded-port", port, false);
+        if let Some(host) = forwarded_host {
             set("x-forwarded-host", host, false);
         }
         set("via", format!("{} loadgate", self.received), true);

@@ -211,11 +211,11 @@ pub fn syntax() -> Vec<Case> {
             Public,
             expected("GET / HTTP/1.1", &[("host", PUBLIC), ("x-kept", "1")]),
         ),
-        // Via appends; X-Forwarded-For, -Proto and -Host from a client that is not a
-        // trusted proxy are its own claims, replaced.
+        // Via appends; X-Forwarded-For, -Proto, -Host and -Port from a client that is not
+        // a trusted proxy are its own claims, replaced, and its Forwarded (RFC 7239) removed.
         served(
             "forwarding_headers_appended_or_replaced",
-            &get_with("X-Forwarded-For: 203.0.113.9\r\nVia: 1.0 edge\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n"),
+            &get_with("X-Forwarded-For: 203.0.113.9\r\nVia: 1.0 edge\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Port: 443\r\nForwarded: for=203.0.113.9;proto=https\r\n"),
             Public,
             expected(
                 "GET / HTTP/1.1",
@@ -225,6 +225,7 @@ pub fn syntax() -> Vec<Case> {
                     ("via", "1.0 edge"),
                     ("x-forwarded-host", "evil.example"),
                     ("x-forwarded-proto", "https"),
+                    ("x-forwarded-port", "443"),
                 ],
             ),
         ),

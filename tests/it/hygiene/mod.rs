@@ -23,7 +23,7 @@ mod expect;
 mod h2;
 mod messages;
 mod property;
-mod recorder;
+pub mod recorder;
 mod rig;
 mod targets;
 
