@@ -16,6 +16,7 @@ mod config_files;
 mod hygiene;
 mod proxy;
 mod readiness;
+mod rewrite;
 mod shedding;
 mod signal;
 mod sim;
