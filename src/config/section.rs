@@ -137,8 +137,8 @@ impl<'l> Section<'l> {
         span.map_or_else(|| self.line(&[key]), |s| self.lines.line(s.start))
     }
 
-    /// Line of element `index` of the array at the key `path` (which may lie in nested
-    /// tables: `["request_headers", "remove"]`), or of the nearest key that exists.
+    /// Line of element `index` of the array at the key `path`, which may lie in nested
+    /// tables (`["table", "list"]`), or of the nearest key that exists.
     pub(super) fn path_elem_line(&self, path: &[&str], index: usize) -> usize {
         let mut item = Some(&self.original);
         for key in path {
