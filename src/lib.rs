@@ -19,6 +19,7 @@
 //! http/           plumbing every stage shares
 //!   body.rs         streamed body types; guards released when a body ends; upload pace
 //!   headers.rs      hop-by-hop stripping, Via, X-Forwarded-*
+//!   rewrite.rs      a route's rewrites: path prefix stripped, X-Forwarded-Prefix, header rules
 //!   target.rs       one meaning per request: host and path normalised (README "Request rules")
 //!   error.rs        the proxy's errors and the one error → status table
 //! forward/        the request path

@@ -12,6 +12,7 @@ use std::time::Duration;
 mod listener;
 mod load;
 mod raw;
+mod rewrite;
 mod section;
 mod settings;
 mod sim;
@@ -20,6 +21,7 @@ mod tests;
 mod validate;
 
 pub use listener::{Certificate, ListenerConfig, TlsConfig, TlsVersion};
+pub use rewrite::{HeaderRules, RouteRewrite};
 pub use settings::{ActuatorFormat, ActuatorSettings, AdaptiveSettings, CacheSettings, Cidr};
 pub use sim::{usable_service_time_ms, Distribution, SimConfig, SimRoute, SIM_MAX_SERVICE_TIME_MS};
 
@@ -118,6 +120,9 @@ pub mod defaults {
     pub const CACHE_GENERATE_ETAG: bool = false;
     pub const CACHE_STORE_SET_COOKIE: bool = false;
     pub const CACHE_COALESCE_TIMEOUT_MS: u64 = 5_000;
+
+    /// A route forwards the path as the client sent it (normalised), prefix and all.
+    pub const STRIP_PATH_PREFIX: bool = false;
 
     // `[sim]` and the `loadgate sim-backend` flags: a stock Spring Boot on Tomcat.
     pub const SIM_LISTEN: SocketAddr = loopback(8081);
@@ -508,6 +513,8 @@ pub struct RouteConfig {
     pub cache_settings: CacheSettings,
     /// Overrides the upstream's threshold for this route's class.
     pub threshold: Option<f64>,
+    /// Keys `strip_path_prefix`, `[route.request_headers]`, `[route.response_headers]`.
+    pub rewrite: RouteRewrite,
 }
 
 /// One problem in a config file.

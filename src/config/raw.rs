@@ -142,6 +142,9 @@ pub(super) struct RawRoute {
     pub(super) cache_coalesce_timeout_ms: Option<u64>,
     pub(super) cache_control_field: Option<String>,
     pub(super) threshold: Option<f64>,
+    pub(super) strip_path_prefix: Option<bool>,
+    pub(super) request_headers: Option<RawHeaderRules>,
+    pub(super) response_headers: Option<RawHeaderRules>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -201,5 +204,45 @@ impl From<RawForwarded> for ForwardedHeader {
             RawForwarded::Off => ForwardedHeader::Off,
             RawForwarded::On => ForwardedHeader::On,
         }
+    }
+}
+
+/// `[route.request_headers]` and `[route.response_headers]`: each applied in the order
+/// remove, set, add (`config/rewrite.rs`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHeaderRules {
+    pub(super) remove: Option<Vec<String>>,
+    pub(super) set: Option<std::collections::BTreeMap<String, RawValues>>,
+    pub(super) add: Option<std::collections::BTreeMap<String, RawValues>>,
+}
+
+/// A header rule's value: one string, or an array of them for a field sent on several
+/// lines (`Set-Cookie`).
+pub(super) struct RawValues(pub(super) Vec<String>);
+
+impl<'de> Deserialize<'de> for RawValues {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawValues;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawValues, E> {
+                Ok(RawValues(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawValues, A::Error> {
+                let mut values = Vec::new();
+                while let Some(v) = seq.next_element::<String>()? {
+                    values.push(v);
+                }
+                Ok(RawValues(values))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }

@@ -137,6 +137,22 @@ impl<'l> Section<'l> {
         span.map_or_else(|| self.line(&[key]), |s| self.lines.line(s.start))
     }
 
+    /// Line of element `index` of the array at the key `path`, which may lie in nested
+    /// tables (`["table", "list"]`), or of the nearest key that exists.
+    pub(super) fn path_elem_line(&self, path: &[&str], index: usize) -> usize {
+        let mut item = Some(&self.original);
+        for key in path {
+            item = item
+                .and_then(|i| i.as_table_like())
+                .and_then(|t| t.get(key));
+        }
+        let span = match item {
+            Some(Item::Value(Value::Array(a))) => a.get(index).and_then(Value::span),
+            _ => None,
+        };
+        span.map_or_else(|| self.line(path), |s| self.lines.line(s.start))
+    }
+
     /// Line of `inner` in the table that is element `index` of the array of tables at
     /// `key` (`[[sim.routes]]`), or of that element when it lacks `inner`.
     pub(super) fn elem_key_line(&self, key: &str, index: usize, inner: &str) -> usize {

@@ -925,3 +925,200 @@ fn forwarded_is_off_or_on() {
         "expected `off` or `on`",
     );
 }
+
+/// An upstream, then one route with `route` appended to its keys (the route's keys start
+/// at line 5, what is appended at line 8).
+fn rewrite_doc(route: &str) -> String {
+    format!(
+        "[[upstream]]\nname = \"app\"\nbackends = [\"127.0.0.1:8081\"]\n[[route]]\n\
+         name = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"app\"\n{route}"
+    )
+}
+
+#[test]
+fn rewrite_keys_are_read() {
+    let c = parse(&rewrite_doc(
+        r#"strip_path_prefix = true
+[route.request_headers]
+remove = ["X-Debug"]
+set = { "X-Forwarded-Proto" = "https", "X-Env" = "prod" }
+add = { "X-Tag" = ["a", "b"] }
+[route.response_headers]
+set = { "Access-Control-Allow-Origin" = "https://shop.example" }
+remove = ["Server", "Cache-Status"]
+"#,
+    ));
+    let r = &c.routes[0].rewrite;
+    assert!(r.strip_path_prefix);
+    let names = |list: &[(http::HeaderName, Vec<http::HeaderValue>)]| {
+        list.iter()
+            .map(|(n, v)| format!("{n}={v:?}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(r.request_headers.remove, vec!["x-debug"]);
+    assert_eq!(
+        names(&r.request_headers.set),
+        vec!["x-env=[\"prod\"]", "x-forwarded-proto=[\"https\"]"]
+    );
+    assert_eq!(names(&r.request_headers.add), vec!["x-tag=[\"a\", \"b\"]"]);
+    assert_eq!(r.response_headers.remove, vec!["server", "cache-status"]);
+    assert_eq!(
+        names(&r.response_headers.set),
+        vec!["access-control-allow-origin=[\"https://shop.example\"]"]
+    );
+}
+
+#[test]
+fn rewrites_are_off_by_default() {
+    let r = &parse(BASE).routes[0].rewrite;
+    assert!(!r.strip_path_prefix);
+    assert!(r.request_headers.is_empty() && r.response_headers.is_empty());
+    assert_eq!(*r, RouteRewrite::default());
+}
+
+#[test]
+fn stripping_needs_a_prefix_to_strip() {
+    one_error(
+        &doc(
+            "[[route]]\nname = \"x\"\nhost = \"x.example\"\npath_prefix = \"/\"\n\
+             upstream = \"app\"\nstrip_path_prefix = true\n",
+        ),
+        13,
+        "would strip nothing",
+    );
+    // A route without path_prefix is reported once for it, and once for the stripping.
+    let errs = errors(&doc(
+        "[[route]]\nname = \"x\"\nupstream = \"app\"\nstrip_path_prefix = true\n",
+    ));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert_eq!(errs[0].0, 8);
+    assert!(errs[0].1.contains("missing key `path_prefix`"), "{errs:#?}");
+    assert_eq!(errs[1].0, 11);
+    assert!(errs[1].1.contains("strip_path_prefix needs"), "{errs:#?}");
+}
+
+#[test]
+fn header_rules_that_would_break_framing_or_routing_are_errors() {
+    for (table, rule, fragment) in [
+        (
+            "request_headers",
+            "set = { \"Host\" = \"other\" }",
+            "routed on",
+        ),
+        (
+            "request_headers",
+            "remove = [\"Content-Length\"]",
+            "frames the message",
+        ),
+        (
+            "request_headers",
+            "add = { \"Transfer-Encoding\" = \"chunked\" }",
+            "frames",
+        ),
+        (
+            "request_headers",
+            "set = { \"Connection\" = \"close\" }",
+            "one connection",
+        ),
+        (
+            "request_headers",
+            "remove = [\"Upgrade\"]",
+            "one connection",
+        ),
+        (
+            "request_headers",
+            "set = { \"Expect\" = \"100-continue\" }",
+            "100 Continue",
+        ),
+        (
+            "request_headers",
+            "set = { \"If-None-Match\" = \"\\\"a\\\"\" }",
+            "conditional",
+        ),
+        (
+            "response_headers",
+            "set = { \"Content-Length\" = \"5\" }",
+            "frames",
+        ),
+        ("response_headers", "remove = [\"Age\"]", "true age"),
+        (
+            "response_headers",
+            "set = { \"Cache-Status\" = \"x\" }",
+            "only be removed",
+        ),
+        (
+            "response_headers",
+            "remove = [\"keep-alive\"]",
+            "one connection",
+        ),
+    ] {
+        let text = rewrite_doc(&format!("[route.{table}]\n{rule}\n"));
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{rule}: {errs:#?}");
+        assert_eq!(errs[0].0, 9, "{rule}: {errs:#?}");
+        assert!(
+            errs[0].1.contains("may not be changed") && errs[0].1.contains(fragment),
+            "{rule}: {:?} lacks {fragment:?}",
+            errs[0].1
+        );
+        assert!(errs[0].1.starts_with("route \"orders\": "), "{errs:#?}");
+    }
+}
+
+#[test]
+fn header_rule_names_and_values_are_checked_at_their_lines() {
+    let errs = errors(&rewrite_doc(
+        "[route.request_headers]\n\
+         remove = [\n  \"X-Ok\",\n  \"Bad Name\",\n]\n\
+         set = { \"X-A\" = \"line\\nbreak\" }\n\
+         [route.response_headers]\n\
+         add = { \"X-B\" = \" padded\" }\n\
+         set = { \"X-C\" = [] }\n\
+         remove = [\"x-d\", \"X-D\"]\n",
+    ));
+    let got: Vec<(usize, &str)> = errs.iter().map(|(l, m)| (*l, m.as_str())).collect();
+    let expect = [
+        (11, "\"Bad Name\" is not a header field name"),
+        (13, "\"X-A\" value \"line\\nbreak\" must be printable ASCII"),
+        (15, "\"X-B\" value \" padded\" has whitespace at an end"),
+        (16, "\"X-C\" has no value"),
+        (17, "\"X-D\" is listed twice in remove"),
+    ];
+    assert_eq!(got.len(), expect.len(), "{errs:#?}");
+    for (line, fragment) in expect {
+        assert!(
+            got.iter().any(|(l, m)| *l == line && m.contains(fragment)),
+            "no error at line {line} with {fragment:?}: {errs:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_header_rule_names_a_field_once() {
+    one_error(
+        &rewrite_doc("[route.response_headers]\nremove = [\"X-B\"]\nadd = { \"x-b\" = \"1\" }\n"),
+        10,
+        "\"x-b\" is also in response_headers.remove",
+    );
+    one_error(
+        &rewrite_doc(
+            "[route.request_headers]\nset = { \"X-B\" = \"1\" }\nadd = { \"X-B\" = \"2\" }\n",
+        ),
+        10,
+        "\"X-B\" is also in request_headers.set",
+    );
+}
+
+#[test]
+fn header_rules_reject_unknown_keys_and_wrong_types() {
+    one_error(
+        &rewrite_doc("[route.request_headers]\nreplace = { \"X-A\" = \"1\" }\n"),
+        9,
+        "unknown key `replace`",
+    );
+    one_error(
+        &rewrite_doc("[route.request_headers]\nset = { \"X-A\" = 1 }\n"),
+        9,
+        "a string or an array of strings",
+    );
+}

@@ -659,9 +659,10 @@ pub(super) fn build_route(
     known: &[&str],
     errs: &mut Errors,
 ) -> Option<RouteConfig> {
-    let raw = section.deserialize::<RawRoute>(errs)?;
+    let mut raw = section.deserialize::<RawRoute>(errs)?;
     let s = &*section;
     let cache_settings = cache_settings(s, errs, &raw);
+    let rewrite = super::rewrite::build(s, errs, &mut raw);
 
     let name = raw.name.unwrap_or_default();
     if !s.has("name") {
@@ -723,6 +724,7 @@ pub(super) fn build_route(
         threshold: raw
             .threshold
             .inspect(|t| check_ratio(s, errs, &["threshold"], *t)),
+        rewrite,
     })
 }
 

@@ -29,7 +29,7 @@ use crate::http::body::{
     full, take_ready, BodyWatch, BoxError, OnEnd, Prepend, ProxyBody, UploadPace, WatchedBody,
 };
 use crate::http::error::{ProxyError, UpstreamErrorKind};
-use crate::http::{headers, target};
+use crate::http::{headers, rewrite, target};
 use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
 use crate::listener::interim::Interim;
@@ -70,6 +70,8 @@ pub struct RequestDone {
     status: StatusCode,
     started: Instant,
     reservation: Option<Reservation>,
+    /// The route matched, whose response header rules apply to every answer on it.
+    route: Option<Arc<Route>>,
     /// Keeps the client connection's idle and header timeouts off this request.
     _on_connection: ActiveRequest,
 }
@@ -100,12 +102,18 @@ pub async fn handle(
         status: StatusCode::OK,
         started: Instant::now(),
         reservation: None,
+        route: None,
         _on_connection: on_connection,
     };
-    let response = match serve(&shared, &conn, req, &mut done).await {
+    let mut response = match serve(&shared, &conn, req, &mut done).await {
         Ok(response) => response,
         Err(error) => refusal(error),
     };
+    // On the way out, so answers from the cache and the proxy's own refusals on the
+    // route get them too, and a reload changes them at once.
+    if let Some(route) = done.route.take() {
+        rewrite::apply(&route.rewrite.response_headers, response.headers_mut());
+    }
     done.status = response.status();
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, OnEnd::new(body, done))
@@ -130,6 +138,9 @@ async fn serve(
     drop(generation);
     let route = &routed.route;
     done.class = ClassLabel::Route(route.class);
+    if !route.rewrite.response_headers.is_empty() {
+        done.route = Some(route.clone());
+    }
 
     let mut pending = None;
     // A revalidation may have to be sent again without validators: its head is kept.
@@ -655,6 +666,33 @@ async fn read_ahead(
     Ok(Request::from_parts(parts, body))
 }
 
+/// The route's rewrites of the request to the backend (`http/rewrite.rs`): its prefix
+/// stripped from the path (parameters and query kept), `X-Forwarded-Prefix`, then its
+/// request header rules, last, so that they can override loadgate's own forwarding
+/// headers.
+fn rewrite_request(
+    route: &Route,
+    parts: &mut http::request::Parts,
+    trusted: bool,
+) -> Result<(), ProxyError> {
+    let mut stripped = None;
+    if route.rewrite.strip_path_prefix {
+        let prefix = rewrite::stripped_prefix(route.path_prefix());
+        if let Some(path) = rewrite::strip_path(parts.uri.path(), prefix) {
+            let target = match parts.uri.query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path,
+            };
+            parts.uri = Uri::try_from(target)
+                .map_err(|_| ProxyError::BadRequest("an invalid request target".to_string()))?;
+            stripped = Some(prefix);
+        }
+    }
+    rewrite::forwarded_prefix(&mut parts.headers, stripped, trusted);
+    rewrite::apply(&route.rewrite.request_headers, &mut parts.headers);
+    Ok(())
+}
+
 /// Response bytes already arrived with the head that are taken at once, so a small
 /// response frees its backend however slowly the client reads ([`take_ready`]).
 const RESPONSE_READ_AHEAD: usize = 64 * 1024;
@@ -692,6 +730,7 @@ async fn forward(
     };
     headers::add_forwarded(&mut parts.headers, &hop, host);
     headers::append_via(&mut parts.headers, received);
+    rewrite_request(&routed.route, &mut parts, conn.trusted)?;
 
     let inflight_at_start = upstream.inflight();
     let mut request = Request::from_parts(parts, body);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::admission::RouteCounters;
 use crate::cache::Cache;
-use crate::config::{CachePolicy, RouteClass, RouteConfig};
+use crate::config::{CachePolicy, RouteClass, RouteConfig, RouteRewrite};
 use crate::upstream::Upstream;
 
 /// A route ready to serve: its config plus the upstream it forwards to.
@@ -25,6 +25,8 @@ pub struct Route {
     pub threshold: Option<f64>,
     /// Admission counts, for `/status` (kept across reloads with the route's class).
     pub counters: Arc<RouteCounters>,
+    /// Prefix stripping and header rules (`http/rewrite.rs`).
+    pub rewrite: RouteRewrite,
     host: HostMatch,
     path_prefix: String,
 }
@@ -86,7 +88,8 @@ impl RouteTable {
     /// Builds the table; `upstream_of` returns the upstream a route names (validated by
     /// config). A route of the same name in `previous` (the generation a reload
     /// replaces) hands over its counters when its class is unchanged, and its cache when
-    /// the cache settings and the upstream are unchanged: a reload keeps what still holds.
+    /// the cache settings, the upstream and what the backend is asked (prefix stripping,
+    /// request header rules) are unchanged: a reload keeps what still holds.
     pub fn new(
         configs: &[RouteConfig],
         previous: Option<&RouteTable>,
@@ -104,6 +107,7 @@ impl RouteTable {
                 // The same upstream object: a changed upstream config builds a new one.
                 let kept_cache = before
                     .filter(|r| Arc::ptr_eq(&r.upstream, &upstream) && r.cache == c.cache)
+                    .filter(|r| r.asks_the_same(&c.rewrite))
                     .and_then(|r| r.http_cache.clone())
                     .filter(|cache| *cache.settings() == c.cache_settings);
                 Arc::new(Route {
@@ -116,6 +120,7 @@ impl RouteTable {
                     upstream,
                     threshold: c.threshold,
                     counters,
+                    rewrite: c.rewrite.clone(),
                     host: HostMatch::parse(c.host.as_deref()),
                     path_prefix: c.path_prefix.clone(),
                 })
@@ -146,6 +151,14 @@ impl Route {
     pub fn path_prefix(&self) -> &str {
         &self.path_prefix
     }
+
+    /// Whether this route asks the backend what a route with `rewrite` would: its stored
+    /// responses answer for the other only then (the response rules change what clients
+    /// see, not what is stored).
+    fn asks_the_same(&self, rewrite: &RouteRewrite) -> bool {
+        self.rewrite.strip_path_prefix == rewrite.strip_path_prefix
+            && self.rewrite.request_headers == rewrite.request_headers
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +177,7 @@ mod tests {
             cache: CachePolicy::Off,
             cache_settings: Default::default(),
             threshold: None,
+            rewrite: Default::default(),
         }
     }
 

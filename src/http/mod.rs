@@ -4,4 +4,5 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod rewrite;
 pub mod target;

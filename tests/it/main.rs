@@ -17,6 +17,7 @@ mod forwarding;
 mod hygiene;
 mod proxy;
 mod readiness;
+mod rewrite;
 mod shedding;
 mod signal;
 mod sim;

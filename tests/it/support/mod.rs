@@ -113,6 +113,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
         cache: CachePolicy::Off,
         cache_settings: Default::default(),
         threshold: None,
+        rewrite: Default::default(),
     };
     Config {
         server: ServerConfig {
