@@ -53,6 +53,11 @@ pub const CONNECTIONS_TIMED_OUT_TOTAL: &str = "loadgate_connections_timed_out_to
 /// `eof` (the client left), `not_tls`, `protocol_version`, `no_common_parameters`,
 /// `alert_received`, `io_error`, `other`.
 pub const TLS_HANDSHAKES_TOTAL: &str = "loadgate_tls_handshakes_total";
+/// PROXY protocol headers read on listeners with `proxy_protocol = true`, by `result`:
+/// `ok` (a client address), `local` (none: the balancer's own connection), or why the
+/// connection was closed: `timeout`, `not_proxy_protocol`, `malformed`,
+/// `unsupported_version`, `eof`, `io`.
+pub const PROXY_PROTOCOL_HEADERS_TOTAL: &str = "loadgate_proxy_protocol_headers_total";
 
 /// Utilisation of an upstream, by `upstream` and `source`: `local` (own in-flight ÷ pool),
 /// `reported` (the backends' own busy ÷ max), `in_force` ((own + external) ÷ pool).
@@ -377,6 +382,10 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,
         "Client connections closed at accept because max_connections were open."
+    );
+    describe_counter!(
+        PROXY_PROTOCOL_HEADERS_TOTAL,
+        "PROXY protocol headers on proxy_protocol listeners, by result: ok, local, or why the connection was closed."
     );
     describe_counter!(
         TLS_HANDSHAKES_TOTAL,

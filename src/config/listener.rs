@@ -1,4 +1,4 @@
-//! `[[listener]]` tables: data listeners with TLS. `[server]
+//! `[[listener]]` tables: data listeners with TLS or the PROXY protocol. `[server]
 //! listen` stays the short way to name plain HTTP listeners.
 //!
 //! Certificate files are read and checked here, at load: a missing file, a key that does
@@ -25,6 +25,10 @@ use super::{AdminConfig, ServerConfig};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from a TCP load
+    /// balancer, whose source address is then the client's everywhere (X-Forwarded-For,
+    /// trusted_proxies, logs). A connection without one is closed. Default false.
+    pub proxy_protocol: bool,
     /// TLS termination; `None` serves plain HTTP.
     pub tls: Option<TlsConfig>,
 }
@@ -85,6 +89,7 @@ impl std::fmt::Debug for Certificate {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     address: Option<SocketAddr>,
+    proxy_protocol: Option<bool>,
     tls_handshake_timeout_ms: Option<u64>,
     tls_min_version: Option<TlsVersion>,
     certificate: Option<Vec<RawCertificate>>,
@@ -148,7 +153,11 @@ pub(super) fn build_listener(
         handshake_timeout,
         min_version: raw.tls_min_version.unwrap_or(TlsVersion::Tls12),
     });
-    Some(ListenerConfig { address, tls })
+    Some(ListenerConfig {
+        address,
+        proxy_protocol: raw.proxy_protocol.unwrap_or(false),
+        tls,
+    })
 }
 
 /// Reads certificate `i` of a listener; every problem is reported at its line.

@@ -142,7 +142,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
-    /// Data listeners with TLS (`[[listener]]`), served after the
+    /// Data listeners with TLS or the PROXY protocol (`[[listener]]`), served after the
     /// plain ones of `server.listen`.
     pub listeners: Vec<ListenerConfig>,
     /// Optional built-in simulated backend started beside the proxy (used by the demo).

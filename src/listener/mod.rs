@@ -73,7 +73,10 @@ impl Proxy {
         let mut bound = Vec::new();
         let roles = config.server.listen.iter().map(|addr| (*addr, Role::PLAIN));
         let tables = config.listeners.iter().enumerate().map(|(index, l)| {
-            let role = Role { table: Some(index) };
+            let role = Role {
+                table: Some(index),
+                proxy_protocol: l.proxy_protocol,
+            };
             (l.address, role)
         });
         for (addr, role) in roles.chain(tables) {
@@ -170,16 +173,18 @@ impl Proxy {
     /// are fixed for the life of the process.
     pub fn apply(&self, config: Config) {
         let current = self.shared.generation.load();
-        let shape = |c: &Config| -> Vec<(SocketAddr, bool)> {
+        let shape = |c: &Config| -> Vec<(SocketAddr, bool, bool)> {
             let tables = c.listeners.iter();
-            tables.map(|l| (l.address, l.tls.is_some())).collect()
+            tables
+                .map(|l| (l.address, l.proxy_protocol, l.tls.is_some()))
+                .collect()
         };
         if config.server.listen != current.config.server.listen
             || config.admin.listen != current.config.admin.listen
             || shape(&config) != shape(&current.config)
         {
             tracing::warn!(
-                "listeners changed in the config (addresses, TLS on or off); \
+                "listeners changed in the config (addresses, TLS on or off, proxy_protocol); \
                  that takes effect on restart, while new certificates for a listener at the \
                  same address take effect now"
             );
@@ -327,16 +332,20 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// What a data listener does with a connection before HTTP: TLS when its
-/// `[[listener]]` has certificates.
+/// What a data listener does with a connection before HTTP: read a PROXY protocol
+/// header when its `[[listener]]` says so, then TLS when it has certificates.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Role {
     /// Index of its `[[listener]]` table; `None` for a `server.listen` address.
     table: Option<usize>,
+    proxy_protocol: bool,
 }
 
 impl Role {
-    const PLAIN: Role = Role { table: None };
+    const PLAIN: Role = Role {
+        table: None,
+        proxy_protocol: false,
+    };
 }
 
 /// Accepts connections on one listener until shutdown, then drains them.
@@ -402,16 +411,50 @@ async fn serve(
     }
 }
 
-/// Serves one accepted connection: its TLS handshake when the listener has TLS, then
-/// HTTP until the connection ends, a timeout closes it, or the drain ends it.
+/// Serves one accepted connection: its PROXY protocol header and TLS handshake when the
+/// listener has them, then HTTP until the connection ends, a timeout closes it, or the
+/// drain ends it.
 async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    local_port: u16,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    mut local_port: u16,
     role: Role,
     shared: Arc<Shared>,
     mut stop: Stop,
 ) {
+    if role.proxy_protocol {
+        // The balancer sends its header at once: it gets as long as a request head.
+        let within = shared.generation.load().config.server.header_read_timeout;
+        let header = tokio::time::timeout(within, proxy_protocol::read_header(&mut stream));
+        let header = tokio::select! {
+            header = header => header,
+            () = raised(&mut stop.abort) => return,
+        };
+        let result = match header {
+            Err(_) => Err("timeout"),
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "closing client connection");
+                Err(error.as_str())
+            }
+            Ok(Ok(header)) => Ok(header.addresses),
+        };
+        let label = match &result {
+            Ok(Some(_)) => "ok",
+            // A balancer's own connection (a health check), or a family without
+            // addresses: the connection's own endpoints stay.
+            Ok(None) => "local",
+            Err(reason) => reason,
+        };
+        metrics::counter!(m::PROXY_PROTOCOL_HEADERS_TOTAL, m::LABEL_RESULT => label).increment(1);
+        match result {
+            Ok(Some(proxied)) => {
+                peer = proxied.source;
+                local_port = proxied.destination.port();
+            }
+            Ok(None) => {}
+            Err(_) => return,
+        }
+    }
     let tls = role.table.and_then(|index| {
         let generation = shared.generation.load();
         let listener = &generation.listeners[index];

@@ -16,6 +16,7 @@ mod config_files;
 mod forwarding;
 mod hygiene;
 mod proxy;
+mod proxy_protocol;
 mod readiness;
 mod rewrite;
 mod shedding;
