@@ -28,6 +28,7 @@ pub(super) struct RawServer {
     pub(super) body_read_timeout_ms: Option<u64>,
     pub(super) body_min_rate: Option<u64>,
     pub(super) http2_max_concurrent_streams: Option<u32>,
+    pub(super) upgrade_idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -141,6 +142,7 @@ pub(super) struct RawRoute {
     pub(super) cache_coalesce_timeout_ms: Option<u64>,
     pub(super) cache_control_field: Option<String>,
     pub(super) threshold: Option<f64>,
+    pub(super) websocket: Option<bool>,
 }
 
 #[derive(Deserialize, Clone, Copy)]

@@ -44,6 +44,12 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         raw.send_timeout_ms,
         defaults::SEND_TIMEOUT_MS,
     );
+    let upgrade_idle_timeout = s.millis(
+        errs,
+        &["upgrade_idle_timeout_ms"],
+        raw.upgrade_idle_timeout_ms,
+        defaults::UPGRADE_IDLE_TIMEOUT_MS,
+    );
     let body_read_timeout = s.millis(
         errs,
         &["body_read_timeout_ms"],
@@ -135,6 +141,7 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         },
         send_timeout,
         http2_max_concurrent_streams,
+        upgrade_idle_timeout,
         // Filled in from the `[[upstream]]` tables.
         readiness: default.readiness,
     }
@@ -721,6 +728,7 @@ pub(super) fn build_route(
         threshold: raw
             .threshold
             .inspect(|t| check_ratio(s, errs, &["threshold"], *t)),
+        websocket: raw.websocket.unwrap_or(defaults::ROUTE_WEBSOCKET),
     })
 }
 

@@ -23,6 +23,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// Overrides the upstream's threshold for this route's class.
     pub threshold: Option<f64>,
+    /// Whether a WebSocket upgrade is proxied (`websocket`).
+    pub websocket: bool,
     /// Admission counts, for `/status` (kept across reloads with the route's class).
     pub counters: Arc<RouteCounters>,
     host: HostMatch,
@@ -115,6 +117,7 @@ impl RouteTable {
                     }),
                     upstream,
                     threshold: c.threshold,
+                    websocket: c.websocket,
                     counters,
                     host: HostMatch::parse(c.host.as_deref()),
                     path_prefix: c.path_prefix.clone(),
@@ -164,6 +167,7 @@ mod tests {
             cache: CachePolicy::Off,
             cache_settings: Default::default(),
             threshold: None,
+            websocket: true,
         }
     }
 

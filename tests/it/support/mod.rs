@@ -112,6 +112,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
         cache: CachePolicy::Off,
         cache_settings: Default::default(),
         threshold: None,
+        websocket: true,
     };
     Config {
         server: ServerConfig {
