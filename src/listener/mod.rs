@@ -37,6 +37,7 @@ pub mod framing;
 pub mod interim;
 mod refusal;
 pub mod tls;
+pub mod tunnel;
 pub mod workers;
 
 use crate::config::{Config, ConfigErrors, ServerConfig, MIN_HEADER_BYTES};
@@ -348,6 +349,7 @@ async fn serve(
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let interim = crate::listener::interim::Interim::default();
+        let tunnel = tunnel::TunnelSlot::default();
         let (io, verdicts) = crate::listener::framing::wrap(
             ActivityIo::new(stream, activity.clone()),
             interim.clone(),
@@ -365,10 +367,12 @@ async fn serve(
                 .iter()
                 .any(|net| net.contains(peer.ip())),
             tls: None,
+            tunnel: tunnel.clone(),
         };
         let service = connection_service(shared.clone(), info, activity.clone());
+        // With upgrades: a 101 the handler answers hands the socket over (`tunnel.rs`).
         let connection = connection_builder(server)
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let timeouts = ClientTimeouts {
             header_read: server.header_read_timeout,
@@ -380,9 +384,21 @@ async fn serve(
             abort: abort.subscribe(),
         };
         let open = open_tx.clone();
+        let upgrade_idle = server.upgrade_idle_timeout;
+        let mut tunnel_abort = abort.subscribe();
         tokio::spawn(async move {
-            let graceful = auto::Connection::graceful_shutdown;
+            let graceful = auto::UpgradeableConnection::graceful_shutdown;
             watch_connection(connection, graceful, &activity, timeouts, stop, peer).await;
+            // A connection upgraded by its last response lives on as a tunnel, still
+            // holding its slot and its place in the drain (closed at the drain deadline).
+            if let Some(tunnel) = tunnel.take() {
+                let ended = tunnel.run(upgrade_idle, &mut tunnel_abort).await;
+                if ended == tunnel::Ended::Idle {
+                    metrics::counter!(m::CONNECTIONS_TIMED_OUT_TOTAL, m::LABEL_KIND => "upgraded_idle")
+                        .increment(1);
+                }
+                tracing::debug!(%peer, ?ended, "upgraded connection closed");
+            }
             drop((open, slot));
         });
     }

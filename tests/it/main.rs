@@ -22,3 +22,4 @@ mod sim;
 mod slow_clients;
 mod tomcat;
 mod upstream;
+mod websocket;
