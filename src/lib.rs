@@ -16,6 +16,7 @@
 //!   framing.rs      scans raw HTTP/1 bytes for ambiguous framing hyper would accept
 //!   interim.rs      a backend's 1xx responses, written between hyper's own writes
 //!   proxy_protocol.rs  the PROXY protocol header (v1, v2) a balancer sends first
+//!   tunnel.rs       an upgraded (WebSocket) connection: both sockets spliced, idle timeout
 //! http/           plumbing every stage shares
 //!   body.rs         streamed body types; guards released when a body ends; upload pace
 //!   headers.rs      hop-by-hop stripping, Via, X-Forwarded-*
@@ -60,6 +61,10 @@
 //!        ─▶ response: hop-by-hop stripped, Via, stored if cacheable, streamed back with backpressure
 //!           (what arrived with the head taken at once: a response all here frees its slot)
 //!        ─▶ in-flight count released when the backend is done; metrics when the body ends
+//!
+//! A WebSocket handshake skips the cache and keeps its `Upgrade`; on the backend's 101 the
+//! request stops counting as in flight, and both sockets are spliced (`listener/tunnel.rs`)
+//! until either side closes, the tunnel idles out, or the drain deadline passes.
 //! ```
 #![forbid(unsafe_code)]
 

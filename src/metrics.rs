@@ -26,7 +26,7 @@ pub const UPSTREAM_STALE_REUSE_TOTAL: &str = "loadgate_upstream_stale_reuse_tota
 /// Connect attempts after a failed one (each waits an exponential backoff), by `upstream`.
 pub const UPSTREAM_CONNECT_RETRIES_TOTAL: &str = "loadgate_upstream_connect_retries_total";
 /// Pooled upstream connection events, by `upstream` and `event` (`opened`, `reused`,
-/// `retired_idle`, `retired_max`, `closed_by_backend`, `discarded`).
+/// `retired_idle`, `retired_max`, `closed_by_backend`, `discarded`, `upgraded`).
 pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "loadgate_upstream_connections_total";
 /// Backends taken out of rotation after consecutive connect failures, by `upstream` and `backend`.
 pub const BACKEND_EJECTIONS_TOTAL: &str = "loadgate_backend_ejections_total";
@@ -47,7 +47,8 @@ pub const CONNECTIONS_OPEN: &str = "loadgate_connections_open";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "loadgate_connections_refused_total";
 /// Client connections closed by a timeout, by `kind`: `header` (a request head took longer
 /// than `header_read_timeout_ms`), `idle` (keep-alive idle longer than `idle_timeout_ms`)
-/// or `send` (the client read nothing of a response for `send_timeout_ms`).
+/// or `send` (the client read nothing of a response for `send_timeout_ms`), and
+/// `upgraded_idle` (an upgraded connection silent both ways for `upgrade_idle_timeout_ms`).
 pub const CONNECTIONS_TIMED_OUT_TOTAL: &str = "loadgate_connections_timed_out_total";
 /// TLS handshakes on data listeners, by `result`: `ok`, or why one failed: `timeout`,
 /// `eof` (the client left), `not_tls`, `protocol_version`, `no_common_parameters`,
@@ -58,6 +59,13 @@ pub const TLS_HANDSHAKES_TOTAL: &str = "loadgate_tls_handshakes_total";
 /// connection was closed: `timeout`, `not_proxy_protocol`, `malformed`,
 /// `unsupported_version`, `eof`, `io`.
 pub const PROXY_PROTOCOL_HEADERS_TOTAL: &str = "loadgate_proxy_protocol_headers_total";
+/// Upgraded (WebSocket) connections open, client and backend spliced, by `upstream`.
+pub const UPGRADED_CONNECTIONS_OPEN: &str = "loadgate_upgraded_connections_open";
+/// WebSocket upgrade requests, by `upstream` and `outcome`: `switched` (the backend
+/// answered 101 and the connection was spliced), `declined` (it answered anything else,
+/// passed on as an ordinary response), `disabled` (the route has `websocket = false`: sent
+/// on without `Upgrade`), `failed` (a 101 whose socket could not be taken over: 502).
+pub const UPGRADES_TOTAL: &str = "loadgate_upgrades_total";
 
 /// Utilisation of an upstream, by `upstream` and `source`: `local` (own in-flight ÷ pool),
 /// `reported` (the backends' own busy ÷ max), `in_force` ((own + external) ÷ pool).
@@ -320,7 +328,7 @@ fn describe() {
     );
     describe_counter!(
         UPSTREAM_CONNECTIONS_TOTAL,
-        "Pooled upstream connection events: opened, reused, retired_idle, retired_max, closed_by_backend, discarded."
+        "Pooled upstream connection events: opened, reused, retired_idle, retired_max, closed_by_backend, discarded, upgraded."
     );
     describe_counter!(
         BACKEND_EJECTIONS_TOTAL,
@@ -393,7 +401,15 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_TIMED_OUT_TOTAL,
-        "Client connections closed by the header read (kind=header), idle (kind=idle) or send (kind=send) timeout."
+        "Client connections closed by the header read (kind=header), idle (kind=idle), send (kind=send) or upgraded idle (kind=upgraded_idle) timeout."
+    );
+    describe_gauge!(
+        UPGRADED_CONNECTIONS_OPEN,
+        "Upgraded (WebSocket) connections open, by upstream."
+    );
+    describe_counter!(
+        UPGRADES_TOTAL,
+        "WebSocket upgrade requests, by upstream and outcome (switched, declined, disabled, failed)."
     );
 }
 

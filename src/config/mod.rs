@@ -64,6 +64,11 @@ pub mod defaults {
     pub const SEND_TIMEOUT_MS: u64 = 60_000;
     /// One HTTP/2 connection may hold 32 requests: a sixth of Tomcat's default 200 workers.
     pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 32;
+    /// Well above the heartbeats of SockJS (25 s) and STOMP clients (10-20 s): only a
+    /// tunnel whose peers stopped talking is closed.
+    pub const UPGRADE_IDLE_TIMEOUT_MS: u64 = 300_000;
+    /// WebSocket upgrades are proxied on every route unless it says otherwise.
+    pub const ROUTE_WEBSOCKET: bool = true;
 
     pub const ADMIN_LISTEN: SocketAddr = loopback(9901);
 
@@ -200,6 +205,9 @@ pub struct ServerConfig {
     /// Requests one HTTP/2 connection may have in flight at once (SETTINGS_MAX_CONCURRENT_STREAMS).
     /// Default 32.
     pub http2_max_concurrent_streams: u32,
+    /// How long an upgraded (WebSocket) connection may pass no byte either way before
+    /// both sides are closed. Key `upgrade_idle_timeout_ms`, default 300000.
+    pub upgrade_idle_timeout: Duration,
     /// What the admin `/readyz` asks of the upstreams.
     pub readiness: Readiness,
 }
@@ -279,6 +287,7 @@ impl Default for ServerConfig {
             },
             send_timeout: Duration::from_millis(defaults::SEND_TIMEOUT_MS),
             http2_max_concurrent_streams: defaults::HTTP2_MAX_CONCURRENT_STREAMS,
+            upgrade_idle_timeout: Duration::from_millis(defaults::UPGRADE_IDLE_TIMEOUT_MS),
             readiness: Readiness::default(),
         }
     }
@@ -515,6 +524,9 @@ pub struct RouteConfig {
     pub threshold: Option<f64>,
     /// Keys `strip_path_prefix`, `[route.request_headers]`, `[route.response_headers]`.
     pub rewrite: RouteRewrite,
+    /// Whether a WebSocket upgrade is proxied; when not, the request goes on without its
+    /// `Upgrade` (RFC 9110 §7.8 lets a server ignore it). Key `websocket`, default true.
+    pub websocket: bool,
 }
 
 /// One problem in a config file.

@@ -29,6 +29,7 @@ pub(super) struct RawServer {
     pub(super) body_read_timeout_ms: Option<u64>,
     pub(super) body_min_rate: Option<u64>,
     pub(super) http2_max_concurrent_streams: Option<u32>,
+    pub(super) upgrade_idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -145,6 +146,7 @@ pub(super) struct RawRoute {
     pub(super) strip_path_prefix: Option<bool>,
     pub(super) request_headers: Option<RawHeaderRules>,
     pub(super) response_headers: Option<RawHeaderRules>,
+    pub(super) websocket: Option<bool>,
 }
 
 #[derive(Deserialize, Clone, Copy)]

@@ -1122,3 +1122,27 @@ fn header_rules_reject_unknown_keys_and_wrong_types() {
         "a string or an array of strings",
     );
 }
+
+#[test]
+fn websocket_keys_defaults_overrides_and_checks() {
+    let c = parse(BASE);
+    assert_eq!(c.server.upgrade_idle_timeout, Duration::from_secs(300));
+    assert!(c.routes[0].websocket);
+    let c = parse(&format!(
+        "[[route]]\nname = \"ws\"\npath_prefix = \"/ws\"\nupstream = \"app\"\nwebsocket = false\n\
+         {BASE}[server]\nupgrade_idle_timeout_ms = 45000\n"
+    ));
+    assert!(!c.routes[0].websocket);
+    assert!(c.routes[1].websocket);
+    assert_eq!(c.server.upgrade_idle_timeout, Duration::from_secs(45));
+    one_error(
+        &doc("[server]\nupgrade_idle_timeout_ms = 0\n"),
+        9,
+        "upgrade_idle_timeout_ms must be greater than 0",
+    );
+    one_error(
+        &format!("{BASE}[[route]]\nname = \"ws\"\npath_prefix = \"/ws\"\nupstream = \"app\"\nwebsocket = \"yes\"\n"),
+        12,
+        "websocket: invalid type",
+    );
+}

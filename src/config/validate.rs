@@ -44,6 +44,12 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         raw.send_timeout_ms,
         defaults::SEND_TIMEOUT_MS,
     );
+    let upgrade_idle_timeout = s.millis(
+        errs,
+        &["upgrade_idle_timeout_ms"],
+        raw.upgrade_idle_timeout_ms,
+        defaults::UPGRADE_IDLE_TIMEOUT_MS,
+    );
     let body_read_timeout = s.millis(
         errs,
         &["body_read_timeout_ms"],
@@ -136,6 +142,7 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         },
         send_timeout,
         http2_max_concurrent_streams,
+        upgrade_idle_timeout,
         // Filled in from the `[[upstream]]` tables.
         readiness: default.readiness,
     }
@@ -725,6 +732,7 @@ pub(super) fn build_route(
             .threshold
             .inspect(|t| check_ratio(s, errs, &["threshold"], *t)),
         rewrite,
+        websocket: raw.websocket.unwrap_or(defaults::ROUTE_WEBSOCKET),
     })
 }
 

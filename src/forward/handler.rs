@@ -59,6 +59,8 @@ pub struct ConnInfo {
     pub local_port: u16,
     /// `forwarded` when the connection was accepted: whether an RFC 7239 element is added.
     pub forwarded: crate::config::ForwardedHeader,
+    /// Where a request answered 101 leaves its tunnel for the connection task.
+    pub tunnel: crate::listener::tunnel::TunnelSlot,
 }
 
 /// One request's completion: records its metrics and frees its upstream slot when
@@ -141,11 +143,13 @@ async fn serve(
     if !route.rewrite.response_headers.is_empty() {
         done.route = Some(route.clone());
     }
+    // A WebSocket handshake goes to the backend with its Upgrade, past the cache.
+    let upgrade = take_upgrade(route, &mut req);
 
     let mut pending = None;
     // A revalidation may have to be sent again without validators: its head is kept.
     let mut head_for_refetch = None;
-    if let Some(cache) = &route.http_cache {
+    if let Some(cache) = route.http_cache.as_ref().filter(|_| upgrade.is_none()) {
         match cache.lookup(&req, &routed.host).await {
             Lookup::Respond(response) => return Ok(response),
             Lookup::Revalidate(stale, p) => {
@@ -196,6 +200,13 @@ async fn serve(
         }
     }
     let (mut response, mut backend_done) = forwarded?;
+    if let Some(client) = upgrade {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return switch(conn, &route.upstream, client, response, done).await;
+        }
+        // Refused or not understood: an ordinary response, and the connection stays HTTP.
+        count_upgrade(&route.upstream, "declined");
+    }
     let mut drain = None;
     if let Some(p) = pending {
         let finished = match p.finish(response) {
@@ -233,6 +244,72 @@ async fn serve(
         done.reservation = None;
     }
     Ok(response)
+}
+
+/// The protocol a WebSocket opening handshake asks the backend to switch to, kept on the
+/// request for [`forward`].
+#[derive(Clone)]
+struct UpgradeTo(HeaderValue);
+
+/// A WebSocket opening handshake (an HTTP/1.1 GET with `Connection: upgrade` and
+/// `Upgrade: websocket`) on a route that proxies them: the client's side of the switch,
+/// taken from the request, which is marked to keep its `Upgrade` when forwarded. `None`
+/// for any other request; on a route with `websocket = false` the handshake goes on as a
+/// plain GET, its `Upgrade` stripped like any hop-by-hop field (RFC 9110 §7.8 lets a
+/// server ignore it), and the backend's answer is what the client gets.
+fn take_upgrade(route: &Route, req: &mut Request<Incoming>) -> Option<hyper::upgrade::OnUpgrade> {
+    if req.version() != Version::HTTP_11 || req.method() != Method::GET {
+        return None;
+    }
+    let protocol = headers::websocket_upgrade(req.headers())?;
+    if !route.websocket {
+        count_upgrade(&route.upstream, "disabled");
+        return None;
+    }
+    let client = hyper::upgrade::on(&mut *req);
+    req.extensions_mut().insert(UpgradeTo(protocol));
+    Some(client)
+}
+
+/// The backend's `101 Switching Protocols` to a WebSocket handshake, passed on to the
+/// client. Its socket and the client's are left to the connection task to splice once the
+/// 101 is written (`listener/tunnel.rs`), and the client IO stops treating bytes as HTTP.
+/// The request stops counting against the upstream now: a backend serves an open
+/// WebSocket without a worker (Tomcat's NIO connector parks it), so counting tunnels as
+/// in flight would shed real requests.
+async fn switch(
+    conn: &ConnInfo,
+    upstream: &crate::upstream::Upstream,
+    client: hyper::upgrade::OnUpgrade,
+    mut response: Response<ProxyBody>,
+    done: &mut RequestDone,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    // The pool drove the backend connection until hyper handed its socket over.
+    let backend = match hyper::upgrade::on(&mut response).await {
+        Ok(backend) => backend,
+        Err(error) => {
+            count_upgrade(upstream, "failed");
+            return Err(ProxyError::Upstream {
+                upstream: upstream.name.clone(),
+                backend: "-".to_string(),
+                kind: UpstreamErrorKind::Protocol,
+                detail: format!("the backend's 101 could not be taken over: {error}"),
+            });
+        }
+    };
+    done.reservation = None;
+    conn.verdicts.upgraded();
+    let tunnel = crate::listener::tunnel::Tunnel::new(client, backend, &upstream.name);
+    conn.tunnel.put(tunnel);
+    count_upgrade(upstream, "switched");
+    Ok(response)
+}
+
+/// Counts a WebSocket handshake in `loadgate_upgrades_total`.
+fn count_upgrade(upstream: &crate::upstream::Upstream, outcome: &'static str) {
+    metrics::counter!(m::UPGRADES_TOTAL,
+        m::LABEL_UPSTREAM => upstream.name.clone(), m::LABEL_OUTCOME => outcome)
+    .increment(1);
 }
 
 /// A GET the cache sends on its own (a refetch, a background revalidation): the
@@ -713,6 +790,13 @@ async fn forward(
 
     parts.version = Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers);
+    let upgrading = parts
+        .extensions
+        .remove::<UpgradeTo>()
+        .is_some_and(|UpgradeTo(protocol)| {
+            headers::keep_upgrade(&mut parts.headers, protocol);
+            true
+        });
     // The client's body is already on its way; a 100-continue handshake with the
     // backend would only add a round trip.
     parts.headers.remove(header::EXPECT);
@@ -768,7 +852,24 @@ async fn forward(
     };
 
     let (mut parts, body) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        if !upgrading {
+            // hyper has handed its socket over as for an upgrade; no client can use it.
+            return Err(ProxyError::Upstream {
+                upstream: upstream.name.clone(),
+                backend: "-".to_string(),
+                kind: UpstreamErrorKind::Protocol,
+                detail: "101 Switching Protocols to a request that asked for no upgrade"
+                    .to_string(),
+            });
+        }
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let protocol = protocol.unwrap_or(HeaderValue::from_static("websocket"));
+        headers::keep_upgrade(&mut parts.headers, protocol);
+    } else {
+        headers::strip_hop_by_hop(&mut parts.headers);
+    }
     headers::append_via(&mut parts.headers, Version::HTTP_11);
     let (body, ended) = take_ready(body, RESPONSE_READ_AHEAD);
     Ok((Response::from_parts(parts, body), ended))

@@ -23,6 +23,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// Overrides the upstream's threshold for this route's class.
     pub threshold: Option<f64>,
+    /// Whether a WebSocket upgrade is proxied (`websocket`).
+    pub websocket: bool,
     /// Admission counts, for `/status` (kept across reloads with the route's class).
     pub counters: Arc<RouteCounters>,
     /// Prefix stripping and header rules (`http/rewrite.rs`).
@@ -119,6 +121,7 @@ impl RouteTable {
                     }),
                     upstream,
                     threshold: c.threshold,
+                    websocket: c.websocket,
                     counters,
                     rewrite: c.rewrite.clone(),
                     host: HostMatch::parse(c.host.as_deref()),
@@ -178,6 +181,7 @@ mod tests {
             cache_settings: Default::default(),
             threshold: None,
             rewrite: Default::default(),
+            websocket: true,
         }
     }
 

@@ -46,6 +46,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The `Upgrade` value of a WebSocket opening handshake (RFC 6455 §4.1): `Connection`
+/// names `upgrade` and `Upgrade` names `websocket`, case-insensitively. Any other
+/// protocol (`h2c` among them) gets `None`, and its `Upgrade` is stripped as hop-by-hop.
+pub fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let tokens = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    let asked = tokens(header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    let websocket = tokens(header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"));
+    (asked && websocket).then(|| HeaderValue::from_static("websocket"))
+}
+
+/// Puts back, after [`strip_hop_by_hop`], the two fields that carry a protocol switch
+/// to the next hop: `Upgrade: protocol` and `Connection: upgrade`.
+pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::UPGRADE, protocol);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
 /// Appends this proxy to the `Via` header, keeping earlier hops. The protocol token
 /// names the version the message was received in (RFC 9110 §7.6.3).
 pub fn append_via(headers: &mut HeaderMap, received: Version) {
@@ -460,5 +484,45 @@ mod tests {
         let mut h = HeaderMap::new();
         append_via(&mut h, Version::HTTP_11);
         assert_eq!(h["via"], "1.1 loadgate");
+    }
+
+    #[test]
+    fn only_a_websocket_upgrade_asked_for_in_connection_is_one() {
+        let upgrade = |pairs: &[(&str, &str)]| websocket_upgrade(&map(pairs));
+        let ws = Some(HeaderValue::from_static("websocket"));
+        assert_eq!(
+            upgrade(&[("connection", "Upgrade"), ("upgrade", "websocket")]),
+            ws
+        );
+        assert_eq!(
+            upgrade(&[
+                ("connection", "keep-alive, upgrade"),
+                ("upgrade", "WebSocket")
+            ]),
+            ws
+        );
+        assert_eq!(upgrade(&[("upgrade", "websocket")]), None, "no Connection");
+        assert_eq!(
+            upgrade(&[
+                ("connection", "upgrade, http2-settings"),
+                ("upgrade", "h2c")
+            ]),
+            None
+        );
+        assert_eq!(upgrade(&[("connection", "upgrade")]), None, "no Upgrade");
+
+        let mut h = map(&[
+            ("connection", "Upgrade, x-a"),
+            ("upgrade", "websocket"),
+            ("x-a", "1"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        let protocol = websocket_upgrade(&h).unwrap();
+        strip_hop_by_hop(&mut h);
+        keep_upgrade(&mut h, protocol);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(!h.contains_key("x-a"));
+        assert_eq!(h["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
     }
 }

@@ -16,9 +16,15 @@
 //! to passthrough for the rest of the connection, and hyper remains the authority that
 //! rejects malformed messages. Its chunked decoding follows hyper's decoder, so both
 //! agree on where each message ends.
+//!
+//! Once the connection is upgraded (a WebSocket after `101 Switching Protocols`,
+//! [`FramingVerdicts::upgraded`]), its bytes are no longer HTTP: the wrapper passes them
+//! both ways untouched, scanning nothing, rewriting nothing and writing no interim
+//! response between them.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -392,6 +398,8 @@ fn chunk_step(chunk: Chunk, b: u8) -> State {
 #[derive(Debug, Clone)]
 pub struct FramingVerdicts {
     pending: Arc<Mutex<Pending>>,
+    /// Shared with the [`FramingIo`]: set once the connection carries another protocol.
+    upgraded: Arc<AtomicBool>,
 }
 
 impl FramingVerdicts {
@@ -409,6 +417,13 @@ impl FramingVerdicts {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.pop().unwrap_or(Verdict::Ok)
     }
+
+    /// The connection switches protocols with the response about to be written (a
+    /// `101`): from hyper's next write on, every byte passes through untouched, both ways.
+    /// Called before hyper writes the `101`, which is itself no refusal to rewrite.
+    pub fn upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -424,6 +439,7 @@ pin_project_lite::pin_project! {
         pending: Arc<Mutex<Pending>>,
         replacing: Option<Replacing>,
         interim: Interim,
+        upgraded: Arc<AtomicBool>,
     }
 }
 
@@ -434,6 +450,13 @@ struct Replacing {
     written: usize,
     /// The length of hyper's buffer, reported written once all of `bytes` are.
     stands_for: usize,
+}
+
+impl<IO> FramingIo<IO> {
+    /// The connection carries another protocol now ([`FramingVerdicts::upgraded`]).
+    fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
+    }
 }
 
 impl<IO: AsyncWrite> FramingIo<IO> {
@@ -478,8 +501,10 @@ pub(super) fn poll_write_all<IO: AsyncWrite>(
 /// Interim responses given to `interim` are written between hyper's writes.
 pub fn wrap<IO>(io: IO, interim: Interim) -> (FramingIo<IO>, FramingVerdicts) {
     let pending = Arc::new(Mutex::new(Pending::default()));
+    let upgraded = Arc::new(AtomicBool::new(false));
     let verdicts = FramingVerdicts {
         pending: Arc::clone(&pending),
+        upgraded: Arc::clone(&upgraded),
     };
     let io = FramingIo {
         io,
@@ -487,6 +512,7 @@ pub fn wrap<IO>(io: IO, interim: Interim) -> (FramingIo<IO>, FramingVerdicts) {
         pending,
         replacing: None,
         interim,
+        upgraded,
     };
     (io, verdicts)
 }
@@ -497,6 +523,9 @@ impl<IO: AsyncRead> AsyncRead for FramingIo<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.is_upgraded() {
+            return self.project().io.poll_read(cx, buf);
+        }
         let this = self.project();
         let before = buf.filled().len();
         let result = this.io.poll_read(cx, buf);
@@ -521,6 +550,9 @@ impl<IO: AsyncWrite> AsyncWrite for FramingIo<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.is_upgraded() && self.replacing.is_none() {
+            return self.project().io.poll_write(cx, buf);
+        }
         std::task::ready!(self.as_mut().before_hyper_writes(cx))?;
         if self.replacing.is_none() {
             match super::refusal::rewrite(buf) {
@@ -542,6 +574,9 @@ impl<IO: AsyncWrite> AsyncWrite for FramingIo<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.is_upgraded() && self.replacing.is_none() {
+            return self.project().io.poll_write_vectored(cx, bufs);
+        }
         std::task::ready!(self.as_mut().before_hyper_writes(cx))?;
         if self.replacing.is_some() {
             return self.poll_replacing(cx);
@@ -570,6 +605,9 @@ impl<IO: AsyncWrite> AsyncWrite for FramingIo<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.is_upgraded() {
+            return self.project().io.poll_flush(cx);
+        }
         let mut this = self.project();
         // hyper flushes the IO only once its own buffer is written, and on every turn
         // of its connection loop while the service runs: the moment to send an interim
@@ -804,5 +842,41 @@ mod tests {
         assert_eq!(peer.await.unwrap(), b"HTTP/1.1 400 Bad Request\r\n\r\n");
         let got: Vec<_> = (0..4).map(|_| verdicts.next_request()).collect();
         assert_eq!(got, [OK, OK, BOTH, OK]);
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_passes_bytes_untouched_both_ways() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let interim = Interim::default();
+        let (mut io, verdicts) = wrap(server, interim.clone());
+        let handshake =
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        client.write_all(handshake.as_bytes()).await.unwrap();
+        let mut head = vec![0; handshake.len()];
+        io.read_exact(&mut head).await.unwrap();
+        assert_eq!(verdicts.next_request(), OK);
+        verdicts.upgraded();
+        // A backend 1xx queued now must not land in the other protocol's bytes.
+        interim.send(
+            http::StatusCode::from_u16(103).unwrap(),
+            &http::HeaderMap::new(),
+        );
+        // Bytes that would be a refusal head, and bytes that would frame a request
+        // ambiguously, are payload now.
+        let refusal: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 30 Nov 2026 08:43:36 GMT\r\n\r\n";
+        io.write_all(refusal).await.unwrap();
+        io.flush().await.unwrap();
+        let mut echoed = vec![0; refusal.len()];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, refusal);
+        client.write_all(CL_TE.as_bytes()).await.unwrap();
+        let mut payload = vec![0; CL_TE.len()];
+        io.read_exact(&mut payload).await.unwrap();
+        assert_eq!(payload, CL_TE.as_bytes());
+        assert_eq!(verdicts.next_request(), OK, "nothing was scanned");
+        io.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "no interim response written: {rest:?}");
     }
 }

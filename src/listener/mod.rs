@@ -38,6 +38,7 @@ pub mod interim;
 pub mod proxy_protocol;
 mod refusal;
 pub mod tls;
+pub mod tunnel;
 pub mod workers;
 
 use crate::config::{Config, ConfigErrors, ServerConfig, MIN_HEADER_BYTES};
@@ -483,6 +484,7 @@ async fn serve_connection(
     let server = &generation.config.server;
     let activity = Activity::new();
     let interim = crate::listener::interim::Interim::default();
+    let tunnel = tunnel::TunnelSlot::default();
     let (io, verdicts) =
         crate::listener::framing::wrap(ActivityIo::new(stream, activity.clone()), interim.clone());
     let info = ConnInfo {
@@ -500,19 +502,33 @@ async fn serve_connection(
         tls,
         local_port,
         forwarded: server.forwarded,
+        tunnel: tunnel.clone(),
     };
     let service = connection_service(shared.clone(), info, activity.clone());
+    // With upgrades: a 101 the handler answers hands the socket over (`tunnel.rs`).
     let connection = connection_builder(server)
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
         .into_owned();
     let timeouts = ClientTimeouts {
         header_read: server.header_read_timeout,
         idle: server.idle_timeout,
         send: server.send_timeout,
     };
+    let upgrade_idle = server.upgrade_idle_timeout;
     drop(generation);
-    let graceful = auto::Connection::graceful_shutdown;
+    let mut tunnel_abort = stop.abort.clone();
+    let graceful = auto::UpgradeableConnection::graceful_shutdown;
     watch_connection(connection, graceful, &activity, timeouts, stop, peer).await;
+    // A connection upgraded by its last response lives on as a tunnel, still holding its
+    // slot and its place in the drain (closed at the drain deadline).
+    if let Some(tunnel) = tunnel.take() {
+        let ended = tunnel.run(upgrade_idle, &mut tunnel_abort).await;
+        if ended == tunnel::Ended::Idle {
+            metrics::counter!(m::CONNECTIONS_TIMED_OUT_TOTAL, m::LABEL_KIND => "upgraded_idle")
+                .increment(1);
+        }
+        tracing::debug!(%peer, ?ended, "upgraded connection closed");
+    }
 }
 
 /// Whether a connection ended because its client sent a request hyper could not parse.

@@ -26,3 +26,4 @@ mod slow_clients;
 mod tls;
 mod tomcat;
 mod upstream;
+mod websocket;

@@ -26,7 +26,7 @@ use std::time::Duration;
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 use bytes::Bytes;
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -41,8 +41,10 @@ use crate::http::body::{BoxError, ProxyBody};
 use crate::http::error::UpstreamErrorKind;
 use crate::upstream::{fmt_duration, SendError};
 
-/// hyper's side of one upstream connection: the future that reads and writes it.
-type ConnIo = http1::Connection<TokioIo<TcpStream>, ProxyBody>;
+/// hyper's side of one upstream connection: the future that reads and writes it,
+/// served with upgrades (hyper's type for that cannot be named), so that after a
+/// `101 Switching Protocols` its socket passes to `hyper::upgrade::on` on the response.
+type ConnIo = dyn Future<Output = hyper::Result<()>> + Send;
 
 /// One HTTP/1.1 connection. Its I/O future is not spawned: the request using the
 /// connection drives it from its own task (while waiting for the response head, then
@@ -108,7 +110,7 @@ impl Inner {
                     self.counters.event(Event::Opened);
                     return Ok(Conn {
                         tx,
-                        io: Some(Box::pin(connection)),
+                        io: Some(Box::pin(connection.with_upgrades())),
                         served: 0,
                         allowed: None,
                         upload: Upload::done(),
@@ -165,7 +167,10 @@ impl Inner {
         if close {
             host.observe_close_after(conn.served);
         }
-        let retire = if close {
+        let retire = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Its socket carries the other protocol now (`exchange`): never back to the pool.
+            Some(Event::Upgraded)
+        } else if close {
             Some(Event::ClosedByBackend)
         } else if at_request_limit(conn.served, conn.allowed, host.learned_max()) {
             Some(Event::RetiredMax)
@@ -313,6 +318,13 @@ pub(super) async fn exchange(
     })
     .await;
     match result {
+        Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            // hyper hands the socket over (to `hyper::upgrade::on` on the response) when
+            // its connection future ends, right after the 101 head; driven here so the
+            // caller finds the upgrade done.
+            std::future::poll_fn(|cx| conn.poll_io(cx)).await;
+            Ok((response, conn))
+        }
         Ok(response) => Ok((response, conn)),
         Err(mut error) => {
             let unsent = error.take_message();

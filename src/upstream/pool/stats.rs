@@ -17,6 +17,7 @@ pub struct PoolStats {
     pub retired_max: u64,
     pub closed_by_backend: u64,
     pub discarded: u64,
+    pub upgraded: u64,
     pub stale_retried: u64,
     pub stale_not_retryable: u64,
     pub connect_retries: u64,
@@ -38,6 +39,9 @@ crate::metrics::label_values! {
         /// Not reusable: the idle stack was full, the response body was not read to its
         /// end, or the response came before the request body had been sent in full.
         Discarded => "discarded",
+        /// Answered `101 Switching Protocols`: it left the pool to carry the upgraded
+        /// protocol (a WebSocket) until either side closes.
+        Upgraded => "upgraded",
     }
 }
 
@@ -90,6 +94,7 @@ impl Pool {
             retired_max: e(Event::RetiredMax),
             closed_by_backend: e(Event::ClosedByBackend),
             discarded: e(Event::Discarded),
+            upgraded: e(Event::Upgraded),
             stale_retried: c.stale.get(Stale::Retried),
             stale_not_retryable: c.stale.get(Stale::NotRetryable),
             connect_retries: c.connect_retries.get(),

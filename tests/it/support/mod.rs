@@ -114,6 +114,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
         cache_settings: Default::default(),
         threshold: None,
         rewrite: Default::default(),
+        websocket: true,
     };
     Config {
         server: ServerConfig {
