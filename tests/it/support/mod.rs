@@ -156,6 +156,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
             route("api", "/api", RouteClass::Normal),
         ],
         sim: None,
+        access_log: None,
     }
 }
 
