@@ -34,6 +34,8 @@
 //! metrics.rs      metric names, descriptions, and the counter table that feeds both
 //!                 Prometheus and /status
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
+//! access_log/     one line per request (JSON, common, combined), handed to a writer task
+//!                 through a bounded buffer; never blocks a request
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
 //! ```
 //!
@@ -57,10 +59,12 @@
 //!           connection; connect / response-header timeouts: 502 / 504)
 //!        ─▶ response: hop-by-hop stripped, Via, stored if cacheable, streamed back with backpressure
 //!           (what arrived with the head taken at once: a response all here frees its slot)
-//!        ─▶ in-flight count released when the backend is done; metrics when the body ends
+//!        ─▶ in-flight count released when the backend is done; metrics and the access log
+//!           line when the body ends
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod app;
