@@ -25,6 +25,7 @@
 //!   handler.rs      the handler, as stages over one request: framing → meaning → probe →
 //!                   route → cache → body read ahead → admission → forward → respond
 //!   routes.rs       host + path prefix → route (upstream, class, cache policy)
+//!   record.rs       the access log record each request's stages fill in
 //!   state.rs        the config generation in force, swapped atomically on reload
 //! cache/          shared HTTP cache per route: key, policy, conditionals, store, fill
 //! admission/      utilisation signal (own + external load, adaptive), the shedding
