@@ -1,6 +1,7 @@
 //! The long-running commands behind the CLI: `run` (proxy, plus the simulated
 //! backend when the config has a `[sim]` section) and `demo` (the same with the
-//! embedded demo config). Signals: SIGINT/SIGTERM drain and exit, SIGHUP reloads.
+//! embedded demo config). Signals: SIGINT/SIGTERM drain and exit, SIGHUP reloads, SIGUSR1
+//! reopens the access log file (logrotate).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +31,7 @@ async fn run_with(
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    let mut user1 = signal(SignalKind::user_defined1())?;
 
     let sim =
         match &config.sim {
@@ -52,6 +54,7 @@ async fn run_with(
                 Some(path) => { let _ = proxy.reload_from_file(path); }
                 None => tracing::warn!("SIGHUP ignored: this config was not loaded from a file"),
             },
+            _ = user1.recv() => proxy.reopen_access_log(),
         }
     };
     tracing::info!("shutting down: draining in-flight requests");

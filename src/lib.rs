@@ -28,6 +28,7 @@
 //!   handler.rs      the handler, as stages over one request: framing → meaning → probe →
 //!                   route → cache → body read ahead → admission → forward → respond
 //!   routes.rs       host + path prefix → route (upstream, class, cache policy)
+//!   record.rs       the access log record each request's stages fill in
 //!   state.rs        the config generation in force, swapped atomically on reload
 //! cache/          shared HTTP cache per route: key, policy, conditionals, store, fill
 //! admission/      utilisation signal (own + external load, adaptive), the shedding
@@ -37,6 +38,8 @@
 //! metrics.rs      metric names, descriptions, and the counter table that feeds both
 //!                 Prometheus and /status
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
+//! access_log/     one line per request (JSON, common, combined), handed to a writer task
+//!                 through a bounded buffer; never blocks a request
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
 //! ```
 //!
@@ -60,7 +63,8 @@
 //!           connection; connect / response-header timeouts: 502 / 504)
 //!        ─▶ response: hop-by-hop stripped, Via, stored if cacheable, streamed back with backpressure
 //!           (what arrived with the head taken at once: a response all here frees its slot)
-//!        ─▶ in-flight count released when the backend is done; metrics when the body ends
+//!        ─▶ in-flight count released when the backend is done; metrics and the access log
+//!           line when the body ends
 //!
 //! A WebSocket handshake skips the cache and keeps its `Upgrade`; on the backend's 101 the
 //! request stops counting as in flight, and both sockets are spliced (`listener/tunnel.rs`)
@@ -68,6 +72,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod app;

@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy with a config file. SIGHUP reloads the file; SIGINT/SIGTERM drain and exit.
+    /// Run the proxy with a config file. SIGHUP reloads the file; SIGUSR1 reopens the access
+    /// log; SIGINT/SIGTERM drain and exit.
     Run {
         /// Path of the TOML config (see config/loadgate.toml for every key).
         #[arg(long, short)]

@@ -92,6 +92,10 @@ pub const CACHE_EVICTIONS_TOTAL: &str = "loadgate_cache_evictions_total";
 /// Requests waiting for another request's fetch of the same key (coalesced misses), by `route`.
 pub const CACHE_COALESCED_WAITING: &str = "loadgate_cache_coalesced_waiting";
 
+/// Access log lines dropped: the buffer to the writer was full (the disk or stdout could
+/// not keep up), or the write failed.
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "loadgate_access_log_dropped_total";
+
 /// Label names.
 pub const LABEL_CLASS: &str = "class";
 pub const LABEL_STATUS: &str = "status";
@@ -398,6 +402,10 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKES_TOTAL,
         "TLS handshakes on data listeners, by result: ok or the reason one failed."
+    );
+    describe_counter!(
+        ACCESS_LOG_DROPPED_TOTAL,
+        "Access log lines dropped because the writer's buffer was full or a write failed."
     );
     describe_counter!(
         CONNECTIONS_TIMED_OUT_TOTAL,

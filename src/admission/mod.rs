@@ -66,6 +66,17 @@ pub enum Rejection {
     },
 }
 
+impl Rejection {
+    /// The decision that refused the request: `Shed`, `QueueFull` or `QueueTimeout`.
+    pub fn decision(&self) -> Decision {
+        match self {
+            Rejection::Shed { .. } => Decision::Shed,
+            Rejection::QueueFull { .. } => Decision::QueueFull,
+            Rejection::QueueTimeout { .. } => Decision::QueueTimeout,
+        }
+    }
+}
+
 /// How admission reads and reserves an upstream's in-flight slots.
 pub trait Slots {
     /// Held while the request is in flight; dropping it frees the slot.
@@ -263,13 +274,30 @@ impl Admission {
         counters: &RouteCounters,
         slots: &S,
     ) -> Result<S::Reservation, Rejection> {
+        self.admit_decided(class, threshold_override, counters, slots)
+            .await
+            .map(|(reservation, _)| reservation)
+    }
+
+    /// [`admit`](Admission::admit), saying how the request was admitted: at once
+    /// ([`Decision::Admitted`], also when admission is off), after waiting in the
+    /// critical queue ([`Decision::Queued`]), or in shadow mode with what enforce mode
+    /// would have done (`WouldShed`, `WouldQueue`, `WouldReject`; else `Admitted`). A
+    /// rejection says its own ([`Rejection::decision`]). For the access log.
+    pub async fn admit_decided<S: Slots>(
+        &self,
+        class: RouteClass,
+        threshold_override: Option<f64>,
+        counters: &RouteCounters,
+        slots: &S,
+    ) -> Result<(S::Reservation, Decision), Rejection> {
         let unlimited = || {
             slots
                 .try_reserve(None)
                 .expect("an unlimited reservation succeeds")
         };
         if self.config.mode == ShedMode::Off {
-            return Ok(unlimited());
+            return Ok((unlimited(), Decision::Admitted));
         }
         let threshold = self.threshold(class, threshold_override);
         let signal = self.signal(slots);
@@ -298,12 +326,13 @@ impl Admission {
         match (outcome, reserved) {
             (Outcome::Admit, Some(reservation)) => {
                 counters.increment(Decision::Admitted);
-                Ok(reservation)
+                Ok((reservation, Decision::Admitted))
             }
             (Outcome::Queue, _) => {
                 self.episode
                     .pressure(&self.upstream, Pressure::Queued, &signal);
-                self.wait_for_slot(threshold, counters, slots, signal).await
+                let waited = self.wait_for_slot(threshold, counters, slots, signal).await;
+                waited.map(|reservation| (reservation, Decision::Queued))
             }
             _ => {
                 self.episode
@@ -329,7 +358,7 @@ impl Admission {
         signal: &Signal,
         counters: &RouteCounters,
         admit: impl FnOnce() -> R,
-    ) -> R {
+    ) -> (R, Decision) {
         // Enforce mode would not have let this proxy pass its room: at the room, a
         // critical request queues and the others are shed.
         let at_room = signal.own >= signal.room;
@@ -357,7 +386,7 @@ impl Admission {
         if let Some(pressure) = pressure {
             self.episode.pressure(&self.upstream, pressure, signal);
         }
-        admit()
+        (admit(), decision)
     }
 
     /// The critical queue, bounded by time: a request waits while its expected wait
@@ -901,5 +930,42 @@ mod tests {
             .await;
         assert!(idle.is_ok());
         assert_eq!(counters.get(Decision::Admitted), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_learns_how_it_was_admitted() {
+        let slots = setup(1, ShedMode::Enforce);
+        let admission = &slots.admission;
+        let counters = RouteCounters::for_class(RouteClass::Critical);
+        let decide = |class| admission.admit_decided(class, None, &counters, &*slots);
+        let (first, decision) = decide(RouteClass::Critical).await.expect("a free slot");
+        assert_eq!(decision, Decision::Admitted);
+
+        let shed = decide(RouteClass::Sheddable).await.err().expect("shed");
+        assert_eq!(shed.decision(), Decision::Shed);
+
+        // The only slot is held: a critical request waits, and gets it once freed.
+        let waiting = decide(RouteClass::Critical);
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(first);
+        };
+        let (waited, ()) = tokio::join!(waiting, release);
+        let (held, decision) = waited.expect("admitted after the wait");
+        assert_eq!(decision, Decision::Queued);
+
+        // Nothing frees it again: the next critical request times out in the queue.
+        let refused = decide(RouteClass::Critical).await.err().expect("refused");
+        assert_eq!(refused.decision(), Decision::QueueTimeout);
+        drop(held);
+
+        let shadow = setup(1, ShedMode::Shadow);
+        let _held = shadow.try_reserve(None).unwrap();
+        let decided = shadow
+            .admission
+            .admit_decided(RouteClass::Normal, None, &counters, &*shadow)
+            .await;
+        let (_admitted, decision) = decided.expect("shadow mode admits");
+        assert_eq!(decision, Decision::WouldShed);
     }
 }

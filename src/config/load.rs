@@ -1,10 +1,10 @@
 //! The TOML loader: raw serde structs → validated [`Config`], with every error and its line.
 //!
-//! Each section (`[server]`, `[admin]`, each `[[upstream]]`, each `[[route]]`, `[sim]`) is
-//! deserialized on its own. When a key fails, the error is recorded at the key's line, the key
-//! is dropped and the section retried, so one mistake never hides the next (`section.rs`).
-//! Semantic checks then find their lines in the parsed document (`validate.rs`). Only a TOML
-//! syntax error stops early.
+//! Each section (`[server]`, `[admin]`, each `[[upstream]]`, each `[[route]]`, `[sim]`,
+//! `[access_log]`) is deserialized on its own. When a key fails, the error is recorded at the
+//! key's line, the key is dropped and the section retried, so one mistake never hides the
+//! next (`section.rs`). Semantic checks then find their lines in the parsed document
+//! (`validate.rs`). Only a TOML syntax error stops early.
 
 use std::ops::Range;
 
@@ -13,12 +13,12 @@ use toml_edit::{ImDocument, Item, Value};
 use super::listener::{build_listener, check_listener_tables};
 use super::section::{Errors, LineIndex, Section};
 use super::validate::{
-    build_admin, build_route, build_server, build_sim, build_upstream, check_listeners,
-    check_unique_matches, check_unique_names,
+    build_access_log, build_admin, build_route, build_server, build_sim, build_upstream,
+    check_listeners, check_unique_matches, check_unique_names,
 };
 use super::{Config, ConfigError, Readiness, ServerConfig};
 
-const SECTIONS: &str = "server, admin, listener, upstream, route, sim";
+const SECTIONS: &str = "server, admin, listener, upstream, route, sim, access_log";
 
 // ---------------------------------------------------------------------------------------------
 // Entry point.
@@ -43,6 +43,7 @@ pub(super) fn parse(text: &str, base: &std::path::Path) -> Result<Config, Vec<Co
     let mut server = None;
     let mut admin = None;
     let mut sim = None;
+    let mut access_log = None;
     let mut upstreams = Vec::new();
     let mut routes = Vec::new();
     let mut listeners = Vec::new();
@@ -51,13 +52,14 @@ pub(super) fn parse(text: &str, base: &std::path::Path) -> Result<Config, Vec<Co
     for (key, item) in root.iter() {
         let key_line = lines.line_of(root.key(key).and_then(|k| k.span()));
         match key {
-            "server" | "admin" | "sim" => {
+            "server" | "admin" | "sim" | "access_log" => {
                 if item.is_table_like() {
                     let header = item.span().map_or(key_line, |s| lines.line(s.start));
                     let section = Section::new(&lines, format!("[{key}]"), item.clone(), header);
                     match key {
                         "server" => server = Some(section),
                         "admin" => admin = Some(section),
+                        "access_log" => access_log = Some(section),
                         _ => sim = Some(section),
                     }
                 } else {
@@ -121,6 +123,7 @@ pub(super) fn parse(text: &str, base: &std::path::Path) -> Result<Config, Vec<Co
     let sim_cfg = sim
         .as_mut()
         .and_then(|s| build_sim(s, &server_cfg, &admin_cfg, &mut errs));
+    let access_log_cfg = build_access_log(access_log.as_mut(), &mut errs);
 
     if upstreams.is_empty() {
         errs.push(
@@ -169,6 +172,7 @@ pub(super) fn parse(text: &str, base: &std::path::Path) -> Result<Config, Vec<Co
         routes: route_cfgs.into_iter().flatten().collect(),
         listeners: listener_cfgs.into_iter().flatten().collect(),
         sim: sim_cfg,
+        access_log: access_log_cfg,
     })
 }
 

@@ -6,7 +6,7 @@
 //! backend in `sim.rs`) are declared here, and every default is in [`defaults`].
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod listener;
@@ -138,6 +138,13 @@ pub mod defaults {
     pub const SIM_MAX_CONNECTIONS: usize = 8192;
     pub const SIM_ACCEPT_COUNT: u32 = 100;
     pub const SIM_CONNECTOR_NAME: &str = "http-nio-8080";
+
+    // `[access_log]`.
+    pub const ACCESS_LOG_FORMAT: super::AccessLogFormat = super::AccessLogFormat::Json;
+    /// Query strings often carry tokens and personal data.
+    pub const ACCESS_LOG_INCLUDE_QUERY: bool = false;
+    /// About a second of lines at 16k requests a second, a few MiB at most.
+    pub const ACCESS_LOG_BUFFER_LINES: usize = 16_384;
 }
 
 /// The whole, validated configuration.
@@ -152,7 +159,45 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Optional built-in simulated backend started beside the proxy (used by the demo).
     pub sim: Option<SimConfig>,
+    /// The `[access_log]` table; `None` (no `path`) when the access log is off.
+    pub access_log: Option<AccessLogConfig>,
 }
+
+/// The access log: one line per request, written by a task off the data path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// Key `path`: a file (opened for appending, created if absent) or `"stdout"`.
+    pub target: AccessLogTarget,
+    /// Key `format`, default `json`.
+    pub format: AccessLogFormat,
+    /// Whether the query string is logged with the path. Default false.
+    pub include_query: bool,
+    /// Lines waiting for the writer, at most; past it, lines are dropped and counted.
+    /// Default 16384.
+    pub buffer_lines: usize,
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+/// How an access log line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// One JSON object per line, every field named.
+    Json,
+    /// The NCSA common log format.
+    Common,
+    /// The common log format plus referer and user agent (Apache's and nginx's `combined`).
+    Combined,
+}
+
+/// The most `buffer_lines` an `[access_log]` may ask for.
+pub const MAX_ACCESS_LOG_BUFFER_LINES: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {

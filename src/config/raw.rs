@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::{ActuatorFormat, CachePolicy, ForwardedHeader, RouteClass, ShedMode};
+use super::{AccessLogFormat, ActuatorFormat, CachePolicy, ForwardedHeader, RouteClass, ShedMode};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +30,15 @@ pub(super) struct RawServer {
     pub(super) body_min_rate: Option<u64>,
     pub(super) http2_max_concurrent_streams: Option<u32>,
     pub(super) upgrade_idle_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccessLog {
+    pub(super) path: Option<String>,
+    pub(super) format: Option<AccessLogFormat>,
+    pub(super) include_query: Option<bool>,
+    pub(super) buffer_lines: Option<usize>,
 }
 
 #[derive(Deserialize)]

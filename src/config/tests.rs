@@ -1146,3 +1146,69 @@ fn websocket_keys_defaults_overrides_and_checks() {
         "websocket: invalid type",
     );
 }
+
+#[test]
+fn the_access_log_is_off_without_a_path() {
+    assert_eq!(parse(BASE).access_log, None);
+    assert_eq!(
+        parse(&doc("[access_log]\nformat = \"common\"\n")).access_log,
+        None
+    );
+}
+
+#[test]
+fn access_log_keys_are_read_with_their_defaults() {
+    let c = parse(&doc(
+        "[access_log]\npath = \"/var/log/loadgate/access.log\"\n",
+    ));
+    assert_eq!(
+        c.access_log,
+        Some(AccessLogConfig {
+            target: AccessLogTarget::File("/var/log/loadgate/access.log".into()),
+            format: AccessLogFormat::Json,
+            include_query: false,
+            buffer_lines: 16_384,
+        })
+    );
+    let c = parse(&doc(
+        "[access_log]\npath = \"stdout\"\nformat = \"combined\"\ninclude_query = true\nbuffer_lines = 10\n",
+    ));
+    assert_eq!(
+        c.access_log,
+        Some(AccessLogConfig {
+            target: AccessLogTarget::Stdout,
+            format: AccessLogFormat::Combined,
+            include_query: true,
+            buffer_lines: 10,
+        })
+    );
+}
+
+#[test]
+fn access_log_errors_name_their_lines() {
+    one_error(
+        &doc("[access_log]\npath = \"a.log\"\nformat = \"xml\"\n"),
+        10,
+        "[access_log]: format: unknown value `xml`, expected one of `json`, `common`, `combined`",
+    );
+    one_error(
+        &doc("[access_log]\npath = \"a.log\"\nbuffer_lines = 0\n"),
+        10,
+        "[access_log]: buffer_lines = 0 must be between 1 and 1048576",
+    );
+    one_error(
+        &doc("[access_log]\npath = \"\"\n"),
+        9,
+        "[access_log]: path is empty",
+    );
+    one_error(
+        &doc("[access_log]\npath = \"a.log\"\nquery = true\n"),
+        10,
+        "[access_log]: unknown key `query`",
+    );
+    one_error(
+        &format!("access_log = \"a.log\"\n{BASE}"),
+        1,
+        "`access_log` must be a table: write [access_log]",
+    );
+}

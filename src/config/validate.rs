@@ -6,15 +6,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::raw::{
-    RawActuator, RawAdaptive, RawAdmin, RawRetry, RawRoute, RawServer, RawShedding, RawUpstream,
+    RawAccessLog, RawActuator, RawAdaptive, RawAdmin, RawRetry, RawRoute, RawServer, RawShedding,
+    RawUpstream,
 };
 use super::section::{Errors, Section};
 use super::{
-    defaults, usable_service_time_ms, ActuatorSettings, AdaptiveSettings, AdminConfig, CachePolicy,
-    CacheSettings, Cidr, HealthConfig, Readiness, RetryConfig, RouteClass, RouteConfig,
-    ServerConfig, SheddingConfig, SimConfig, Thresholds, UpstreamConfig,
-    CACHE_MAX_OBJECT_BYTES_LIMIT, MAX_HEADER_BYTES_LIMIT, MAX_WORKER_THREADS, MIN_HEADER_BYTES,
-    SIM_MAX_SERVICE_TIME_MS,
+    defaults, usable_service_time_ms, AccessLogConfig, AccessLogTarget, ActuatorSettings,
+    AdaptiveSettings, AdminConfig, CachePolicy, CacheSettings, Cidr, HealthConfig, Readiness,
+    RetryConfig, RouteClass, RouteConfig, ServerConfig, SheddingConfig, SimConfig, Thresholds,
+    UpstreamConfig, CACHE_MAX_OBJECT_BYTES_LIMIT, MAX_ACCESS_LOG_BUFFER_LINES,
+    MAX_HEADER_BYTES_LIMIT, MAX_WORKER_THREADS, MIN_HEADER_BYTES, SIM_MAX_SERVICE_TIME_MS,
 };
 
 pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> ServerConfig {
@@ -146,6 +147,52 @@ pub(super) fn build_server(section: Option<&mut Section>, errs: &mut Errors) -> 
         // Filled in from the `[[upstream]]` tables.
         readiness: default.readiness,
     }
+}
+
+/// Builds `[access_log]`: `None` (off) when it names no `path`.
+pub(super) fn build_access_log(
+    section: Option<&mut Section>,
+    errs: &mut Errors,
+) -> Option<AccessLogConfig> {
+    let s = section?;
+    let raw = s.deserialize::<RawAccessLog>(errs)?;
+    let s = &*s;
+    let buffer_lines = raw
+        .buffer_lines
+        .unwrap_or(defaults::ACCESS_LOG_BUFFER_LINES);
+    if !(1..=MAX_ACCESS_LOG_BUFFER_LINES).contains(&buffer_lines) {
+        errs.push(
+            s.line(&["buffer_lines"]),
+            s.say(format!(
+                "buffer_lines = {buffer_lines} must be between 1 and {MAX_ACCESS_LOG_BUFFER_LINES}; \
+                 the default is {}",
+                defaults::ACCESS_LOG_BUFFER_LINES
+            )),
+        );
+    }
+    let target = match raw.path.as_deref() {
+        None => return None,
+        Some("stdout") => AccessLogTarget::Stdout,
+        Some(path) if path.trim().is_empty() => {
+            errs.push(
+                s.line(&["path"]),
+                s.say(
+                    "path is empty; give a file path, or \"stdout\", or leave path out to turn \
+                     the access log off",
+                ),
+            );
+            return None;
+        }
+        Some(path) => AccessLogTarget::File(path.into()),
+    };
+    Some(AccessLogConfig {
+        target,
+        format: raw.format.unwrap_or(defaults::ACCESS_LOG_FORMAT),
+        include_query: raw
+            .include_query
+            .unwrap_or(defaults::ACCESS_LOG_INCLUDE_QUERY),
+        buffer_lines,
+    })
 }
 
 pub(super) fn build_admin(section: Option<&mut Section>, errs: &mut Errors) -> AdminConfig {

@@ -7,22 +7,28 @@
 //! request's [`RequestDone`] guard travels with it: routing names its class,
 //! admission hands it the reservation, and it rides on the response body, so the
 //! in-flight count and the request metrics are released when the body ends or is
-//! abandoned, not when this function returns. Bodies stream in both directions.
+//! abandoned, not when this function returns. When the access log is on, the guard also
+//! carries the request's [`Record`], which each stage fills in (route, admission,
+//! backend, cache) and which is logged with the guard. Bodies stream in both directions.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::admission::Rejection;
+use crate::access_log::Record;
+use crate::admission::{Decision, Rejection};
 use crate::cache::{self, Finished, Lookup};
+use crate::forward::record::{arriving, note, note_backend, own_cache_status};
 use crate::forward::routes::Route;
 use crate::forward::state::{ClassLabel, Generation, Shared};
 use crate::http::body::{
@@ -34,6 +40,7 @@ use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
 use crate::listener::interim::Interim;
 use crate::metrics as m;
+use crate::metrics::Label as _;
 use crate::upstream::{Fallback, Reservation};
 
 /// What the handler knows about the client connection a request arrived on.
@@ -76,6 +83,14 @@ pub struct RequestDone {
     route: Option<Arc<Route>>,
     /// Keeps the client connection's idle and header timeouts off this request.
     _on_connection: ActiveRequest,
+    /// The access log's record of the request; `None` when the log is off.
+    log: Option<Box<Record>>,
+    /// The request body's watch, once it is read: the bytes read from the client.
+    body: Option<Arc<BodyWatch>>,
+    /// Response body bytes handed to the client's connection.
+    bytes_out: u64,
+    /// The response body came to its end (rather than being dropped unfinished).
+    ended: bool,
 }
 
 impl Drop for RequestDone {
@@ -83,12 +98,78 @@ impl Drop for RequestDone {
         self.shared
             .metrics
             .record(self.class, self.status, self.started);
+        if let Some(mut log) = self.log.take() {
+            log.status = self.status.as_u16();
+            log.duration = self.started.elapsed();
+            log.bytes_in = self.body.as_ref().map_or(0, |watch| watch.bytes_read());
+            log.bytes_out = self.bytes_out;
+            log.completed = self.ended;
+            self.shared.access_log.log(*log);
+        }
     }
 }
 
-/// The body of every response [`handle`] gives: the response's own body, carrying the
-/// request's [`RequestDone`] until it ends (no second boxing per response).
-pub type HandledBody = OnEnd<ProxyBody, RequestDone>;
+pin_project_lite::pin_project! {
+    /// The body of every response [`handle`] gives: the response's own body, carrying the
+    /// request's [`RequestDone`] until it ends or is dropped, and counting the bytes
+    /// handed on (no second boxing per response).
+    pub struct HandledBody {
+        #[pin]
+        inner: ProxyBody,
+        done: Option<RequestDone>,
+    }
+}
+
+impl HandledBody {
+    fn new(inner: ProxyBody, mut done: RequestDone) -> HandledBody {
+        // A body that is empty from the start is never polled.
+        done.ended |= inner.is_end_stream();
+        HandledBody {
+            inner,
+            done: Some(done),
+        }
+    }
+}
+
+impl Body for HandledBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(done) = this.done.as_mut() {
+                    done.bytes_out += frame.data_ref().map_or(0, |data| data.len() as u64);
+                    // A body that knows it is done is not polled again.
+                    done.ended |= this.inner.is_end_stream();
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(mut done) = this.done.take() {
+                    done.ended = true;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.done.take();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Handles one request end to end. `on_connection` marks it in flight on its client
 /// connection until the response body ends.
@@ -98,6 +179,12 @@ pub async fn handle(
     req: Request<Incoming>,
     on_connection: ActiveRequest,
 ) -> Response<HandledBody> {
+    let log = shared
+        .access_log
+        .include_query()
+        .map(|include_query| arriving(&conn, &req, include_query));
+    // hyper sends no body with these, whatever the response's body holds.
+    let head = req.method() == Method::HEAD;
     let mut done = RequestDone {
         shared: shared.clone(),
         class: ClassLabel::None,
@@ -106,6 +193,10 @@ pub async fn handle(
         reservation: None,
         route: None,
         _on_connection: on_connection,
+        log,
+        body: None,
+        bytes_out: 0,
+        ended: false,
     };
     let mut response = match serve(&shared, &conn, req, &mut done).await {
         Ok(response) => response,
@@ -117,8 +208,13 @@ pub async fn handle(
         rewrite::apply(&route.rewrite.response_headers, response.headers_mut());
     }
     done.status = response.status();
+    let bodiless = head || matches!(response.status().as_u16(), 100..=199 | 204 | 304);
+    done.ended = bodiless;
+    note(&mut done.log, |log| {
+        log.cache = own_cache_status(response.headers());
+    });
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, OnEnd::new(body, done))
+    Response::from_parts(parts, HandledBody::new(body, done))
 }
 
 /// The stages, in order. Each `?` is a refusal; each early `return Ok` an answer given
@@ -145,6 +241,11 @@ async fn serve(
     }
     // A WebSocket handshake goes to the backend with its Upgrade, past the cache.
     let upgrade = take_upgrade(route, &mut req);
+    note(&mut done.log, |log| {
+        log.route = Some(route.name.clone());
+        log.upstream = Some(route.upstream.name.clone());
+        log.class = Some(route.class.as_str());
+    });
 
     let mut pending = None;
     // A revalidation may have to be sent again without validators: its head is kept.
@@ -169,7 +270,10 @@ async fn serve(
     }
 
     let req = read_ahead(conn, req).await?;
-    let reservation = match admit(route).await {
+    done.body = req.body().watch.clone();
+    let (decision, admitted) = admit(route).await;
+    note(&mut done.log, |log| log.admission = Some(decision.as_str()));
+    let reservation = match admitted {
         Ok(reservation) => done.reservation.insert(reservation),
         // A shed request is answered from a stale copy when the cache allows it.
         Err(error @ ProxyError::Shed { .. }) => {
@@ -185,7 +289,9 @@ async fn serve(
         Some(p) if p.has_stale_if_error() => Fallback::StoredCopy,
         _ => Fallback::None,
     };
+    let asked = Instant::now();
     let forwarded = forward(&routed, reservation, conn, req, fallback).await;
+    note_backend(&mut done.log, reservation, asked);
     // The origin failed: a stored copy within its stale-if-error window answers instead.
     let origin_failed = match &forwarded {
         Err(error) => matches!(error, ProxyError::Upstream { .. }),
@@ -214,8 +320,10 @@ async fn serve(
                 let head = head_for_refetch.expect("only a revalidation is refetched");
                 let mut again = bodiless(head, p.client_headers().clone());
                 p.prepare(again.headers_mut());
-                let (response, done_again) =
-                    forward(&routed, reservation, conn, again, Fallback::None).await?;
+                let asked = Instant::now();
+                let forwarded = forward(&routed, reservation, conn, again, Fallback::None).await;
+                note_backend(&mut done.log, reservation, asked);
+                let (response, done_again) = forwarded?;
                 backend_done = done_again;
                 p.finish(response)
             }
@@ -338,7 +446,7 @@ async fn revalidate_in_background(
     (uri, version): (Uri, Version),
     pending: Box<cache::Pending>,
 ) {
-    let Ok(mut reservation) = admit(&routed.route).await else {
+    let (_, Ok(mut reservation)) = admit(&routed.route).await else {
         return;
     };
     let mut pending = *pending;
@@ -563,14 +671,24 @@ fn find_route<B>(
     })
 }
 
-/// Admission: shed (429) or queue (critical) by the upstream's utilisation.
-async fn admit(route: &Route) -> Result<Reservation, ProxyError> {
+/// Admission: shed (429) or queue (critical) by the upstream's utilisation. Says how the
+/// request was admitted or refused, for the access log.
+async fn admit(route: &Route) -> (Decision, Result<Reservation, ProxyError>) {
     let upstream = &route.upstream;
     let decided = upstream
         .admission
-        .admit(route.class, route.threshold, &route.counters, upstream)
+        .admit_decided(route.class, route.threshold, &route.counters, upstream)
         .await;
-    decided.map_err(|rejection| match rejection {
+    match decided {
+        Ok((reservation, decision)) => (decision, Ok(reservation)),
+        Err(rejection) => (rejection.decision(), Err(refused(route, rejection))),
+    }
+}
+
+/// The error a refusal by admission is answered with.
+fn refused(route: &Route, rejection: Rejection) -> ProxyError {
+    let upstream = &route.upstream;
+    match rejection {
         Rejection::Shed {
             class,
             signal,
@@ -607,7 +725,7 @@ async fn admit(route: &Route) -> Result<Reservation, ProxyError> {
             },
             retry_after,
         },
-    })
+    }
 }
 
 /// The answer to a probe on the data port: 200 while serving, 503 while draining.

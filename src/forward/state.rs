@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, RouteClass, TlsConfig};
 use crate::forward::routes::RouteTable;
 use crate::listener::workers::worker_count;
@@ -112,6 +113,8 @@ pub struct Shared {
     /// Set on shutdown: probes answer 503 so load balancers stop sending.
     pub draining: AtomicBool,
     pub metrics: RequestMetrics,
+    /// One line per request; off unless `[access_log]` names a path.
+    pub access_log: AccessLog,
 }
 
 impl Shared {
@@ -120,6 +123,7 @@ impl Shared {
             generation: ArcSwap::from_pointee(generation),
             draining: AtomicBool::new(false),
             metrics: RequestMetrics::new(),
+            access_log: AccessLog::new(),
         }
     }
 }

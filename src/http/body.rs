@@ -130,9 +130,16 @@ pub struct BodyWatch {
     /// 0: fine; 1: broken; 2: too large; 3: too slow.
     state: AtomicU8,
     limit: AtomicU64,
+    /// Body bytes read from the client so far.
+    read: AtomicU64,
 }
 
 impl BodyWatch {
+    /// Body bytes read from the client so far (for the access log).
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
     pub fn fault(&self) -> Option<BodyFault> {
         match self.state.load(Ordering::Acquire) {
             0 => None,
@@ -229,6 +236,7 @@ where
                     *this.last_byte = Instant::now();
                 }
                 *this.seen = this.seen.saturating_add(len);
+                this.watch.read.store(*this.seen, Ordering::Relaxed);
                 if let Some(limit) = *this.limit {
                     if *this.seen > limit {
                         this.watch.limit.store(limit, Ordering::Relaxed);

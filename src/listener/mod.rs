@@ -49,6 +49,9 @@ use crate::metrics as m;
 use activity::{Activity, ActivityIo, ClientTimeouts, Expiry};
 use tls::ClientStream;
 
+/// How long shutdown waits for the access log's last lines to be written.
+const ACCESS_LOG_CLOSE: Duration = Duration::from_secs(5);
+
 /// A running proxy: data listeners plus the admin listener.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -105,6 +108,8 @@ impl Proxy {
         }
         let threads = workers::worker_count(config.server.worker_threads);
         let shared = Arc::new(Shared::new(Generation::build(config, None)));
+        let access_log = shared.generation.load().config.access_log.clone();
+        shared.access_log.configure(access_log.as_ref())?;
         let (shutdown, _) = watch::channel(false);
         // Client connections open on all data listeners, counted against `max_connections`.
         let slots = m::Slots::new(metrics::gauge!(m::CONNECTIONS_OPEN));
@@ -193,14 +198,36 @@ impl Proxy {
         if config.server.worker_threads != current.config.server.worker_threads {
             tracing::warn!("worker_threads changed in the config; it takes effect on restart");
         }
+        if let Err(error) = self.shared.access_log.configure(config.access_log.as_ref()) {
+            tracing::error!(%error, "the access log stays as it was");
+        }
         let next = Generation::build(config, Some(&current));
         self.shared.generation.store(Arc::new(next));
     }
 
+    /// Opens the access log file again at its path (SIGUSR1, after logrotate moved it).
+    pub fn reopen_access_log(&self) {
+        self.shared.access_log.reopen();
+    }
+
     /// Reloads the config file: a valid file takes effect, an invalid one is
-    /// reported (every error, with its line) and the running config stays.
+    /// reported (every error, with its line) and the running config stays. So does a
+    /// config whose access log cannot be opened.
     pub fn reload_from_file(&self, path: &Path) -> Result<(), ConfigErrors> {
-        match Config::load(path) {
+        let loaded = Config::load(path).and_then(|config| {
+            let access_log = self.shared.access_log.configure(config.access_log.as_ref());
+            match access_log {
+                Ok(()) => Ok(config),
+                Err(error) => Err(ConfigErrors {
+                    origin: path.display().to_string(),
+                    errors: vec![crate::config::ConfigError {
+                        line: 0,
+                        message: format!("[access_log]: {error}"),
+                    }],
+                }),
+            }
+        });
+        match loaded {
             Ok(config) => {
                 self.apply(config);
                 metrics::counter!(m::CONFIG_RELOADS_TOTAL, m::LABEL_RESULT => "ok").increment(1);
@@ -243,6 +270,8 @@ impl Proxy {
         }
         self.admin.abort();
         let _ = self.admin.await;
+        // The lines of the last requests are written before the process ends.
+        self.shared.access_log.close(ACCESS_LOG_CLOSE).await;
     }
 }
 

@@ -445,6 +445,11 @@ impl Reservation {
         }
         backend.inflight.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// The backend the request was last sent to, if any.
+    pub fn backend(&self) -> Option<&Arc<Backend>> {
+        self.backend.as_ref()
+    }
 }
 
 impl Drop for Reservation {

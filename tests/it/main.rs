@@ -7,6 +7,7 @@
 
 mod support;
 
+mod access_log;
 mod balancing;
 mod cache;
 mod cache_stale;

@@ -160,6 +160,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
         ],
         listeners: Vec::new(),
         sim: None,
+        access_log: None,
     }
 }
 
