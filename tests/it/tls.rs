@@ -347,3 +347,38 @@ async fn curl_gets_http2_over_tls_verified_against_the_ca() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_access_log_names_the_tls_version_and_the_server_name_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let leaf = ca.leaf(dir.path(), "a", &["a.example.test"]);
+    let origin = Origin::canned(200, "hello").await;
+    let log = dir.path().join("access.log");
+    let mut text = tls_config(origin.addr(), &[(&leaf, &[])], "");
+    text.push_str(&format!("[access_log]\npath = {log:?}\n"));
+    let proxy = start(&text, dir.path()).await;
+
+    let h2 = ca
+        .connect(proxy.addr(), "a.example.test", &[b"h2"])
+        .await
+        .unwrap();
+    assert_eq!(get_over(h2, "/logged", true).await.0, 200);
+    let first_line = async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().next() {
+                break serde_json::from_str::<serde_json::Value>(line).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let line = tokio::time::timeout(Duration::from_secs(10), first_line)
+        .await
+        .expect("the line is written within 10 s");
+    assert_eq!(line["path"], "/logged");
+    assert_eq!(line["protocol"], "HTTP/2");
+    assert_eq!(line["tls_version"], "TLSv1.3");
+    assert_eq!(line["sni"], "a.example.test");
+    proxy.shutdown().await;
+}
