@@ -102,6 +102,18 @@ impl AdaptiveLimit {
         Self::with_rng(settings, now, StdRng::from_entropy())
     }
 
+    /// A limit under new `settings` that goes on from `previous` (a reload): its learned
+    /// limit (clamped to the new bounds), latency estimates, probe schedule and phase.
+    pub fn resumed(previous: &AdaptiveLimit, settings: AdaptiveSettings, now: Instant) -> Self {
+        let mut this = Self::new(settings, now);
+        this.limit = this.clamp(previous.limit);
+        this.short_rtt = previous.short_rtt;
+        this.baseline_rtt = previous.baseline_rtt;
+        this.next_probe = previous.next_probe;
+        this.slow_start = previous.slow_start;
+        this
+    }
+
     fn with_rng(settings: AdaptiveSettings, now: Instant, rng: StdRng) -> Self {
         debug_assert!(settings.validate().is_ok(), "{settings:?}");
         let settings = settings.repaired();

@@ -157,7 +157,38 @@ pub struct Admission {
 
 impl Admission {
     pub fn new(config: &UpstreamConfig) -> Admission {
+        Admission::after(config, None)
+    }
+
+    /// The admission of an upstream whose config changed on reload: what it learned
+    /// goes on. `previous` is the old config and admission; each backend still in the
+    /// list keeps its reported signal (when polled at the same interval), and the
+    /// adaptive limit goes on from where it was.
+    pub fn after(
+        config: &UpstreamConfig,
+        previous: Option<(&UpstreamConfig, &Admission)>,
+    ) -> Admission {
         let interval = config.actuator.interval;
+        let now = Instant::now();
+        let kept_report = |backend: &String| {
+            let (old_config, old) = previous?;
+            if old.interval != interval {
+                return None;
+            }
+            let i = old_config.backends.iter().position(|b| b == backend)?;
+            old.reports.get(i).cloned()
+        };
+        let adaptive = config.adaptive.clone().map(|settings| {
+            let old = previous.and_then(|(_, old)| old.adaptive.as_ref());
+            let limit = match old {
+                Some(old) => {
+                    let old = old.lock().unwrap_or_else(|e| e.into_inner());
+                    AdaptiveLimit::resumed(&old, settings, now)
+                }
+                None => AdaptiveLimit::new(settings, now),
+            };
+            Mutex::new(limit)
+        });
         Admission {
             upstream: config.name.clone(),
             config: config.shedding.clone(),
@@ -165,13 +196,10 @@ impl Admission {
             reports: config
                 .backends
                 .iter()
-                .map(|_| Arc::new(ReportedSignal::new(interval)))
+                .map(|b| kept_report(b).unwrap_or_else(|| Arc::new(ReportedSignal::new(interval))))
                 .collect(),
             interval,
-            adaptive: config
-                .adaptive
-                .clone()
-                .map(|s| Mutex::new(AdaptiveLimit::new(s, Instant::now()))),
+            adaptive,
             drain: DrainMeter::default(),
             queue: Mutex::new(QueueDrain::default()),
             queued: AtomicUsize::new(0),
@@ -766,6 +794,39 @@ fn shed_total() -> &'static metrics::Counter {
 mod tests {
     use super::*;
     use crate::upstream::Upstream;
+
+    #[test]
+    fn a_changed_config_keeps_each_kept_backends_signal_and_the_learned_limit() {
+        let mut old_config = Upstream::for_tests("app").config.clone();
+        old_config.backends = vec!["10.0.0.1:8080".into(), "10.0.0.2:8080".into()];
+        old_config.adaptive = Some(crate::config::AdaptiveSettings::default());
+        let old = Admission::new(&old_config);
+        // Latency that grows with load makes the limit move off its initial value.
+        for i in 0..200 {
+            old.on_response(Duration::from_millis(5 + i / 4), (i / 2) as usize, false);
+        }
+        let learned = old.adaptive_limit().unwrap();
+        assert_ne!(learned, old_config.adaptive.as_ref().unwrap().initial_limit);
+
+        let mut config = old_config.clone();
+        config.shedding.band = 0.2;
+        config.backends = vec!["10.0.0.2:8080".into(), "10.0.0.3:8080".into()];
+        let new = Admission::after(&config, Some((&old_config, &old)));
+        assert!(
+            Arc::ptr_eq(&new.report_holder(0), &old.report_holder(1)),
+            "10.0.0.2 kept"
+        );
+        assert!(
+            !Arc::ptr_eq(&new.report_holder(1), &old.report_holder(0)),
+            "10.0.0.3 is new"
+        );
+        assert_eq!(new.adaptive_limit(), Some(learned));
+
+        // Polled at another interval, a report means something else: started afresh.
+        config.actuator.interval = old_config.actuator.interval * 2;
+        let other = Admission::after(&config, Some((&old_config, &old)));
+        assert!(!Arc::ptr_eq(&other.report_holder(0), &old.report_holder(1)));
+    }
 
     /// In-flight slots counted in memory; a reservation frees its slot on drop.
     struct FakeSlots {

@@ -74,21 +74,21 @@ fn listeners(config: &Config, previous: Option<&Generation>) -> Vec<ListenerTls>
 impl Generation {
     /// Builds a generation. Upstreams whose config did not change are carried over
     /// from `previous`, so their pooled connections, in-flight counts and health
-    /// state survive a reload.
+    /// state survive a reload; one whose config changed keeps its backends' health and
+    /// ejection state, its in-flight counts, signal history and adaptive limit.
     pub fn build(config: Config, previous: Option<&Generation>) -> Generation {
         let workers = worker_count(config.server.worker_threads);
         let upstreams: BTreeMap<String, Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
-                let kept = previous
-                    .and_then(|p| p.upstreams.get(&u.name))
-                    .filter(|old| old.config == *u)
-                    .cloned();
-                (
-                    u.name.clone(),
-                    kept.unwrap_or_else(|| Upstream::start(u, workers)),
-                )
+                let old = previous.and_then(|p| p.upstreams.get(&u.name));
+                let upstream = match old {
+                    Some(old) if old.config == *u => old.clone(),
+                    // Changed: rebuilt, keeping the state that still holds.
+                    old => Upstream::start_after(u, workers, old.map(|o| &**o)),
+                };
+                (u.name.clone(), upstream)
             })
             .collect();
         let routes = RouteTable::new(&config.routes, previous.map(|p| &p.routes), |name| {

@@ -167,7 +167,20 @@ impl Upstream {
     /// Builds the upstream and starts its health checks on the current runtime.
     /// `workers` is the proxy's worker thread count, for the pool's per-worker stacks.
     pub fn start(config: &UpstreamConfig, workers: usize) -> Arc<Upstream> {
-        let mut upstream = Upstream::build(config, workers);
+        Upstream::start_after(config, workers, None)
+    }
+
+    /// Builds the upstream that replaces `previous` (same name, changed config) on
+    /// reload, keeping what still holds: each backend still listed keeps its health,
+    /// ejection and in-flight count, the upstream its in-flight count (requests started
+    /// before the reload release into it), and admission its signal history and adaptive
+    /// limit. The pool starts afresh.
+    pub fn start_after(
+        config: &UpstreamConfig,
+        workers: usize,
+        previous: Option<&Upstream>,
+    ) -> Arc<Upstream> {
+        let mut upstream = Upstream::build(config, workers, previous);
         let sweeper = upstream.pool.spawn_sweeper();
         upstream._tasks.push(AbortOnDrop(sweeper));
         if config.health.enabled {
@@ -209,13 +222,21 @@ impl Upstream {
         upstream
     }
 
-    fn build(config: &UpstreamConfig, workers: usize) -> Upstream {
+    fn build(config: &UpstreamConfig, workers: usize, previous: Option<&Upstream>) -> Upstream {
         let inflight_gauge =
             metrics::gauge!(m::UPSTREAM_INFLIGHT, m::LABEL_UPSTREAM => config.name.clone());
+        let previous = previous.filter(|p| p.name == config.name);
+        let kept = |authority: &String| {
+            let old = previous?
+                .backends
+                .iter()
+                .find(|b| b.authority == *authority);
+            old.cloned()
+        };
         let backends: Vec<Arc<Backend>> = config
             .backends
             .iter()
-            .map(|b| Arc::new(Backend::new(&config.name, b)))
+            .map(|b| kept(b).unwrap_or_else(|| Arc::new(Backend::new(&config.name, b))))
             .collect();
         let settings = PoolSettings {
             idle_timeout: config.idle_timeout,
@@ -229,9 +250,10 @@ impl Upstream {
             config: config.clone(),
             pool: Pool::new(&config.name, settings, &backends),
             backends,
-            inflight: Arc::new(AtomicUsize::new(0)),
+            inflight: previous
+                .map_or_else(|| Arc::new(AtomicUsize::new(0)), |p| p.inflight.clone()),
             inflight_gauge,
-            admission: Admission::new(config),
+            admission: Admission::after(config, previous.map(|p| (&p.config, &p.admission))),
             _tasks: Vec::new(),
         }
     }
@@ -263,7 +285,7 @@ impl Upstream {
             adaptive: None,
             retry: Default::default(),
         };
-        Upstream::build(&config, 1)
+        Upstream::build(&config, 1, None)
     }
 
     pub fn backends(&self) -> &[Arc<Backend>] {

@@ -19,6 +19,7 @@ mod hygiene;
 mod proxy;
 mod proxy_protocol;
 mod readiness;
+mod reload;
 mod rewrite;
 mod shedding;
 mod signal;
