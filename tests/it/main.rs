@@ -25,3 +25,4 @@ mod slow_clients;
 mod tls;
 mod tomcat;
 mod upstream;
+mod upstream_tls;
