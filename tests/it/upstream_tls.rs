@@ -449,3 +449,26 @@ async fn health_checks_fail_when_the_backend_certificate_is_not_trusted() {
         "nothing was sent over a session with an untrusted certificate"
     );
 }
+
+#[tokio::test]
+async fn a_reload_with_a_new_ca_file_trusts_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, other) = (TestCa::new(), TestCa::new());
+    let origin = TlsOrigin::start(&ca.leaf(dir.path(), "backend", &["127.0.0.1"])).await;
+    // First the wrong CA in ca.pem: the backend's certificate is not trusted.
+    other.write(dir.path());
+    let text = config(origin.addr, "tls_reload", "ca_file = \"ca.pem\"", NO_CHECKS);
+    let config_path = dir.path().join("loadgate.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let proxy = start(&text, dir.path()).await;
+    assert_tls_502(&get(&client(), &url(&proxy, "/a")).await, "tls_reload");
+
+    // The same file, the right CA in it: the config text is unchanged, its CA is not.
+    ca.write(dir.path());
+    proxy
+        .reload_from_file(&config_path)
+        .expect("the new CA file loads");
+    let got = get(&client(), &url(&proxy, "/b")).await;
+    assert_eq!((got.status, got.text().as_str()), (200, "over tls: /b"));
+    assert_eq!(origin.requests(), 1);
+}
