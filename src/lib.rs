@@ -23,6 +23,8 @@
 //!   rewrite.rs      a route's rewrites: path prefix stripped, X-Forwarded-Prefix, header rules
 //!   target.rs       one meaning per request: host and path normalised (README "Request rules")
 //!   error.rs        the proxy's errors and the one error → status table
+//!   tls_client.rs   TLS to backends: one rustls client per upstream, the upstream stream,
+//!                   a connector for health checks and actuator polls
 //! forward/        the request path
 //!   stack.rs        the service around the handler: request id; redaction and trace at DEBUG
 //!   handler.rs      the handler, as stages over one request: framing → meaning → probe →
@@ -60,7 +62,7 @@
 //!        ─▶ pick backend (least loaded of two healthy; another one if it cannot connect)
 //!        ─▶ hop-by-hop stripped, Via, X-Forwarded-*
 //!        ─▶ pooled upstream connection (connect retries, one retry on a stale reused
-//!           connection; connect / response-header timeouts: 502 / 504)
+//!           connection; connect / response-header timeouts: 502 / 504; TLS with [upstream.tls])
 //!        ─▶ response: hop-by-hop stripped, Via, stored if cacheable, streamed back with backpressure
 //!           (what arrived with the head taken at once: a response all here frees its slot)
 //!        ─▶ in-flight count released when the backend is done; metrics and the access log

@@ -10,13 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::actuator::{parse_json_value, parse_prometheus, ActuatorFormat, MetricNames};
 use super::signal::{validate, Report, ReportedSignal, STALE_INTERVALS};
+use crate::http::tls_client::{Connector, TlsClient};
 
 /// Largest actuator body read; a Spring Boot Prometheus scrape is usually well under 1 MiB.
 const MAX_BODY_BYTES: usize = 4 << 20;
@@ -136,7 +136,8 @@ fn status_advice(code: u16) -> &'static str {
 /// `saturated()` tells whether the proxy's own local signal says the pool is
 /// saturated, to tell a slow actuator from a broken one in the logs.
 /// The task ends by itself when nobody else holds `signal`; abort it to stop it sooner.
-/// With `enabled: false` the task ends at once.
+/// With `enabled: false` the task ends at once. An `https://` base URL is polled over TLS
+/// with `tls`, the upstream's client.
 pub fn spawn_poller(
     upstream: String,
     backend: String,
@@ -144,12 +145,13 @@ pub fn spawn_poller(
     signal: Arc<ReportedSignal>,
     own: impl Fn() -> usize + Send + Sync + 'static,
     saturated: impl Fn() -> bool + Send + 'static,
+    tls: Option<TlsClient>,
 ) -> tokio::task::JoinHandle<()> {
     if !settings.enabled {
         tracing::debug!(upstream, backend, "actuator polling disabled");
         return tokio::spawn(async {});
     }
-    let poller = Poller::new(&backend, &settings);
+    let poller = Poller::new(&backend, &settings, tls);
     tokio::spawn(async move {
         let mut log = LogState::default();
         let mut tick = tokio::time::interval(settings.interval.max(Duration::from_millis(1)));
@@ -222,7 +224,7 @@ fn log_error(upstream: &str, backend: &str, error: &PollError, saturated: bool) 
 
 /// The poller's own HTTP client and the URLs of one poll.
 struct Poller {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<Connector, Empty<Bytes>>,
     format: ActuatorFormat,
     names: MetricNames,
     connector: Option<String>,
@@ -241,11 +243,9 @@ struct Sample {
 }
 
 impl Poller {
-    fn new(backend: &str, settings: &ActuatorSettings) -> Poller {
+    fn new(backend: &str, settings: &ActuatorSettings, tls: Option<TlsClient>) -> Poller {
         let urls = settings.urls(backend);
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.timeout));
-        connector.set_nodelay(true);
+        let connector = Connector::new(settings.timeout, tls);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -563,14 +563,14 @@ mod tests {
         let bad = ActuatorSettings {
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(100),
-            base_url: Some("https://x:8082".into()),
+            base_url: Some("ftp://x:8082".into()),
             busy_metric: Some(" ".into()),
             ..ActuatorSettings::default()
         };
         let problems = bad.problems();
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("shorter than the interval"));
-        assert!(problems[1].contains("must be an http:// URL"));
+        assert!(problems[1].contains("must be an http:// or https:// URL"));
         assert!(problems[2].contains("busy_metric"));
         let with_actuator = ActuatorSettings {
             base_url: Some("http://x:8082/actuator/".into()),

@@ -140,7 +140,7 @@ pub(super) fn parse(text: &str, base: &std::path::Path) -> Result<Config, Vec<Co
     let mut readiness = Readiness::default();
     let upstream_cfgs: Vec<_> = upstreams
         .iter_mut()
-        .map(|s| build_upstream(s, &mut readiness, &mut errs))
+        .map(|s| build_upstream(s, &mut readiness, base, &mut errs))
         .collect();
     check_unique_names(&upstreams, "upstream", &mut errs);
     let known: Vec<&str> = upstream_cfgs

@@ -18,12 +18,14 @@ mod settings;
 mod sim;
 #[cfg(test)]
 mod tests;
+mod upstream_tls;
 mod validate;
 
 pub use listener::{Certificate, ListenerConfig, TlsConfig, TlsVersion};
 pub use rewrite::{HeaderRules, RouteRewrite};
 pub use settings::{ActuatorFormat, ActuatorSettings, AdaptiveSettings, CacheSettings, Cidr};
 pub use sim::{usable_service_time_ms, Distribution, SimConfig, SimRoute, SIM_MAX_SERVICE_TIME_MS};
+pub use upstream_tls::{backend_host, CaBundle, UpstreamTls};
 
 /// Every default, in one place. The TOML structs leave an absent key as `None`; validation
 /// fills it in from here, and every `Default` impl in `config/` reads it from here too.
@@ -84,6 +86,10 @@ pub mod defaults {
     pub const IDEMPOTENT_METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
     pub const EJECT_AFTER_CONNECT_FAILURES: u32 = 5;
     pub const EJECT_MS: u64 = 10_000;
+
+    // `[upstream.tls]`: when the table is there, TLS is on unless it says otherwise.
+    pub const UPSTREAM_TLS_ENABLED: bool = true;
+    pub const UPSTREAM_TLS_INSECURE_SKIP_VERIFY: bool = false;
 
     /// An upstream with no healthy backend leaves the proxy ready while another can serve.
     pub const REQUIRED_FOR_READINESS: bool = false;
@@ -373,6 +379,9 @@ pub struct UpstreamConfig {
     /// The `[upstream.retry]` table: connect retries, retry-once on a stale connection,
     /// passive ejection.
     pub retry: RetryConfig,
+    /// The `[upstream.tls]` table; `Some` when the backends are reached over TLS (the
+    /// pool's connections, health checks and actuator polls). Default: none (plain HTTP).
+    pub tls: Option<UpstreamTls>,
 }
 
 /// What the upstream pool retries, and when it takes a backend out of rotation.

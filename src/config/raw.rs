@@ -64,6 +64,7 @@ pub(super) struct RawUpstream {
     pub(super) actuator: Option<RawActuator>,
     pub(super) adaptive: Option<RawAdaptive>,
     pub(super) retry: Option<RawRetry>,
+    pub(super) tls: Option<super::upstream_tls::RawUpstreamTls>,
 }
 
 #[derive(Deserialize, Default)]

@@ -89,7 +89,10 @@ impl ActuatorSettings {
         }
         if let Some(base) = &self.base_url {
             match base.parse::<http::Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some() =>
+                {
                     if uri.path().trim_end_matches('/').ends_with("/actuator") {
                         problems.push(format!(
                             "actuator base_url {base:?} must not include /actuator, \
@@ -98,7 +101,7 @@ impl ActuatorSettings {
                     }
                 }
                 _ => problems.push(format!(
-                    "actuator base_url {base:?} must be an http:// URL with a host, \
+                    "actuator base_url {base:?} must be an http:// or https:// URL with a host, \
                      e.g. \"http://127.0.0.1:8082\""
                 )),
             }

@@ -1212,3 +1212,175 @@ fn access_log_errors_name_their_lines() {
         "`access_log` must be a table: write [access_log]",
     );
 }
+
+/// A CA certificate as PEM, made for one test.
+fn ca_pem() -> String {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    params.self_signed(&key).unwrap().pem()
+}
+
+fn parse_in(text: &str, base: &std::path::Path) -> Result<Config, Vec<(usize, String)>> {
+    Config::parse_in(text, "test.toml", base)
+        .map_err(|e| e.errors.into_iter().map(|e| (e.line, e.message)).collect())
+}
+
+#[test]
+fn upstream_tls_is_off_without_its_table_and_on_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca_pem()).unwrap();
+    assert_eq!(parse(BASE).upstreams[0].tls, None);
+
+    let text = doc("[upstream.tls]\nca_file = \"ca.pem\"\nserver_name = \"App.Internal\"\n");
+    let config = parse_in(&text, dir.path()).unwrap();
+    let tls = config.upstreams[0].tls.as_ref().expect("on with its table");
+    let ca = tls.ca.as_ref().unwrap();
+    assert_eq!(
+        ca.path,
+        dir.path().join("ca.pem"),
+        "relative to the config file"
+    );
+    assert_eq!(ca.certs.len(), 1);
+    assert_eq!(
+        tls.server_name.as_ref().map(|n| n.to_str().into_owned()),
+        Some("app.internal".to_string())
+    );
+    assert!(!tls.insecure_skip_verify);
+
+    let system = parse(&doc("tls = { enabled = true }\n"));
+    let tls = system.upstreams[0].tls.as_ref().unwrap();
+    assert_eq!((tls.ca.as_ref(), tls.server_name.as_ref()), (None, None));
+
+    // Off, with its keys kept for later: the CA file is not even read.
+    let off = doc("[upstream.tls]\nenabled = false\nca_file = \"missing.pem\"\n");
+    assert_eq!(parse_in(&off, dir.path()).unwrap().upstreams[0].tls, None);
+
+    let insecure = parse(&doc("tls.insecure_skip_verify = true\n"));
+    assert!(
+        insecure.upstreams[0]
+            .tls
+            .as_ref()
+            .unwrap()
+            .insecure_skip_verify
+    );
+}
+
+#[test]
+fn upstream_tls_server_names_may_be_ip_addresses() {
+    for name in ["10.0.0.7", "::1", "[::1]"] {
+        let config = parse(&doc(&format!("tls.server_name = {name:?}\n")));
+        let server_name = config.upstreams[0]
+            .tls
+            .as_ref()
+            .unwrap()
+            .server_name
+            .clone();
+        assert!(
+            matches!(
+                server_name,
+                Some(rustls_pki_types::ServerName::IpAddress(_))
+            ),
+            "{name}: {server_name:?}"
+        );
+    }
+    // Without server_name, each backend's host is the name: an IP backend is fine too.
+    let text = BASE.replace("127.0.0.1:8081", "[::1]:8443") + "tls.enabled = true\n";
+    assert!(parse(&text).upstreams[0].tls.is_some());
+}
+
+#[test]
+fn upstream_tls_errors_are_reported_at_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca_pem()).unwrap();
+    std::fs::write(dir.path().join("empty.pem"), "no certificates here\n").unwrap();
+    std::fs::write(
+        dir.path().join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let cases: &[(&str, usize, &str)] = &[
+        (
+            "[upstream.tls]\nca_file = \"missing.pem\"\n",
+            9,
+            "cannot read",
+        ),
+        (
+            "[upstream.tls]\nca_file = \"empty.pem\"\n",
+            9,
+            "holds no PEM certificate",
+        ),
+        (
+            "[upstream.tls]\nca_file = \"garbage.pem\"\n",
+            9,
+            "cannot be parsed as a CA",
+        ),
+        (
+            "[upstream.tls]\nserver_name = \"bad name\"\n",
+            9,
+            "not a DNS name or an IP",
+        ),
+        (
+            "[upstream.tls]\nserver_name = \"*.internal\"\n",
+            9,
+            "is a wildcard",
+        ),
+        (
+            "[upstream.tls]\nca_file = \"ca.pem\"\ninsecure_skip_verify = true\n",
+            10,
+            "verifies nothing",
+        ),
+        (
+            "[upstream.tls]\nverify = false\n",
+            9,
+            "unknown key `verify`",
+        ),
+        ("[upstream.tls]\nenabled = \"yes\"\n", 9, "invalid type"),
+    ];
+    for (extra, line, fragment) in cases {
+        let errs = parse_in(&doc(extra), dir.path()).expect_err(extra);
+        assert_eq!(errs.len(), 1, "{extra}: {errs:#?}");
+        assert_eq!(errs[0].0, *line, "{extra}: {errs:#?}");
+        assert!(errs[0].1.contains(fragment), "{extra}: {errs:#?}");
+        assert!(errs[0].1.starts_with("upstream \"app\""), "{errs:#?}");
+    }
+}
+
+#[test]
+fn a_backend_host_tls_cannot_verify_needs_a_server_name() {
+    let text = BASE.replace("127.0.0.1:8081", "bad..name:8443") + "tls.enabled = true\n";
+    one_error(&text, 7, "set tls.server_name");
+    let named = BASE.replace("127.0.0.1:8081", "bad..name:8443")
+        + "tls = { server_name = \"app.internal\" }\n";
+    assert!(parse(&named).upstreams[0].tls.is_some());
+}
+
+#[test]
+fn an_https_actuator_needs_upstream_tls() {
+    let text = doc("[upstream.actuator]\nbase_url = \"https://127.0.0.1:8082\"\n");
+    one_error(&text, 9, "has no [upstream.tls]");
+    let with_tls = doc(
+        "[upstream.actuator]\nbase_url = \"https://127.0.0.1:8082\"\n[upstream.tls]\nenabled = true\n",
+    );
+    parse(&with_tls);
+}
+
+#[test]
+fn a_changed_ca_file_changes_the_upstream_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.pem");
+    std::fs::write(&path, ca_pem()).unwrap();
+    let text = doc("[upstream.tls]\nca_file = \"ca.pem\"\n");
+    let first = parse_in(&text, dir.path()).unwrap();
+    let again = parse_in(&text, dir.path()).unwrap();
+    assert_eq!(
+        first.upstreams[0], again.upstreams[0],
+        "same file, same contents"
+    );
+    std::fs::write(&path, ca_pem()).unwrap();
+    let changed = parse_in(&text, dir.path()).unwrap();
+    assert_ne!(
+        first.upstreams[0], changed.upstreams[0],
+        "a reload rebuilds an upstream whose CA file changed"
+    );
+}

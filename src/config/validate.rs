@@ -363,6 +363,7 @@ pub(super) fn build_sim(
 pub(super) fn build_upstream(
     section: &mut Section,
     readiness: &mut Readiness,
+    base: &std::path::Path,
     errs: &mut Errors,
 ) -> Option<UpstreamConfig> {
     let raw = section.deserialize::<RawUpstream>(errs)?;
@@ -509,6 +510,21 @@ pub(super) fn build_upstream(
     let actuator = build_actuator(s, raw.actuator.unwrap_or_default(), errs);
     let adaptive = build_adaptive(s, raw.adaptive.unwrap_or_default(), errs);
     let retry = build_retry(s, raw.retry.unwrap_or_default(), errs);
+    let tls = super::upstream_tls::build_upstream_tls(s, raw.tls, &backends, base, errs);
+    if tls.is_none()
+        && actuator
+            .base_url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("https://"))
+    {
+        errs.push(
+            s.line(&["actuator", "base_url"]),
+            s.say(
+                "actuator base_url is https:// but the upstream has no [upstream.tls]; \
+                 add one (its ca_file and server_name are used for the polls too)",
+            ),
+        );
+    }
 
     Some(UpstreamConfig {
         name,
@@ -540,6 +556,7 @@ pub(super) fn build_upstream(
         actuator,
         adaptive,
         retry,
+        tls,
     })
 }
 

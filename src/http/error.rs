@@ -19,8 +19,12 @@ use crate::http::body::{full, BodyFault, ProxyBody};
 pub enum UpstreamErrorKind {
     /// The TCP connection could not be opened (refused, unreachable).
     Connect,
-    /// The TCP connection was not opened within the connect timeout.
+    /// The TCP connection was not opened within the connect timeout, or its TLS
+    /// handshake did not end within it.
     ConnectTimeout,
+    /// The TLS handshake with the backend failed: its certificate is not trusted or not
+    /// for the name verified, no protocol in common, or the connection broke off.
+    Tls,
     /// No response head arrived within the response-header timeout.
     HeaderTimeout,
     /// The connection broke, or the backend spoke broken HTTP, before a response head.
@@ -37,6 +41,7 @@ impl UpstreamErrorKind {
         match self {
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::ConnectTimeout => "connect_timeout",
+            UpstreamErrorKind::Tls => "tls",
             UpstreamErrorKind::HeaderTimeout => "header_timeout",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::StaleConnection => "stale_connection",
@@ -50,6 +55,7 @@ impl UpstreamErrorKind {
         match self {
             UpstreamErrorKind::Connect => "could not connect to the upstream",
             UpstreamErrorKind::ConnectTimeout => "the upstream did not accept a connection in time",
+            UpstreamErrorKind::Tls => "could not establish a secure connection to the upstream",
             UpstreamErrorKind::HeaderTimeout => "the upstream did not answer in time",
             UpstreamErrorKind::Protocol => {
                 "the upstream connection failed or the upstream sent an invalid response"
@@ -149,6 +155,7 @@ impl ProxyError {
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Upstream { kind, .. } => match kind {
                 UpstreamErrorKind::Connect
+                | UpstreamErrorKind::Tls
                 | UpstreamErrorKind::Protocol
                 | UpstreamErrorKind::StaleConnection => StatusCode::BAD_GATEWAY,
                 UpstreamErrorKind::ConnectTimeout | UpstreamErrorKind::HeaderTimeout => {
@@ -294,6 +301,7 @@ mod tests {
         use UpstreamErrorKind::*;
         let cases = [
             (upstream(Connect), 502),
+            (upstream(Tls), 502),
             (upstream(Protocol), 502),
             (upstream(StaleConnection), 502),
             (upstream(ConnectTimeout), 504),
@@ -391,6 +399,7 @@ mod tests {
         for kind in [
             Connect,
             ConnectTimeout,
+            Tls,
             HeaderTimeout,
             Protocol,
             StaleConnection,

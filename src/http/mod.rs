@@ -6,3 +6,4 @@ pub mod error;
 pub mod headers;
 pub mod rewrite;
 pub mod target;
+pub mod tls_client;

@@ -1,7 +1,9 @@
 //! Active health checks: each backend is probed on the configured path (never `/`,
 //! which creates sessions in Spring apps) over its own connection, outside the
 //! data-plane pool. `fall` consecutive failures take a backend out of rotation;
-//! `rise` consecutive successes bring it back.
+//! `rise` consecutive successes bring it back. With `[upstream.tls]` the checks are
+//! made over TLS, verified as the pool's connections are: a backend whose certificate
+//! is not trusted fails its checks.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,12 +11,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, Request};
 use http_body_util::Empty;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::Backend;
 use crate::config::HealthConfig;
+use crate::http::tls_client::{Connector, TlsClient};
 
 /// Spawns one task that checks every backend of an upstream each interval.
 pub fn spawn_health_checks(
@@ -22,12 +24,14 @@ pub fn spawn_health_checks(
     backends: Vec<Arc<Backend>>,
     config: HealthConfig,
     management_port: Option<u16>,
+    tls: Option<TlsClient>,
 ) -> tokio::task::JoinHandle<()> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.timeout));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let connector = Connector::new(config.timeout, tls);
     // A new connection per check, on purpose: a check then also proves the backend
-    // still accepts connections, which a pooled connection would not.
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+    // still accepts connections (and completes a TLS handshake), which a pooled
+    // connection would not.
+    let client: Client<Connector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build(connector);
     tokio::spawn(async move {
@@ -38,7 +42,7 @@ pub fn spawn_health_checks(
             tick.tick().await;
             let checks = backends
                 .iter()
-                .map(|b| check_once(&client, b, &config, management_port));
+                .map(|b| check_once(&client, scheme, b, &config, management_port));
             let results = futures_util::future::join_all(checks).await;
             for ((backend, streak), result) in backends.iter().zip(&mut streaks).zip(results) {
                 streak.record(&upstream, backend, &config, result);
@@ -94,7 +98,8 @@ impl Streak {
 }
 
 async fn check_once(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &Client<Connector, Empty<Bytes>>,
+    scheme: &str,
     backend: &Backend,
     config: &HealthConfig,
     management_port: Option<u16>,
@@ -103,17 +108,30 @@ async fn check_once(
         Some(port) => super::management_authority(&backend.authority, port),
         None => backend.authority.clone(),
     };
-    let uri = format!("http://{authority}{}", config.path);
+    let uri = format!("{scheme}://{authority}{}", config.path);
     let request = Request::get(uri)
         .header(header::USER_AGENT, "loadgate-health-check")
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
     match tokio::time::timeout(config.timeout, client.request(request)).await {
         Err(_) => Err(format!("no answer within {:?}", config.timeout)),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(error_chain(&e)),
         Ok(Ok(response)) if response.status().is_success() => Ok(()),
         Ok(Ok(response)) => Err(format!("status {}", response.status())),
     }
+}
+
+/// An error and its sources: hyper-util's own words ("client error (Connect)") say
+/// nothing of a refused connection or an untrusted certificate.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

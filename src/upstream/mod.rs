@@ -21,6 +21,7 @@ use crate::admission::{Admission, Slots};
 use crate::config::{ActuatorSettings, RetryConfig, ShedMode, UpstreamConfig};
 use crate::http::body::ProxyBody;
 use crate::http::error::UpstreamErrorKind;
+use crate::http::tls_client::TlsClient;
 use crate::metrics as m;
 
 pub use health::spawn_health_checks;
@@ -130,6 +131,8 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     backends: Vec<Arc<Backend>>,
     pool: Pool,
+    /// One per upstream, so its session cache lets every new connection resume.
+    tls: Option<TlsClient>,
     inflight: Arc<AtomicUsize>,
     inflight_gauge: metrics::Gauge,
     /// Shedding state: the utilisation signal and the decision.
@@ -189,6 +192,7 @@ impl Upstream {
                 upstream.backends.clone(),
                 config.health.clone(),
                 config.management_port,
+                upstream.tls.clone(),
             );
             upstream._tasks.push(AbortOnDrop(task));
         }
@@ -199,9 +203,16 @@ impl Upstream {
                 let capacity = config.max_workers as usize * config.backends.len();
                 let mut settings = config.actuator.clone();
                 if settings.base_url.is_none() {
-                    settings.base_url = config
-                        .management_port
-                        .map(|port| format!("http://{}", management_authority(backend, port)));
+                    settings.base_url = match (config.management_port, &upstream.tls) {
+                        (Some(port), None) => {
+                            Some(format!("http://{}", management_authority(backend, port)))
+                        }
+                        (Some(port), Some(_)) => {
+                            Some(format!("https://{}", management_authority(backend, port)))
+                        }
+                        (None, Some(_)) => Some(format!("https://{backend}")),
+                        (None, None) => None,
+                    };
                 }
                 let own = upstream.backends[i].clone();
                 let task = spawn_poller(
@@ -211,6 +222,7 @@ impl Upstream {
                     upstream.admission.report_holder(i),
                     move || own.inflight(),
                     move || inflight.load(Ordering::Relaxed) >= capacity,
+                    upstream.tls.clone(),
                 );
                 upstream._tasks.push(AbortOnDrop(task));
             }
@@ -238,17 +250,23 @@ impl Upstream {
             .iter()
             .map(|b| kept(b).unwrap_or_else(|| Arc::new(Backend::new(&config.name, b))))
             .collect();
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|settings| TlsClient::new(&config.name, settings));
         let settings = PoolSettings {
             idle_timeout: config.idle_timeout,
             max_idle: config.max_idle_per_backend,
             connect_timeout: config.connect_timeout,
             retry: config.retry.clone(),
             workers,
+            tls: tls.clone(),
         };
         Upstream {
             name: config.name.clone(),
             config: config.clone(),
             pool: Pool::new(&config.name, settings, &backends),
+            tls,
             backends,
             inflight: previous
                 .map_or_else(|| Arc::new(AtomicUsize::new(0)), |p| p.inflight.clone()),
@@ -284,12 +302,18 @@ impl Upstream {
             },
             adaptive: None,
             retry: Default::default(),
+            tls: None,
         };
         Upstream::build(&config, 1, None)
     }
 
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
+    }
+
+    /// `[upstream.tls]`: the pool's connections, health checks and actuator polls use it.
+    pub fn tls(&self) -> Option<&TlsClient> {
+        self.tls.as_ref()
     }
 
     /// Requests in flight from this proxy to this upstream.

@@ -28,4 +28,5 @@ mod slow_clients;
 mod tls;
 mod tomcat;
 mod upstream;
+mod upstream_tls;
 mod websocket;

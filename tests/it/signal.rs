@@ -48,6 +48,7 @@ fn poll(backend: SocketAddr, settings: ActuatorSettings) -> (Arc<ReportedSignal>
         Arc::clone(&signal),
         || 0,
         || false,
+        None,
     );
     (signal, task)
 }

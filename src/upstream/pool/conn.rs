@@ -39,6 +39,7 @@ use super::stats::Event;
 use super::{Host, Inner};
 use crate::http::body::{BoxError, ProxyBody};
 use crate::http::error::UpstreamErrorKind;
+use crate::http::tls_client::UpstreamStream;
 use crate::upstream::{fmt_duration, SendError};
 
 /// hyper's side of one upstream connection: the future that reads and writes it,
@@ -86,19 +87,18 @@ impl Conn {
 
 impl Inner {
     /// Opens a connection in at most `attempts` tries, each failed one followed by an
-    /// exponential backoff with jitter.
+    /// exponential backoff with jitter. A TLS handshake the backend refused (a
+    /// certificate not trusted, say) is not tried again on this backend: it would
+    /// refuse it again.
     pub(super) async fn connect(&self, host: &Host, attempts: u32) -> Result<Conn, SendError> {
         let retry = &self.settings.retry;
-        let timeout = self.settings.connect_timeout;
-        let authority = host.backend.authority.as_str();
         let mut attempt = 1;
         loop {
             // Held while the connection opens: bounds the connects in flight to the host.
             let connecting = host.connecting.acquire().await;
-            let failure = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
-                Ok(Ok(stream)) => {
+            let (failure, again) = match self.open(host).await {
+                Ok(stream) => {
                     host.backend.connect_succeeded();
-                    let _ = stream.set_nodelay(true);
                     let (tx, connection) = http1::Builder::new()
                         .max_buf_size(UPSTREAM_READ_BUFFER)
                         .handshake(TokioIo::new(stream))
@@ -116,18 +116,11 @@ impl Inner {
                         upload: Upload::done(),
                     });
                 }
-                Ok(Err(error)) => SendError {
-                    kind: UpstreamErrorKind::Connect,
-                    detail: format!("cannot connect: {error}"),
-                },
-                Err(_) => SendError {
-                    kind: UpstreamErrorKind::ConnectTimeout,
-                    detail: format!("connect timed out after {}", fmt_duration(timeout)),
-                },
+                Err(failed) => failed,
             };
             drop(connecting);
             host.backend.connect_failed(retry);
-            if attempt >= attempts {
+            if attempt >= attempts || !again {
                 let mut failure = failure;
                 if attempt > 1 {
                     failure.detail = format!("{} ({attempt} attempts)", failure.detail);
@@ -143,6 +136,36 @@ impl Inner {
             self.counters.connect_retries.increment();
             tokio::time::sleep(delay).await;
             attempt += 1;
+        }
+    }
+
+    /// A TCP connection to the host, and with `[upstream.tls]` a TLS session over it,
+    /// each within the connect timeout. On failure, whether another attempt may fare
+    /// better.
+    async fn open(&self, host: &Host) -> Result<UpstreamStream, (SendError, bool)> {
+        use UpstreamErrorKind::{Connect, ConnectTimeout, Tls};
+        let failed = |kind, detail: String, again| Err((SendError { kind, detail }, again));
+        let timeout = self.settings.connect_timeout;
+        let authority = host.backend.authority.as_str();
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return failed(Connect, format!("cannot connect: {error}"), true),
+            Err(_) => {
+                let detail = format!("connect timed out after {}", fmt_duration(timeout));
+                return failed(ConnectTimeout, detail, true);
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Some(tls) = &self.settings.tls else {
+            return Ok(UpstreamStream::Plain(stream));
+        };
+        match tokio::time::timeout(timeout, tls.handshake(stream, authority)).await {
+            Ok(Ok(stream)) => Ok(UpstreamStream::Tls(Box::new(stream))),
+            Ok(Err(error)) => failed(Tls, error.detail, !error.refused),
+            Err(_) => {
+                let detail = format!("TLS handshake not done within {}", fmt_duration(timeout));
+                failed(ConnectTimeout, detail, true)
+            }
         }
     }
 

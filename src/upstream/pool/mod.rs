@@ -68,6 +68,8 @@ pub(crate) struct PoolSettings {
     pub retry: RetryConfig,
     /// The proxy's worker threads: one idle stack each, plus one for other threads.
     pub workers: usize,
+    /// `[upstream.tls]`: connections are TLS sessions made with this client.
+    pub tls: Option<crate::http::tls_client::TlsClient>,
 }
 
 /// The pool of one upstream: one [`Host`] per backend.
@@ -482,6 +484,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             retry: config.retry,
             workers: 1,
+            tls: None,
         };
         Pool::new("pool_unit", settings, &backends)
     }

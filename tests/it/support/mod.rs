@@ -152,6 +152,7 @@ pub fn proxy_config_for(backends: &[String]) -> Config {
             },
             adaptive: None,
             retry: Default::default(),
+            tls: None,
         }],
         routes: vec![
             route("checkout", "/api/checkout", RouteClass::Critical),
