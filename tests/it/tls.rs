@@ -382,3 +382,34 @@ async fn the_access_log_names_the_tls_version_and_the_server_name_asked_for() {
     assert_eq!(line["sni"], "a.example.test");
     proxy.shutdown().await;
 }
+
+#[test]
+fn the_readmes_edge_proxy_example_is_a_valid_config() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Edge proxy")
+        .nth(1)
+        .expect("an edge proxy section");
+    let example = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a TOML example");
+    // The certificate files it names, made for the test.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    let ca = TestCa::new();
+    ca.leaf(
+        &dir.path().join("tls"),
+        "shop.example.com",
+        &["shop.example.com"],
+    );
+    let wildcard = "wildcard.api.example.com";
+    ca.leaf(&dir.path().join("tls"), wildcard, &["*.api.example.com"]);
+    let config =
+        Config::parse_in(example, "README.md", dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listeners.len(), 2);
+    assert!(config.listeners[1].proxy_protocol);
+    assert!(config.access_log.is_some());
+}
