@@ -19,8 +19,104 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 /// Runs the embedded demo and prints how to try it.
-pub async fn demo() -> anyhow::Result<()> {
-    run_with(Config::demo(), None, print_demo_help).await
+pub async fn demo(ports: DemoPorts) -> anyhow::Result<()> {
+    let config = ports.config()?;
+    run_with(config, None, print_demo_help).await
+}
+
+/// Where the demo listens, all on 127.0.0.1: the ports of `config/demo.toml` unless moved
+/// (a Spring app of one's own is usually on 8080 already).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoPorts {
+    pub proxy: u16,
+    pub admin: u16,
+    pub backend: u16,
+    /// The simulated backend's management (actuator) port.
+    pub management: u16,
+}
+
+impl Default for DemoPorts {
+    fn default() -> Self {
+        DemoPorts {
+            proxy: 8080,
+            admin: 9901,
+            backend: 8081,
+            management: 8082,
+        }
+    }
+}
+
+impl DemoPorts {
+    /// Each port with what it is for and the flag (and environment variable) that moves it.
+    fn named(&self) -> [(u16, &'static str, &'static str); 4] {
+        [
+            (self.proxy, "the proxy", "--port / LOADGATE_DEMO_PORT"),
+            (
+                self.admin,
+                "the admin port",
+                "--admin-port / LOADGATE_DEMO_ADMIN_PORT",
+            ),
+            (
+                self.backend,
+                "the simulated backend",
+                "--backend-port / LOADGATE_DEMO_BACKEND_PORT",
+            ),
+            (
+                self.management,
+                "the backend's management port",
+                "--management-port / LOADGATE_DEMO_MANAGEMENT_PORT",
+            ),
+        ]
+    }
+
+    /// The demo config on these ports. Refuses two roles on one port, and a port that is
+    /// busy, naming it and the flag that moves it.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let named = self.named();
+        for (i, (port, what, flag)) in named.iter().enumerate() {
+            if let Some((_, other, _)) = named[..i].iter().find(|(p, ..)| p == port) {
+                anyhow::bail!(
+                    "port {port} is asked for both {other} and {what}; move one ({flag})"
+                );
+            }
+        }
+        for (port, what, flag) in named {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            if let Err(error) = std::net::TcpListener::bind(addr) {
+                anyhow::bail!(
+                    "port {port} ({what}) is busy: {error}; pick another with {flag}, e.g. {}",
+                    example_move(flag)
+                );
+            }
+        }
+        let local = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut config = Config::demo();
+        config.server.listen = vec![local(self.proxy)];
+        config.admin.listen = local(self.admin);
+        for upstream in &mut config.upstreams {
+            upstream.backends = vec![local(self.backend).to_string()];
+            upstream.management_port = Some(self.management);
+        }
+        if let Some(sim) = &mut config.sim {
+            sim.listen = local(self.backend);
+            sim.management_listen = Some(local(self.management));
+        }
+        Ok(config)
+    }
+}
+
+/// `--port 18080` for the flag named first in `flag`.
+fn example_move(flag: &str) -> String {
+    let name = flag.split(' ').next().unwrap_or(flag);
+    format!(
+        "{name} 1{}",
+        match name {
+            "--admin-port" => "9901",
+            "--backend-port" => "8081",
+            "--management-port" => "8082",
+            _ => "8080",
+        }
+    )
 }
 
 async fn run_with(
@@ -88,4 +184,49 @@ Routes: /api/checkout (critical)  /api/orders (normal)  /api/reports (sheddable)
 Ctrl-C stops both.
 "#
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four ports free now (bound and released), for a demo config.
+    fn free_ports() -> DemoPorts {
+        let bound: Vec<_> = (0..4)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let port = |i: usize| bound[i].local_addr().unwrap().port();
+        DemoPorts {
+            proxy: port(0),
+            admin: port(1),
+            backend: port(2),
+            management: port(3),
+        }
+    }
+
+    #[test]
+    fn moved_ports_move_every_part_of_the_demo() {
+        let ports = free_ports();
+        let config = ports.config().unwrap();
+        assert_eq!(config.server.listen[0].port(), ports.proxy);
+        assert_eq!(config.admin.listen.port(), ports.admin);
+        let upstream = &config.upstreams[0];
+        assert_eq!(upstream.backends, [format!("127.0.0.1:{}", ports.backend)]);
+        assert_eq!(upstream.management_port, Some(ports.management));
+        let sim = config.sim.as_ref().unwrap();
+        assert_eq!(sim.listen.port(), ports.backend);
+        assert_eq!(sim.management_listen.unwrap().port(), ports.management);
+    }
+
+    #[test]
+    fn one_port_for_two_parts_is_refused_naming_both() {
+        let mut ports = free_ports();
+        ports.admin = ports.proxy;
+        let error = ports.config().unwrap_err().to_string();
+        assert!(
+            error.contains("is asked for both the proxy and the admin port")
+                && error.contains("--admin-port"),
+            "{error}"
+        );
+    }
 }

@@ -24,9 +24,10 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run the demo: the simulated backend on 127.0.0.1:8081 and the proxy on
-    /// 127.0.0.1:8080 (admin 127.0.0.1:9901), with the embedded config/demo.toml.
-    Demo,
+    /// Run the demo: the simulated backend on 127.0.0.1:8081 (management 8082) and the
+    /// proxy on 127.0.0.1:8080 (admin 9901), with the embedded config/demo.toml. Each
+    /// port can be moved, e.g. when a Spring app already has 8080.
+    Demo(DemoArgs),
     /// Run only the simulated Spring Boot / Tomcat backend.
     SimBackend(SimArgs),
     /// Validate a config file, print every error with its line, and exit non-zero if any.
@@ -34,6 +35,22 @@ enum Command {
         /// Path of the TOML config.
         file: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// The proxy's port.
+    #[arg(long, env = "LOADGATE_DEMO_PORT", default_value_t = 8080)]
+    port: u16,
+    /// The admin port (live view, /status, /metrics).
+    #[arg(long, env = "LOADGATE_DEMO_ADMIN_PORT", default_value_t = 9901)]
+    admin_port: u16,
+    /// The simulated backend's port.
+    #[arg(long, env = "LOADGATE_DEMO_BACKEND_PORT", default_value_t = 8081)]
+    backend_port: u16,
+    /// The simulated backend's management (actuator) port.
+    #[arg(long, env = "LOADGATE_DEMO_MANAGEMENT_PORT", default_value_t = 8082)]
+    management_port: u16,
 }
 
 #[derive(clap::Args)]
@@ -102,7 +119,12 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Command::Demo => runtime.block_on(loadgate::app::demo()),
+        Command::Demo(args) => runtime.block_on(loadgate::app::demo(loadgate::app::DemoPorts {
+            proxy: args.port,
+            admin: args.admin_port,
+            backend: args.backend_port,
+            management: args.management_port,
+        })),
         Command::SimBackend(args) => {
             let config = SimConfig {
                 listen: args.listen,

@@ -131,3 +131,34 @@ async fn sighup_reloads_and_keeps_the_old_config_on_a_bad_file() {
     };
     assert!(status.success(), "exit status {status}");
 }
+
+#[test]
+fn the_demo_names_a_busy_port_and_the_flag_that_moves_it() {
+    // Holds a port, as a Spring app on 8080 would.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let out = process::command()
+        .args(["demo", "--port", &port.to_string()])
+        .env_remove("LOADGATE_DEMO_PORT")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("port {port} (the proxy) is busy"))
+            && stderr.contains("--port / LOADGATE_DEMO_PORT"),
+        "{stderr}"
+    );
+    // The same through the environment, for the admin port.
+    let out = process::command()
+        .arg("demo")
+        .env("LOADGATE_DEMO_ADMIN_PORT", port.to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("port {port} (the admin port) is busy")),
+        "{stderr}"
+    );
+}
