@@ -3,6 +3,20 @@
 //! Every metric loadgate emits is named here, so the README's list, the admin
 //! endpoint and the code agree. Label values come from small closed sets (route
 //! class, status class, error kind, upstream name from config), never raw paths.
+//!
+//! # Why every label set is closed
+//!
+//! `route` and `upstream` take only the names written in the config (and `none` for a
+//! request no route matched), never anything a client sends: a label taken from a path,
+//! a host or a header would let any client mint series until the proxy and the
+//! Prometheus server behind it run out of memory. Closed sets also keep the count
+//! small and known: a route has one class and one upstream, so the request series are
+//! (routes + 1) x 5 status classes, and one duration histogram per route; admission
+//! decisions are routes x 8 outcomes; cache lookups routes x 6 results. Each route's
+//! handles are registered when its config generation is built (`forward/routes.rs`),
+//! so the hot path never looks a metric up by name. A route whose class or upstream a
+//! reload changes starts new series; the old ones stay in the scrape at their last
+//! value until the process restarts.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,10 +25,12 @@ use std::sync::{Arc, OnceLock};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Requests answered, by `class` (route class, or `none` when no route matched)
-/// and `status` (`1xx`…`5xx`).
+/// Requests answered, by `route` and `upstream` (names from the config), `class` (the
+/// route's class) and `status` (`1xx`…`5xx`). A request no route matched (a 404, a
+/// probe, a malformed request) has `route`, `upstream` and `class` `none`.
 pub const REQUESTS_TOTAL: &str = "loadgate_requests_total";
-/// Time from receiving the request head to the end of the response body, by `class`.
+/// Time from receiving the request head to the end of the response body, by `route`,
+/// `upstream` and `class` (`none` as for [`REQUESTS_TOTAL`]).
 pub const REQUEST_DURATION_SECONDS: &str = "loadgate_request_duration_seconds";
 /// Requests this proxy has in flight to an upstream, by `upstream`.
 pub const UPSTREAM_INFLIGHT: &str = "loadgate_upstream_inflight";
@@ -61,13 +77,14 @@ pub const UPSTREAM_UTILISATION: &str = "loadgate_upstream_utilisation";
 pub const UPSTREAM_EXTERNAL_LOAD: &str = "loadgate_upstream_external_load";
 /// 1 for the signal source in force for an upstream (`local`, `reported`, `adaptive`), else 0.
 pub const SIGNAL_SOURCE: &str = "loadgate_upstream_signal_source";
-/// Admission decisions, by `class` and `outcome` (admitted, shed, queued, queue_timeout,
-/// queue_full; in shadow mode would_shed, would_queue, would_reject).
+/// Admission decisions, by `route`, `upstream`, `class` and `outcome` (admitted, shed,
+/// queued, queue_timeout, queue_full; in shadow mode would_shed, would_queue, would_reject).
 pub const ADMISSION_DECISIONS_TOTAL: &str = "loadgate_admission_decisions_total";
 /// Requests shed with 429.
 pub const SHED_TOTAL: &str = "loadgate_shed_total";
 
-/// Cache lookups, by `route` and `result` (hit, miss, stale, revalidated, not_modified, uncacheable).
+/// Cache lookups, by `route`, `upstream` and `result` (hit, miss, stale, revalidated,
+/// not_modified, uncacheable).
 pub const CACHE_LOOKUPS_TOTAL: &str = "loadgate_cache_lookups_total";
 /// Bytes held by a route's cache (1 KiB granularity), by `route`.
 pub const CACHE_STORED_BYTES: &str = "loadgate_cache_stored_bytes";
@@ -225,6 +242,49 @@ impl<L: Label> CounterTable<L> {
     }
 }
 
+/// The request series of one route (or of the requests no route matched):
+/// `loadgate_requests_total` by status class and `loadgate_request_duration_seconds`,
+/// registered once for one `route`, `upstream` and `class`.
+pub struct RequestSeries {
+    answered: [metrics::Counter; 5],
+    duration: metrics::Histogram,
+}
+
+impl std::fmt::Debug for RequestSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestSeries")
+    }
+}
+
+impl RequestSeries {
+    /// The `none` route: a request no route matched.
+    pub const NONE: &'static str = "none";
+
+    pub fn new(route: &str, upstream: &str, class: &'static str) -> RequestSeries {
+        RequestSeries {
+            answered: STATUS_CLASSES.map(|status| {
+                metrics::counter!(REQUESTS_TOTAL,
+                    LABEL_ROUTE => route.to_string(), LABEL_UPSTREAM => upstream.to_string(),
+                    LABEL_CLASS => class, LABEL_STATUS => status)
+            }),
+            duration: metrics::histogram!(REQUEST_DURATION_SECONDS,
+                LABEL_ROUTE => route.to_string(), LABEL_UPSTREAM => upstream.to_string(),
+                LABEL_CLASS => class),
+        }
+    }
+
+    /// The series of requests no route matched: `route`, `upstream` and `class` `none`.
+    pub fn unrouted() -> RequestSeries {
+        RequestSeries::new(Self::NONE, Self::NONE, Self::NONE)
+    }
+
+    /// Records one answered request and how long it took.
+    pub fn record(&self, status: http::StatusCode, elapsed: std::time::Duration) {
+        self.answered[status_class_index(status)].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}
+
 /// Things held at once, bounded when each is taken and mirrored in a gauge: the open
 /// client connections (`max_connections`), the requests of a route waiting on another's
 /// cache fill.
@@ -293,12 +353,14 @@ pub fn handle() -> &'static PrometheusHandle {
 fn describe() {
     describe_counter!(
         REQUESTS_TOTAL,
-        "Requests answered, by route class and status class."
+        "Requests answered, by route, upstream, route class and status class (route, \
+         upstream and class none: no route matched)."
     );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
-        "Request duration from head received to response body end, by route class."
+        "Request duration from head received to response body end, by route, upstream and \
+         route class."
     );
     describe_gauge!(UPSTREAM_INFLIGHT, "Requests in flight to each upstream.");
     describe_counter!(
@@ -336,8 +398,8 @@ fn describe() {
     );
     describe_counter!(
         ADMISSION_DECISIONS_TOTAL,
-        "Admission decisions by route class and outcome (admitted, shed, queued, queue_timeout, \
-         queue_full; in shadow mode would_shed, would_queue, would_reject)."
+        "Admission decisions by route, upstream, route class and outcome (admitted, shed, \
+         queued, queue_timeout, queue_full; in shadow mode would_shed, would_queue, would_reject)."
     );
     describe_counter!(SHED_TOTAL, "Requests shed with 429.");
     describe_gauge!(
@@ -355,7 +417,10 @@ fn describe() {
         CONNECTIONS_TOTAL,
         "Client connections accepted on the data port."
     );
-    describe_counter!(CACHE_LOOKUPS_TOTAL, "Cache lookups, by route and result.");
+    describe_counter!(
+        CACHE_LOOKUPS_TOTAL,
+        "Cache lookups, by route, upstream and result."
+    );
     describe_gauge!(
         CACHE_STORED_BYTES,
         Unit::Bytes,

@@ -98,13 +98,16 @@ crate::metrics::label_values! {
 }
 
 /// A route's admission decisions: each one counts in
-/// `loadgate_admission_decisions_total{class, outcome}` and in the route's `/status`.
+/// `loadgate_admission_decisions_total{route, upstream, class, outcome}` and in the
+/// route's `/status`.
 pub type RouteCounters = CounterTable<Decision>;
 
 impl CounterTable<Decision> {
-    pub fn for_class(class: RouteClass) -> RouteCounters {
+    /// The counters of route `route`, of class `class`, sending to `upstream`.
+    pub fn for_route(route: &str, upstream: &str, class: RouteClass) -> RouteCounters {
         CounterTable::new(|outcome: Decision| {
             metrics::counter!(m::ADMISSION_DECISIONS_TOTAL,
+                m::LABEL_ROUTE => route.to_string(), m::LABEL_UPSTREAM => upstream.to_string(),
                 m::LABEL_CLASS => class.as_str(), m::LABEL_OUTCOME => outcome.as_str())
         })
     }
@@ -797,7 +800,7 @@ mod tests {
         service: Duration,
     ) -> Vec<(Result<(), bool>, Duration)> {
         let started = Instant::now();
-        let counters = Arc::new(RouteCounters::for_class(RouteClass::Critical));
+        let counters = Arc::new(RouteCounters::for_route("t", "app", RouteClass::Critical));
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let slots = slots.clone();
@@ -861,7 +864,7 @@ mod tests {
     async fn an_episode_ends_after_the_dwell_without_a_request() {
         let slots = setup(2, ShedMode::Enforce);
         let admission = &slots.admission;
-        let counters = RouteCounters::for_class(RouteClass::Critical);
+        let counters = RouteCounters::for_route("t", "app", RouteClass::Critical);
         let _held: Vec<_> = (0..2).map(|_| slots.try_reserve(None).unwrap()).collect();
         let shed = admission
             .admit(RouteClass::Sheddable, None, &counters, &*slots)
@@ -880,7 +883,7 @@ mod tests {
     async fn shadow_mode_counts_what_enforce_mode_would_do_per_class() {
         let slots = setup(2, ShedMode::Shadow);
         let admission = &slots.admission;
-        let counters = RouteCounters::for_class(RouteClass::Critical);
+        let counters = RouteCounters::for_route("t", "app", RouteClass::Critical);
         let mut held: Vec<_> = (0..2).map(|_| slots.try_reserve(None).unwrap()).collect();
         for class in [
             RouteClass::Critical,
