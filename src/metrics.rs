@@ -80,6 +80,13 @@ pub const SIGNAL_SOURCE: &str = "loadgate_upstream_signal_source";
 /// Admission decisions, by `route`, `upstream`, `class` and `outcome` (admitted, shed,
 /// queued, queue_timeout, queue_full; in shadow mode would_shed, would_queue, would_reject).
 pub const ADMISSION_DECISIONS_TOTAL: &str = "loadgate_admission_decisions_total";
+/// Time critical requests spent in an upstream's admission queue, by `upstream` and
+/// `outcome`: `admitted` (a slot freed), `queue_timeout` (no slot within the queue
+/// timeout, or none expected in time: refused with 503) or `cancelled` (the client went
+/// away while waiting). Every request that enters the queue is recorded once, as it
+/// leaves; one refused at once because the queue held `queue_size` (`queue_full`) never
+/// entered it.
+pub const ADMISSION_QUEUE_WAIT_SECONDS: &str = "loadgate_admission_queue_wait_seconds";
 /// Requests shed with 429.
 pub const SHED_TOTAL: &str = "loadgate_shed_total";
 
@@ -112,6 +119,13 @@ pub const LABEL_ROUTE: &str = "route";
 /// Buckets for the request duration histogram, in seconds (1 ms … 30 s).
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Buckets for the admission queue wait histogram, in seconds (0.5 ms … 10 s): queue
+/// timeouts run from a few ms to seconds (default 500 ms), and the buckets near the
+/// timeout tell "admitted just in time" from "refused at the deadline".
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The `1xx`…`5xx` label value of a status code.
@@ -343,6 +357,11 @@ pub fn handle() -> &'static PrometheusHandle {
                 DURATION_BUCKETS,
             )
             .expect("bucket list is non-empty")
+            .set_buckets_for_metric(
+                Matcher::Full(ADMISSION_QUEUE_WAIT_SECONDS.to_string()),
+                QUEUE_WAIT_BUCKETS,
+            )
+            .expect("bucket list is non-empty")
             .install_recorder()
             .expect("no other metrics recorder is installed");
         describe();
@@ -400,6 +419,12 @@ fn describe() {
         ADMISSION_DECISIONS_TOTAL,
         "Admission decisions by route, upstream, route class and outcome (admitted, shed, \
          queued, queue_timeout, queue_full; in shadow mode would_shed, would_queue, would_reject)."
+    );
+    describe_histogram!(
+        ADMISSION_QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time critical requests waited in the admission queue, by upstream and outcome \
+         (admitted, queue_timeout, cancelled)."
     );
     describe_counter!(SHED_TOTAL, "Requests shed with 429.");
     describe_gauge!(

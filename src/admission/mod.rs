@@ -113,6 +113,19 @@ impl CounterTable<Decision> {
     }
 }
 
+crate::metrics::label_values! {
+    /// How a request left the critical queue: the `outcome` label of
+    /// `loadgate_admission_queue_wait_seconds`.
+    pub enum QueueExit {
+        /// A slot freed in time.
+        Admitted => "admitted",
+        /// Refused with 503: no slot by the queue timeout, or none expected in time.
+        QueueTimeout => "queue_timeout",
+        /// The client went away while it waited.
+        Cancelled => "cancelled",
+    }
+}
+
 /// How long no request may be shed or queued before a shedding episode ends.
 pub const EPISODE_DWELL: Duration = Duration::from_secs(1);
 /// A queue drain rate is measured over at least this long, and a quarter of the queue
@@ -145,6 +158,8 @@ pub struct Admission {
     slot_freed: Notify,
     episode: Episode,
     gauges: SignalGauges,
+    /// `loadgate_admission_queue_wait_seconds` of this upstream, one per [`QueueExit`].
+    queue_wait: Box<[metrics::Histogram]>,
 }
 
 impl Admission {
@@ -170,6 +185,13 @@ impl Admission {
             slot_freed: Notify::new(),
             episode: Episode::new(Instant::now()),
             gauges: SignalGauges::new(&config.name),
+            queue_wait: QueueExit::ALL
+                .iter()
+                .map(|exit| {
+                    metrics::histogram!(m::ADMISSION_QUEUE_WAIT_SECONDS,
+                        m::LABEL_UPSTREAM => config.name.clone(), m::LABEL_OUTCOME => exit.as_str())
+                })
+                .collect(),
         }
     }
 
@@ -380,7 +402,13 @@ impl Admission {
         let _leave = QueueSlot(self);
         let completed_at_entry = self.drain.completed();
         let timeout = self.config.queue_timeout;
+        let wait = QueueWait {
+            histograms: &self.queue_wait,
+            entered,
+            exit: AtomicUsize::new(QueueExit::Cancelled.index()),
+        };
         let reject = |signal: Signal, predicted: bool| {
+            wait.leave(Some(QueueExit::QueueTimeout));
             counters.increment(Decision::QueueTimeout);
             self.episode
                 .pressure(&self.upstream, Pressure::Rejected, &signal);
@@ -391,6 +419,8 @@ impl Admission {
             }
         };
         if ahead >= self.config.queue_size {
+            // Refused at the door: it never waited.
+            wait.leave(None);
             counters.increment(Decision::QueueFull);
             self.episode
                 .pressure(&self.upstream, Pressure::Rejected, &first);
@@ -412,6 +442,7 @@ impl Admission {
             let signal = self.signal(slots);
             if signal.utilisation < threshold {
                 if let Some(reservation) = slots.try_reserve(Some(signal.room)) {
+                    wait.leave(Some(QueueExit::Admitted));
                     counters.increment(Decision::Admitted);
                     return Ok(reservation);
                 }
@@ -629,6 +660,33 @@ impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         if self.0.queued.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.queue.lock().unwrap_or_else(|e| e.into_inner()).since = None;
+        }
+    }
+}
+
+/// A request's time in the critical queue, recorded in
+/// `loadgate_admission_queue_wait_seconds` when it leaves, however it leaves: as
+/// `exit` says, `cancelled` unless told otherwise (the waiting future was dropped);
+/// not at all when `exit` is `None` (refused as the queue was full: it never entered).
+struct QueueWait<'a> {
+    histograms: &'a [metrics::Histogram],
+    entered: Instant,
+    /// The index of the [`QueueExit`]; past the last one for `None`. (Atomic only so
+    /// that the waiting future, which holds a reference to it, stays `Send`.)
+    exit: AtomicUsize,
+}
+
+impl QueueWait<'_> {
+    fn leave(&self, exit: Option<QueueExit>) {
+        let index = exit.map_or(QueueExit::ALL.len(), |e| e.index());
+        self.exit.store(index, Ordering::Relaxed);
+    }
+}
+
+impl Drop for QueueWait<'_> {
+    fn drop(&mut self) {
+        if let Some(histogram) = self.histograms.get(*self.exit.get_mut()) {
+            histogram.record(self.entered.elapsed().as_secs_f64());
         }
     }
 }
@@ -904,5 +962,81 @@ mod tests {
             .await;
         assert!(idle.is_ok());
         assert_eq!(counters.get(Decision::Admitted), 1);
+    }
+
+    /// The `loadgate_admission_queue_wait_seconds` `_count` and `_sum` of `upstream`
+    /// and `outcome`, as scraped.
+    fn queue_wait(upstream: &str, outcome: &str) -> (f64, f64) {
+        let text = crate::metrics::handle().render();
+        let value = |suffix: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!("{}_{suffix}{{", m::ADMISSION_QUEUE_WAIT_SECONDS))
+                        && l.contains(&format!("upstream=\"{upstream}\""))
+                        && l.contains(&format!("outcome=\"{outcome}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        (value("count"), value("sum"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_queued_request_records_its_wait_by_how_it_left() {
+        let name = "queue-wait-unit";
+        let mut config = Upstream::for_tests(name).config.clone();
+        config.max_workers = 1;
+        config.shedding.queue_timeout = Duration::from_millis(500);
+        crate::metrics::handle();
+        let admission = Arc::new(Admission::new(&config));
+        let slots = Arc::new(FakeSlots {
+            inflight: Arc::new(AtomicUsize::new(0)),
+            admission,
+        });
+        let counters = Arc::new(RouteCounters::for_route("t", name, RouteClass::Critical));
+        let queue = |slots: &Arc<FakeSlots>| {
+            let (slots, counters) = (slots.clone(), counters.clone());
+            tokio::spawn(async move {
+                let admitted = slots
+                    .admission
+                    .admit(RouteClass::Critical, None, &counters, &*slots)
+                    .await;
+                admitted.is_ok()
+            })
+        };
+        let entered = |slots: &Arc<FakeSlots>| {
+            let slots = slots.clone();
+            async move {
+                while slots.admission.queued() == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let held = slots.try_reserve(None).unwrap();
+
+        // The client goes away after 50 ms in the queue.
+        let gone = queue(&slots);
+        entered(&slots).await;
+        tokio::time::advance(Duration::from_millis(50)).await;
+        gone.abort();
+        assert!(gone.await.is_err());
+        // No slot frees within the timeout.
+        assert!(!queue(&slots).await.unwrap());
+        // A slot frees after 20 ms.
+        let admitted = queue(&slots);
+        entered(&slots).await;
+        tokio::time::advance(Duration::from_millis(20)).await;
+        drop(held);
+        assert!(admitted.await.unwrap());
+
+        let (n, waited) = queue_wait(name, "cancelled");
+        assert_eq!(n, 1.0);
+        assert!((0.05..0.06).contains(&waited), "cancelled after {waited}");
+        let (n, waited) = queue_wait(name, "queue_timeout");
+        assert_eq!(n, 1.0);
+        assert!((0.5..0.52).contains(&waited), "timed out after {waited}");
+        let (n, waited) = queue_wait(name, "admitted");
+        assert_eq!(n, 1.0);
+        assert!((0.02..0.04).contains(&waited), "admitted after {waited}");
     }
 }

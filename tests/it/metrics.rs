@@ -1,16 +1,22 @@
 //! What an operator slices `/metrics` by: requests, durations, admission decisions and
-//! cache lookups labelled with the route and upstream from the config.
+//! cache lookups labelled with the route and upstream from the config; the critical
+//! queue's wait histogram.
 //!
 //! Metrics are process-wide: every test here names its upstreams and routes with a
 //! prefix no other test uses, so the series it asserts on are its own.
 
+use std::time::Duration;
+
 use loadgate::config::{CachePolicy, Config, RouteClass, RouteConfig};
 use loadgate::listener::Proxy;
 
+use crate::support::origin::{respond, Origin};
 use crate::support::*;
 
 const REQUESTS: &str = "loadgate_requests_total";
 const DECISIONS: &str = "loadgate_admission_decisions_total";
+const QUEUE_WAIT_COUNT: &str = "loadgate_admission_queue_wait_seconds_count";
+const QUEUE_WAIT_SUM: &str = "loadgate_admission_queue_wait_seconds_sum";
 
 fn route(name: &str, prefix: &str, upstream: &str, class: RouteClass) -> RouteConfig {
     RouteConfig {
@@ -235,5 +241,79 @@ async fn a_reload_keeps_the_series_of_an_unchanged_route_counting() {
     assert_eq!(
         admin::counter(&proxy, REQUESTS, &moved("normal")).await,
         1.0
+    );
+}
+
+/// A proxy whose upstream `name` has room for one request, in front of an origin that
+/// holds requests to `/hold…` until released; `/api/checkout` is critical.
+async fn one_slot(name: &str, queue_timeout: Duration) -> (Origin, Proxy) {
+    let origin = Origin::start(Duration::ZERO, |_, _| respond(200, &[], "ok")).await;
+    let mut config = proxy_config(origin.addr());
+    name_upstream(&mut config, name);
+    config.upstreams[0].health.enabled = false;
+    config.upstreams[0].max_workers = 1;
+    config.upstreams[0].shedding.queue_timeout = queue_timeout;
+    let proxy = start_proxy(config).await;
+    (origin, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_wait_histogram_counts_each_queued_request_by_how_it_left() {
+    let timeout = Duration::from_millis(300);
+    let (origin, proxy) = one_slot("mq_app", timeout).await;
+    let base = format!("http://{}", proxy.addr());
+    let holder = tokio::spawn({
+        let url = format!("{base}/api/checkout/hold");
+        async move { get(&client(), &url).await.status }
+    });
+    let shared = proxy.shared().clone();
+    let inflight = |n: usize| {
+        let shared = shared.clone();
+        move || shared.generation.load().upstreams["mq_app"].inflight() == n
+    };
+    assert!(eventually(Duration::from_secs(3), inflight(1)).await);
+
+    // The one slot stays taken: a critical request waits out the queue timeout.
+    let started = std::time::Instant::now();
+    assert_eq!(get_status(&proxy, "/api/checkout/late").await, 503);
+    assert!(started.elapsed() >= timeout);
+    let timed_out = [("upstream", "mq_app"), ("outcome", "queue_timeout")];
+    assert_eq!(
+        admin::counter(&proxy, QUEUE_WAIT_COUNT, &timed_out).await,
+        1.0
+    );
+    let waited = admin::counter(&proxy, QUEUE_WAIT_SUM, &timed_out).await;
+    assert!(waited >= timeout.as_secs_f64(), "waited {waited} s");
+
+    // Another waits while the slot is held, and is admitted when it frees.
+    let queued = tokio::spawn({
+        let url = format!("{base}/api/checkout/soon");
+        async move { get(&client(), &url).await.status }
+    });
+    let waiting = || {
+        shared.generation.load().upstreams["mq_app"]
+            .admission
+            .queued()
+            == 1
+    };
+    assert!(eventually(Duration::from_secs(3), waiting).await);
+    origin.release();
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(queued.await.unwrap(), 200);
+    let admitted = [("upstream", "mq_app"), ("outcome", "admitted")];
+    assert_eq!(
+        admin::counter(&proxy, QUEUE_WAIT_COUNT, &admitted).await,
+        1.0
+    );
+    assert!(admin::counter(&proxy, QUEUE_WAIT_SUM, &admitted).await > 0.0);
+    let cancelled = [("upstream", "mq_app"), ("outcome", "cancelled")];
+    assert_eq!(
+        admin::counter(&proxy, QUEUE_WAIT_COUNT, &cancelled).await,
+        0.0
+    );
+    assert_eq!(
+        origin.requests(),
+        2,
+        "the timed-out request never reached the origin"
     );
 }
