@@ -35,6 +35,8 @@
 //!                 balancing, passive ejection, health checks
 //! metrics.rs      metric names, descriptions, and the counter table that feeds both
 //!                 Prometheus and /status
+//!   process.rs      process_* metrics (memory, fds, CPU, threads) read from /proc/self
+//!                   at each scrape
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
 //! ```

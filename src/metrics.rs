@@ -17,6 +17,11 @@
 //! so the hot path never looks a metric up by name. A route whose class or upstream a
 //! reload changes starts new series; the old ones stay in the scrape at their last
 //! value until the process restarts.
+//!
+//! Process metrics (`process_*`, the Prometheus client convention) are read from
+//! `/proc/self` when `/metrics` is scraped: see [`process`].
+
+pub mod process;
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -102,6 +107,23 @@ pub const CACHE_EVICTIONS_TOTAL: &str = "loadgate_cache_evictions_total";
 
 /// Requests waiting for another request's fetch of the same key (coalesced misses), by `route`.
 pub const CACHE_COALESCED_WAITING: &str = "loadgate_cache_coalesced_waiting";
+
+/// Resident memory of the process, in bytes. No labels; like every `process_*` metric,
+/// read from `/proc/self` at each scrape, and absent where there is no `/proc` (not Linux).
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+/// Virtual memory of the process, in bytes. No labels.
+pub const PROCESS_VIRTUAL_MEMORY_BYTES: &str = "process_virtual_memory_bytes";
+/// File descriptors the process has open (client and upstream connections, listeners,
+/// files). No labels.
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+/// The most file descriptors the process may open (the soft `RLIMIT_NOFILE`). No labels.
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+/// CPU time the process has used, user and system together, in seconds. No labels.
+pub const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
+/// When the process started, in seconds since the Unix epoch. No labels.
+pub const PROCESS_START_TIME_SECONDS: &str = "process_start_time_seconds";
+/// Threads of the process (workers, the admin runtime, blocking pools). No labels.
+pub const PROCESS_THREADS: &str = "process_threads";
 
 /// Label names.
 pub const LABEL_CLASS: &str = "class";
@@ -446,6 +468,8 @@ fn describe() {
         CACHE_LOOKUPS_TOTAL,
         "Cache lookups, by route, upstream and result."
     );
+    // The process_* metrics are described where they are rendered (`process.rs`): they
+    // are read from /proc at each scrape, not recorded.
     describe_gauge!(
         CACHE_STORED_BYTES,
         Unit::Bytes,

@@ -1,6 +1,6 @@
 //! What an operator slices `/metrics` by: requests, durations, admission decisions and
 //! cache lookups labelled with the route and upstream from the config; the critical
-//! queue's wait histogram.
+//! queue's wait histogram; the process metrics read from `/proc` at each scrape.
 //!
 //! Metrics are process-wide: every test here names its upstreams and routes with a
 //! prefix no other test uses, so the series it asserts on are its own.
@@ -316,4 +316,52 @@ async fn the_queue_wait_histogram_counts_each_queued_request_by_how_it_left() {
         2,
         "the timed-out request never reached the origin"
     );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn process_metrics_are_read_from_proc_at_each_scrape() {
+    let backend = TestBackend::new().start().await;
+    let proxy = start_proxy(one_upstream(backend.addr(), "mp_app")).await;
+    let read = |text: &str, name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.split(' ').next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} is not in the scrape:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let first = admin::metrics(&proxy).await;
+    assert!(read(&first, "process_resident_memory_bytes") > 0.0);
+    assert!(read(&first, "process_virtual_memory_bytes") > 0.0);
+    let open = read(&first, "process_open_fds");
+    assert!(open >= 3.0, "open fds {open}");
+    assert!(read(&first, "process_max_fds") >= open);
+    assert!(
+        read(&first, "process_threads") >= 2.0,
+        "the proxy runs threads"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = read(&first, "process_start_time_seconds");
+    assert!(
+        started <= now && started > now - 3600.0,
+        "{started} vs now {now}"
+    );
+    assert!(first.contains("# TYPE process_cpu_seconds_total counter\n"));
+
+    // CPU time is read again at each scrape: spend some and it has grown.
+    let cpu = read(&first, "process_cpu_seconds_total");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut later = cpu;
+    while later <= cpu && std::time::Instant::now() < deadline {
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        later = read(&admin::metrics(&proxy).await, "process_cpu_seconds_total");
+    }
+    assert!(later > cpu, "cpu seconds stayed at {cpu}");
 }
