@@ -11,7 +11,7 @@
 //! a host or a header would let any client mint series until the proxy and the
 //! Prometheus server behind it run out of memory. Closed sets also keep the count
 //! small and known: a route has one class and one upstream, so the request series are
-//! (routes + 1) x 5 status classes, and one duration histogram per route; admission
+//! (routes + 1) x 5 status classes and routes + 1 duration histograms; admission
 //! decisions are routes x 8 outcomes; cache lookups routes x 6 results. Each route's
 //! handles are registered when its config generation is built (`forward/routes.rs`),
 //! so the hot path never looks a metric up by name. A route whose class or upstream a
