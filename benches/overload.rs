@@ -471,8 +471,11 @@ fn decision_micro_bench() {
     loadgate::metrics::handle();
     let rt = runtime(1);
     let upstream = Arc::new(loadgate::upstream::Upstream::for_tests("decision-bench"));
-    let counters =
-        loadgate::admission::RouteCounters::for_class(loadgate::config::RouteClass::Sheddable);
+    let counters = loadgate::admission::RouteCounters::for_route(
+        "decision-bench",
+        "decision-bench",
+        loadgate::config::RouteClass::Sheddable,
+    );
     let iterations = 200_000;
     let mut per_op_ns = Vec::new();
     for _ in 0..7 {

@@ -163,7 +163,10 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             for upstream in shared.generation.load().upstreams.values() {
                 upstream.publish_gauges();
             }
-            let mut response = text(StatusCode::OK, &crate::metrics::handle().render());
+            let mut body = crate::metrics::handle().render();
+            // Read from /proc now: a scrape shows the process as it is.
+            crate::metrics::process::render(&mut body);
+            let mut response = text(StatusCode::OK, &body);
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

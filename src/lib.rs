@@ -39,6 +39,8 @@
 //!                 balancing, passive ejection, health checks
 //! metrics.rs      metric names, descriptions, and the counter table that feeds both
 //!                 Prometheus and /status
+//!   process.rs      process_* metrics (memory, fds, CPU, threads) read from /proc/self
+//!                   at each scrape
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
 //! access_log/     one line per request (JSON, common, combined), handed to a writer task
 //!                 through a bounded buffer; never blocks a request

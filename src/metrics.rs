@@ -3,6 +3,25 @@
 //! Every metric loadgate emits is named here, so the README's list, the admin
 //! endpoint and the code agree. Label values come from small closed sets (route
 //! class, status class, error kind, upstream name from config), never raw paths.
+//!
+//! # Why every label set is closed
+//!
+//! `route` and `upstream` take only the names written in the config (and `none` for a
+//! request no route matched), never anything a client sends: a label taken from a path,
+//! a host or a header would let any client mint series until the proxy and the
+//! Prometheus server behind it run out of memory. Closed sets also keep the count
+//! small and known: a route has one class and one upstream, so the request series are
+//! (routes + 1) x 5 status classes and routes + 1 duration histograms; admission
+//! decisions are routes x 8 outcomes; cache lookups routes x 6 results. Each route's
+//! handles are registered when its config generation is built (`forward/routes.rs`),
+//! so the hot path never looks a metric up by name. A route whose class or upstream a
+//! reload changes starts new series; the old ones stay in the scrape at their last
+//! value until the process restarts.
+//!
+//! Process metrics (`process_*`, the Prometheus client convention) are read from
+//! `/proc/self` when `/metrics` is scraped: see [`process`].
+
+pub mod process;
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,10 +30,12 @@ use std::sync::{Arc, OnceLock};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Requests answered, by `class` (route class, or `none` when no route matched)
-/// and `status` (`1xx`…`5xx`).
+/// Requests answered, by `route` and `upstream` (names from the config), `class` (the
+/// route's class) and `status` (`1xx`…`5xx`). A request no route matched (a 404, a
+/// probe, a malformed request) has `route`, `upstream` and `class` `none`.
 pub const REQUESTS_TOTAL: &str = "loadgate_requests_total";
-/// Time from receiving the request head to the end of the response body, by `class`.
+/// Time from receiving the request head to the end of the response body, by `route`,
+/// `upstream` and `class` (`none` as for [`REQUESTS_TOTAL`]).
 pub const REQUEST_DURATION_SECONDS: &str = "loadgate_request_duration_seconds";
 /// Requests this proxy has in flight to an upstream, by `upstream`.
 pub const UPSTREAM_INFLIGHT: &str = "loadgate_upstream_inflight";
@@ -74,13 +95,21 @@ pub const UPSTREAM_UTILISATION: &str = "loadgate_upstream_utilisation";
 pub const UPSTREAM_EXTERNAL_LOAD: &str = "loadgate_upstream_external_load";
 /// 1 for the signal source in force for an upstream (`local`, `reported`, `adaptive`), else 0.
 pub const SIGNAL_SOURCE: &str = "loadgate_upstream_signal_source";
-/// Admission decisions, by `class` and `outcome` (admitted, shed, queued, queue_timeout,
-/// queue_full; in shadow mode would_shed, would_queue, would_reject).
+/// Admission decisions, by `route`, `upstream`, `class` and `outcome` (admitted, shed,
+/// queued, queue_timeout, queue_full; in shadow mode would_shed, would_queue, would_reject).
 pub const ADMISSION_DECISIONS_TOTAL: &str = "loadgate_admission_decisions_total";
+/// Time critical requests spent in an upstream's admission queue, by `upstream` and
+/// `outcome`: `admitted` (a slot freed), `queue_timeout` (no slot within the queue
+/// timeout, or none expected in time: refused with 503) or `cancelled` (the client went
+/// away while waiting). Every request that enters the queue is recorded once, as it
+/// leaves; one refused at once because the queue held `queue_size` (`queue_full`) never
+/// entered it.
+pub const ADMISSION_QUEUE_WAIT_SECONDS: &str = "loadgate_admission_queue_wait_seconds";
 /// Requests shed with 429.
 pub const SHED_TOTAL: &str = "loadgate_shed_total";
 
-/// Cache lookups, by `route` and `result` (hit, miss, stale, revalidated, not_modified, uncacheable).
+/// Cache lookups, by `route`, `upstream` and `result` (hit, miss, stale, revalidated,
+/// not_modified, uncacheable).
 pub const CACHE_LOOKUPS_TOTAL: &str = "loadgate_cache_lookups_total";
 /// Bytes held by a route's cache (1 KiB granularity), by `route`.
 pub const CACHE_STORED_BYTES: &str = "loadgate_cache_stored_bytes";
@@ -95,6 +124,22 @@ pub const CACHE_COALESCED_WAITING: &str = "loadgate_cache_coalesced_waiting";
 /// Access log lines dropped: the buffer to the writer was full (the disk or stdout could
 /// not keep up), or the write failed.
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "loadgate_access_log_dropped_total";
+/// Resident memory of the process, in bytes. No labels; like every `process_*` metric,
+/// read from `/proc/self` at each scrape, and absent where there is no `/proc` (not Linux).
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+/// Virtual memory of the process, in bytes. No labels.
+pub const PROCESS_VIRTUAL_MEMORY_BYTES: &str = "process_virtual_memory_bytes";
+/// File descriptors the process has open (client and upstream connections, listeners,
+/// files). No labels.
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+/// The most file descriptors the process may open (the soft `RLIMIT_NOFILE`). No labels.
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+/// CPU time the process has used, user and system together, in seconds. No labels.
+pub const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
+/// When the process started, in seconds since the Unix epoch. No labels.
+pub const PROCESS_START_TIME_SECONDS: &str = "process_start_time_seconds";
+/// Threads of the process (workers, the admin runtime, blocking pools). No labels.
+pub const PROCESS_THREADS: &str = "process_threads";
 
 /// Label names.
 pub const LABEL_CLASS: &str = "class";
@@ -112,6 +157,13 @@ pub const LABEL_ROUTE: &str = "route";
 /// Buckets for the request duration histogram, in seconds (1 ms … 30 s).
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Buckets for the admission queue wait histogram, in seconds (0.5 ms … 10 s): queue
+/// timeouts run from a few ms to seconds (default 500 ms), and the buckets near the
+/// timeout tell "admitted just in time" from "refused at the deadline".
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The `1xx`…`5xx` label value of a status code.
@@ -242,6 +294,49 @@ impl<L: Label> CounterTable<L> {
     }
 }
 
+/// The request series of one route (or of the requests no route matched):
+/// `loadgate_requests_total` by status class and `loadgate_request_duration_seconds`,
+/// registered once for one `route`, `upstream` and `class`.
+pub struct RequestSeries {
+    answered: [metrics::Counter; 5],
+    duration: metrics::Histogram,
+}
+
+impl std::fmt::Debug for RequestSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestSeries")
+    }
+}
+
+impl RequestSeries {
+    /// The `none` route: a request no route matched.
+    pub const NONE: &'static str = "none";
+
+    pub fn new(route: &str, upstream: &str, class: &'static str) -> RequestSeries {
+        RequestSeries {
+            answered: STATUS_CLASSES.map(|status| {
+                metrics::counter!(REQUESTS_TOTAL,
+                    LABEL_ROUTE => route.to_string(), LABEL_UPSTREAM => upstream.to_string(),
+                    LABEL_CLASS => class, LABEL_STATUS => status)
+            }),
+            duration: metrics::histogram!(REQUEST_DURATION_SECONDS,
+                LABEL_ROUTE => route.to_string(), LABEL_UPSTREAM => upstream.to_string(),
+                LABEL_CLASS => class),
+        }
+    }
+
+    /// The series of requests no route matched: `route`, `upstream` and `class` `none`.
+    pub fn unrouted() -> RequestSeries {
+        RequestSeries::new(Self::NONE, Self::NONE, Self::NONE)
+    }
+
+    /// Records one answered request and how long it took.
+    pub fn record(&self, status: http::StatusCode, elapsed: std::time::Duration) {
+        self.answered[status_class_index(status)].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}
+
 /// Things held at once, bounded when each is taken and mirrored in a gauge: the open
 /// client connections (`max_connections`), the requests of a route waiting on another's
 /// cache fill.
@@ -300,6 +395,11 @@ pub fn handle() -> &'static PrometheusHandle {
                 DURATION_BUCKETS,
             )
             .expect("bucket list is non-empty")
+            .set_buckets_for_metric(
+                Matcher::Full(ADMISSION_QUEUE_WAIT_SECONDS.to_string()),
+                QUEUE_WAIT_BUCKETS,
+            )
+            .expect("bucket list is non-empty")
             .install_recorder()
             .expect("no other metrics recorder is installed");
         describe();
@@ -310,12 +410,14 @@ pub fn handle() -> &'static PrometheusHandle {
 fn describe() {
     describe_counter!(
         REQUESTS_TOTAL,
-        "Requests answered, by route class and status class."
+        "Requests answered, by route, upstream, route class and status class (route, \
+         upstream and class none: no route matched)."
     );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
-        "Request duration from head received to response body end, by route class."
+        "Request duration from head received to response body end, by route, upstream and \
+         route class."
     );
     describe_gauge!(UPSTREAM_INFLIGHT, "Requests in flight to each upstream.");
     describe_counter!(
@@ -353,8 +455,14 @@ fn describe() {
     );
     describe_counter!(
         ADMISSION_DECISIONS_TOTAL,
-        "Admission decisions by route class and outcome (admitted, shed, queued, queue_timeout, \
-         queue_full; in shadow mode would_shed, would_queue, would_reject)."
+        "Admission decisions by route, upstream, route class and outcome (admitted, shed, \
+         queued, queue_timeout, queue_full; in shadow mode would_shed, would_queue, would_reject)."
+    );
+    describe_histogram!(
+        ADMISSION_QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time critical requests waited in the admission queue, by upstream and outcome \
+         (admitted, queue_timeout, cancelled)."
     );
     describe_counter!(SHED_TOTAL, "Requests shed with 429.");
     describe_gauge!(
@@ -372,7 +480,12 @@ fn describe() {
         CONNECTIONS_TOTAL,
         "Client connections accepted on the data port."
     );
-    describe_counter!(CACHE_LOOKUPS_TOTAL, "Cache lookups, by route and result.");
+    describe_counter!(
+        CACHE_LOOKUPS_TOTAL,
+        "Cache lookups, by route, upstream and result."
+    );
+    // The process_* metrics are described where they are rendered (`process.rs`): they
+    // are read from /proc at each scrape, not recorded.
     describe_gauge!(
         CACHE_STORED_BYTES,
         Unit::Bytes,

@@ -109,15 +109,31 @@ crate::metrics::label_values! {
 }
 
 /// A route's admission decisions: each one counts in
-/// `loadgate_admission_decisions_total{class, outcome}` and in the route's `/status`.
+/// `loadgate_admission_decisions_total{route, upstream, class, outcome}` and in the
+/// route's `/status`.
 pub type RouteCounters = CounterTable<Decision>;
 
 impl CounterTable<Decision> {
-    pub fn for_class(class: RouteClass) -> RouteCounters {
+    /// The counters of route `route`, of class `class`, sending to `upstream`.
+    pub fn for_route(route: &str, upstream: &str, class: RouteClass) -> RouteCounters {
         CounterTable::new(|outcome: Decision| {
             metrics::counter!(m::ADMISSION_DECISIONS_TOTAL,
+                m::LABEL_ROUTE => route.to_string(), m::LABEL_UPSTREAM => upstream.to_string(),
                 m::LABEL_CLASS => class.as_str(), m::LABEL_OUTCOME => outcome.as_str())
         })
+    }
+}
+
+crate::metrics::label_values! {
+    /// How a request left the critical queue: the `outcome` label of
+    /// `loadgate_admission_queue_wait_seconds`.
+    pub enum QueueExit {
+        /// A slot freed in time.
+        Admitted => "admitted",
+        /// Refused with 503: no slot by the queue timeout, or none expected in time.
+        QueueTimeout => "queue_timeout",
+        /// The client went away while it waited.
+        Cancelled => "cancelled",
     }
 }
 
@@ -153,6 +169,8 @@ pub struct Admission {
     slot_freed: Notify,
     episode: Episode,
     gauges: SignalGauges,
+    /// `loadgate_admission_queue_wait_seconds` of this upstream, one per [`QueueExit`].
+    queue_wait: Box<[metrics::Histogram]>,
 }
 
 impl Admission {
@@ -206,6 +224,13 @@ impl Admission {
             slot_freed: Notify::new(),
             episode: Episode::new(Instant::now()),
             gauges: SignalGauges::new(&config.name),
+            queue_wait: QueueExit::ALL
+                .iter()
+                .map(|exit| {
+                    metrics::histogram!(m::ADMISSION_QUEUE_WAIT_SECONDS,
+                        m::LABEL_UPSTREAM => config.name.clone(), m::LABEL_OUTCOME => exit.as_str())
+                })
+                .collect(),
         }
     }
 
@@ -434,7 +459,13 @@ impl Admission {
         let _leave = QueueSlot(self);
         let completed_at_entry = self.drain.completed();
         let timeout = self.config.queue_timeout;
+        let wait = QueueWait {
+            histograms: &self.queue_wait,
+            entered,
+            exit: AtomicUsize::new(QueueExit::Cancelled.index()),
+        };
         let reject = |signal: Signal, predicted: bool| {
+            wait.leave(Some(QueueExit::QueueTimeout));
             counters.increment(Decision::QueueTimeout);
             self.episode
                 .pressure(&self.upstream, Pressure::Rejected, &signal);
@@ -445,6 +476,8 @@ impl Admission {
             }
         };
         if ahead >= self.config.queue_size {
+            // Refused at the door: it never waited.
+            wait.leave(None);
             counters.increment(Decision::QueueFull);
             self.episode
                 .pressure(&self.upstream, Pressure::Rejected, &first);
@@ -466,6 +499,7 @@ impl Admission {
             let signal = self.signal(slots);
             if signal.utilisation < threshold {
                 if let Some(reservation) = slots.try_reserve(Some(signal.room)) {
+                    wait.leave(Some(QueueExit::Admitted));
                     counters.increment(Decision::Admitted);
                     return Ok(reservation);
                 }
@@ -687,6 +721,33 @@ impl Drop for QueueSlot<'_> {
     }
 }
 
+/// A request's time in the critical queue, recorded in
+/// `loadgate_admission_queue_wait_seconds` when it leaves, however it leaves: as
+/// `exit` says, `cancelled` unless told otherwise (the waiting future was dropped);
+/// not at all when `exit` is `None` (refused as the queue was full: it never entered).
+struct QueueWait<'a> {
+    histograms: &'a [metrics::Histogram],
+    entered: Instant,
+    /// The index of the [`QueueExit`]; past the last one for `None`. (Atomic only so
+    /// that the waiting future, which holds a reference to it, stays `Send`.)
+    exit: AtomicUsize,
+}
+
+impl QueueWait<'_> {
+    fn leave(&self, exit: Option<QueueExit>) {
+        let index = exit.map_or(QueueExit::ALL.len(), |e| e.index());
+        self.exit.store(index, Ordering::Relaxed);
+    }
+}
+
+impl Drop for QueueWait<'_> {
+    fn drop(&mut self) {
+        if let Some(histogram) = self.histograms.get(*self.exit.get_mut()) {
+            histogram.record(self.entered.elapsed().as_secs_f64());
+        }
+    }
+}
+
 /// Completions per second, smoothed over windows of at least 250 ms.
 #[derive(Default)]
 struct DrainMeter {
@@ -887,7 +948,7 @@ mod tests {
         service: Duration,
     ) -> Vec<(Result<(), bool>, Duration)> {
         let started = Instant::now();
-        let counters = Arc::new(RouteCounters::for_class(RouteClass::Critical));
+        let counters = Arc::new(RouteCounters::for_route("t", "app", RouteClass::Critical));
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let slots = slots.clone();
@@ -951,7 +1012,7 @@ mod tests {
     async fn an_episode_ends_after_the_dwell_without_a_request() {
         let slots = setup(2, ShedMode::Enforce);
         let admission = &slots.admission;
-        let counters = RouteCounters::for_class(RouteClass::Critical);
+        let counters = RouteCounters::for_route("t", "app", RouteClass::Critical);
         let _held: Vec<_> = (0..2).map(|_| slots.try_reserve(None).unwrap()).collect();
         let shed = admission
             .admit(RouteClass::Sheddable, None, &counters, &*slots)
@@ -970,7 +1031,7 @@ mod tests {
     async fn shadow_mode_counts_what_enforce_mode_would_do_per_class() {
         let slots = setup(2, ShedMode::Shadow);
         let admission = &slots.admission;
-        let counters = RouteCounters::for_class(RouteClass::Critical);
+        let counters = RouteCounters::for_route("t", "app", RouteClass::Critical);
         let mut held: Vec<_> = (0..2).map(|_| slots.try_reserve(None).unwrap()).collect();
         for class in [
             RouteClass::Critical,
@@ -997,7 +1058,7 @@ mod tests {
     async fn each_request_learns_how_it_was_admitted() {
         let slots = setup(1, ShedMode::Enforce);
         let admission = &slots.admission;
-        let counters = RouteCounters::for_class(RouteClass::Critical);
+        let counters = RouteCounters::for_route("t", "app", RouteClass::Critical);
         let decide = |class| admission.admit_decided(class, None, &counters, &*slots);
         let (first, decision) = decide(RouteClass::Critical).await.expect("a free slot");
         assert_eq!(decision, Decision::Admitted);
@@ -1028,5 +1089,81 @@ mod tests {
             .await;
         let (_admitted, decision) = decided.expect("shadow mode admits");
         assert_eq!(decision, Decision::WouldShed);
+    }
+
+    /// The `loadgate_admission_queue_wait_seconds` `_count` and `_sum` of `upstream`
+    /// and `outcome`, as scraped.
+    fn queue_wait(upstream: &str, outcome: &str) -> (f64, f64) {
+        let text = crate::metrics::handle().render();
+        let value = |suffix: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!("{}_{suffix}{{", m::ADMISSION_QUEUE_WAIT_SECONDS))
+                        && l.contains(&format!("upstream=\"{upstream}\""))
+                        && l.contains(&format!("outcome=\"{outcome}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        (value("count"), value("sum"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_queued_request_records_its_wait_by_how_it_left() {
+        let name = "queue-wait-unit";
+        let mut config = Upstream::for_tests(name).config.clone();
+        config.max_workers = 1;
+        config.shedding.queue_timeout = Duration::from_millis(500);
+        crate::metrics::handle();
+        let admission = Arc::new(Admission::new(&config));
+        let slots = Arc::new(FakeSlots {
+            inflight: Arc::new(AtomicUsize::new(0)),
+            admission,
+        });
+        let counters = Arc::new(RouteCounters::for_route("t", name, RouteClass::Critical));
+        let queue = |slots: &Arc<FakeSlots>| {
+            let (slots, counters) = (slots.clone(), counters.clone());
+            tokio::spawn(async move {
+                let admitted = slots
+                    .admission
+                    .admit(RouteClass::Critical, None, &counters, &*slots)
+                    .await;
+                admitted.is_ok()
+            })
+        };
+        let entered = |slots: &Arc<FakeSlots>| {
+            let slots = slots.clone();
+            async move {
+                while slots.admission.queued() == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let held = slots.try_reserve(None).unwrap();
+
+        // The client goes away after 50 ms in the queue.
+        let gone = queue(&slots);
+        entered(&slots).await;
+        tokio::time::advance(Duration::from_millis(50)).await;
+        gone.abort();
+        assert!(gone.await.is_err());
+        // No slot frees within the timeout.
+        assert!(!queue(&slots).await.unwrap());
+        // A slot frees after 20 ms.
+        let admitted = queue(&slots);
+        entered(&slots).await;
+        tokio::time::advance(Duration::from_millis(20)).await;
+        drop(held);
+        assert!(admitted.await.unwrap());
+
+        let (n, waited) = queue_wait(name, "cancelled");
+        assert_eq!(n, 1.0);
+        assert!((0.05..0.06).contains(&waited), "cancelled after {waited}");
+        let (n, waited) = queue_wait(name, "queue_timeout");
+        assert_eq!(n, 1.0);
+        assert!((0.5..0.52).contains(&waited), "timed out after {waited}");
+        let (n, waited) = queue_wait(name, "admitted");
+        assert_eq!(n, 1.0);
+        assert!((0.02..0.04).contains(&waited), "admitted after {waited}");
     }
 }

@@ -212,7 +212,8 @@ crate::metrics::label_values! {
 }
 
 impl Cache {
-    pub fn new(route: &str, settings: CacheSettings) -> Cache {
+    /// The cache of route `route`, which sends to `upstream` (the labels of its lookups).
+    pub fn new(route: &str, upstream: &str, settings: CacheSettings) -> Cache {
         let store = Store::new(settings.max_bytes, settings.max_object_bytes);
         let buffer_budget = (store.max_object() * 8).max(settings.max_bytes / 4);
         Cache {
@@ -229,7 +230,8 @@ impl Cache {
                 clock: Clock::new(),
                 lookups: CounterTable::new(|o: Outcome| {
                     metrics::counter!(m::CACHE_LOOKUPS_TOTAL,
-                        m::LABEL_ROUTE => route.to_string(), m::LABEL_RESULT => o.as_str())
+                        m::LABEL_ROUTE => route.to_string(), m::LABEL_UPSTREAM => upstream.to_string(),
+                        m::LABEL_RESULT => o.as_str())
                 }),
             }),
         }

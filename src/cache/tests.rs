@@ -46,7 +46,7 @@ async fn forward(
 
 #[tokio::test]
 async fn stores_a_miss_and_answers_the_next_lookup() {
-    let cache = Cache::new("t", CacheSettings::default());
+    let cache = Cache::new("t", "app", CacheSettings::default());
     let req = get("/a");
     forward(
         &cache,
@@ -68,7 +68,7 @@ async fn stores_a_miss_and_answers_the_next_lookup() {
 
 #[tokio::test(start_paused = true)]
 async fn the_body_read_behind_a_304_is_cut_off_at_the_drain_limit() {
-    let cache = Cache::new("t", CacheSettings::default());
+    let cache = Cache::new("t", "app", CacheSettings::default());
     // The client holds "v1" already; the origin's 200 starts a body that never ends.
     let mut req = get("/a");
     req.headers_mut()
@@ -107,7 +107,7 @@ async fn the_body_read_behind_a_304_is_cut_off_at_the_drain_limit() {
 
 #[tokio::test]
 async fn a_head_response_freshens_the_stored_get_it_describes() {
-    let cache = Cache::new("t", CacheSettings::default());
+    let cache = Cache::new("t", "app", CacheSettings::default());
     let stored = [
         ("cache-control", "max-age=0"),
         ("etag", "\"v1\""),
@@ -168,7 +168,7 @@ async fn a_head_response_freshens_the_stored_get_it_describes() {
 
 #[tokio::test]
 async fn an_invalidated_variant_does_not_come_back_when_another_is_stored() {
-    let cache = Cache::new("t", CacheSettings::default());
+    let cache = Cache::new("t", "app", CacheSettings::default());
     let with_language = |language: &'static str| {
         let mut req = get("/v");
         req.headers_mut()
@@ -203,7 +203,7 @@ async fn an_invalidated_variant_does_not_come_back_when_another_is_stored() {
 
 #[tokio::test(start_paused = true)]
 async fn misses_past_the_waiting_bound_are_sent_on_at_once() {
-    let cache = Cache::new("t", CacheSettings::default());
+    let cache = Cache::new("t", "app", CacheSettings::default());
     let req = Arc::new(get("/hot"));
     // The first miss leads the fetch and holds it.
     let Lookup::Forward(leader) = cache.lookup(&req, "example.com").await else {
@@ -246,7 +246,7 @@ async fn cache_status_says_stored_only_for_a_whole_body_the_store_took() {
         max_object_bytes: 4096,
         ..CacheSettings::default()
     };
-    let cache = Cache::new("t", settings);
+    let cache = Cache::new("t", "app", settings);
     let fresh = [("cache-control", "max-age=60")];
     // No Content-Length: only the body, whole already, shows it is over the limit.
     let over: &'static str = "x".repeat(5000).leak();

@@ -4,7 +4,7 @@
 //!
 //! Each stage passes the request on, answers it, or refuses it with a
 //! [`ProxyError`], which `http/error.rs` turns into a response in one place. The
-//! request's [`RequestDone`] guard travels with it: routing names its class,
+//! request's [`RequestDone`] guard travels with it: routing names its route,
 //! admission hands it the reservation, and it rides on the response body, so the
 //! in-flight count and the request metrics are released when the body ends or is
 //! abandoned, not when this function returns. When the access log is on, the guard also
@@ -30,7 +30,7 @@ use crate::admission::{Decision, Rejection};
 use crate::cache::{self, Finished, Lookup};
 use crate::forward::record::{arriving, note, note_backend, own_cache_status};
 use crate::forward::routes::Route;
-use crate::forward::state::{ClassLabel, Generation, Shared};
+use crate::forward::state::{Generation, Shared};
 use crate::http::body::{
     full, take_ready, BodyWatch, BoxError, OnEnd, Prepend, ProxyBody, UploadPace, WatchedBody,
 };
@@ -72,14 +72,14 @@ pub struct ConnInfo {
 
 /// One request's completion: records its metrics and frees its upstream slot when
 /// dropped, i.e. when its response body is done. The stages fill it in as the request
-/// goes: routing sets the class, admission the reservation.
+/// goes: routing sets the route, admission the reservation.
 pub struct RequestDone {
     shared: Arc<Shared>,
-    class: ClassLabel,
     status: StatusCode,
     started: Instant,
     reservation: Option<Reservation>,
-    /// The route matched, whose response header rules apply to every answer on it.
+    /// The route matched: its request series count the request, and its response
+    /// header rules apply to every answer on it. `None`: counted as route `none`.
     route: Option<Arc<Route>>,
     /// Keeps the client connection's idle and header timeouts off this request.
     _on_connection: ActiveRequest,
@@ -95,9 +95,11 @@ pub struct RequestDone {
 
 impl Drop for RequestDone {
     fn drop(&mut self) {
-        self.shared
-            .metrics
-            .record(self.class, self.status, self.started);
+        let series = match &self.route {
+            Some(route) => &route.metrics,
+            None => &self.shared.metrics,
+        };
+        series.record(self.status, self.started.elapsed());
         if let Some(mut log) = self.log.take() {
             log.status = self.status.as_u16();
             log.duration = self.started.elapsed();
@@ -187,7 +189,6 @@ pub async fn handle(
     let head = req.method() == Method::HEAD;
     let mut done = RequestDone {
         shared: shared.clone(),
-        class: ClassLabel::None,
         status: StatusCode::OK,
         started: Instant::now(),
         reservation: None,
@@ -204,8 +205,10 @@ pub async fn handle(
     };
     // On the way out, so answers from the cache and the proxy's own refusals on the
     // route get them too, and a reload changes them at once.
-    if let Some(route) = done.route.take() {
-        rewrite::apply(&route.rewrite.response_headers, response.headers_mut());
+    if let Some(route) = done.route.as_ref() {
+        if !route.rewrite.response_headers.is_empty() {
+            rewrite::apply(&route.rewrite.response_headers, response.headers_mut());
+        }
     }
     done.status = response.status();
     let bodiless = head || matches!(response.status().as_u16(), 100..=199 | 204 | 304);
@@ -235,10 +238,7 @@ async fn serve(
     let routed = find_route(&generation, meaning, &req)?;
     drop(generation);
     let route = &routed.route;
-    done.class = ClassLabel::Route(route.class);
-    if !route.rewrite.response_headers.is_empty() {
-        done.route = Some(route.clone());
-    }
+    done.route = Some(route.clone());
     // A WebSocket handshake goes to the backend with its Upgrade, past the cache.
     let upgrade = take_upgrade(route, &mut req);
     note(&mut done.log, |log| {

@@ -2,14 +2,15 @@
 //!
 //! Matching is by host (exact beats wildcard beats any) and then by the longest
 //! path prefix on a segment boundary: `/api/orders` matches `/api/orders` and
-//! `/api/orders/7`, not `/api/ordersarchive`. It holds no I/O; a route's cache and
-//! counters are handed from one config generation to the next.
+//! `/api/orders/7`, not `/api/ordersarchive`. It holds no I/O; a route's cache,
+//! counters and metric handles are handed from one config generation to the next.
 
 use std::sync::Arc;
 
 use crate::admission::RouteCounters;
 use crate::cache::Cache;
 use crate::config::{CachePolicy, RouteClass, RouteConfig, RouteRewrite};
+use crate::metrics::RequestSeries;
 use crate::upstream::Upstream;
 
 /// A route ready to serve: its config plus the upstream it forwards to.
@@ -25,8 +26,12 @@ pub struct Route {
     pub threshold: Option<f64>,
     /// Whether a WebSocket upgrade is proxied (`websocket`).
     pub websocket: bool,
-    /// Admission counts, for `/status` (kept across reloads with the route's class).
+    /// Admission counts, for `/status` and `loadgate_admission_decisions_total` (kept
+    /// across reloads with the route's class and upstream: its labels).
     pub counters: Arc<RouteCounters>,
+    /// The route's `loadgate_requests_total` and `loadgate_request_duration_seconds`
+    /// handles, labelled with its name, upstream and class (kept across reloads with them).
+    pub metrics: Arc<RequestSeries>,
     /// Prefix stripping and header rules (`http/rewrite.rs`).
     pub rewrite: RouteRewrite,
     host: HostMatch,
@@ -89,7 +94,8 @@ pub struct RouteTable {
 impl RouteTable {
     /// Builds the table; `upstream_of` returns the upstream a route names (validated by
     /// config). A route of the same name in `previous` (the generation a reload
-    /// replaces) hands over its counters when its class is unchanged, and its cache when
+    /// replaces) hands over its counters and metric handles when its class and upstream
+    /// name (their labels) are unchanged, and its cache when
     /// the cache settings, the upstream and what the backend is asked (prefix stripping,
     /// request header rules) are unchanged: a reload keeps what still holds.
     pub fn new(
@@ -101,9 +107,16 @@ impl RouteTable {
             .iter()
             .map(|c| {
                 let before = previous.and_then(|p| p.routes.iter().find(|r| r.name == c.name));
-                let counters = before.filter(|r| r.class == c.class).map_or_else(
-                    || Arc::new(RouteCounters::for_class(c.class)),
+                // Registered here, once per generation, so no request looks a metric up.
+                let same_labels =
+                    before.filter(|r| r.class == c.class && r.upstream.name == c.upstream);
+                let counters = same_labels.map_or_else(
+                    || Arc::new(RouteCounters::for_route(&c.name, &c.upstream, c.class)),
                     |r| r.counters.clone(),
+                );
+                let metrics = same_labels.map_or_else(
+                    || Arc::new(RequestSeries::new(&c.name, &c.upstream, c.class.as_str())),
+                    |r| r.metrics.clone(),
                 );
                 let upstream = upstream_of(&c.upstream);
                 // The same upstream object: a changed upstream config builds a new one.
@@ -117,12 +130,15 @@ impl RouteTable {
                     class: c.class,
                     cache: c.cache,
                     http_cache: (c.cache == CachePolicy::On).then(|| {
-                        kept_cache.unwrap_or_else(|| Cache::new(&c.name, c.cache_settings.clone()))
+                        kept_cache.unwrap_or_else(|| {
+                            Cache::new(&c.name, &c.upstream, c.cache_settings.clone())
+                        })
                     }),
                     upstream,
                     threshold: c.threshold,
                     websocket: c.websocket,
                     counters,
+                    metrics,
                     rewrite: c.rewrite.clone(),
                     host: HostMatch::parse(c.host.as_deref()),
                     path_prefix: c.path_prefix.clone(),

@@ -5,12 +5,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, RouteClass, TlsConfig};
+use crate::config::{Config, TlsConfig};
 use crate::forward::routes::RouteTable;
 use crate::listener::workers::worker_count;
 use crate::metrics as m;
@@ -122,78 +121,19 @@ impl Shared {
         Shared {
             generation: ArcSwap::from_pointee(generation),
             draining: AtomicBool::new(false),
-            metrics: RequestMetrics::new(),
+            metrics: RequestMetrics::unrouted(),
             access_log: AccessLog::new(),
         }
     }
 }
 
-/// The `class` label of a request: its route's class, or `none` when no route matched.
-#[derive(Debug, Clone, Copy)]
-pub enum ClassLabel {
-    Route(RouteClass),
-    None,
-}
-
-impl ClassLabel {
-    /// The label's place in `CLASS_LABELS`: the route classes in their order, then `none`.
-    fn index(self) -> usize {
-        match self {
-            ClassLabel::Route(class) => class.index(),
-            ClassLabel::None => RouteClass::ALL.len(),
-        }
-    }
-}
-
-const CLASS_LABELS: [&str; 4] = ["critical", "normal", "sheddable", "none"];
-
-/// Request counters and duration histograms, registered once so the hot path does
-/// not look metric keys up per request.
-pub struct RequestMetrics {
-    requests: Vec<[metrics::Counter; 5]>,
-    durations: Vec<metrics::Histogram>,
-}
-
-impl RequestMetrics {
-    fn new() -> RequestMetrics {
-        RequestMetrics {
-            requests: CLASS_LABELS
-                .iter()
-                .map(|class| {
-                    m::STATUS_CLASSES.map(|status| {
-                        metrics::counter!(m::REQUESTS_TOTAL,
-                            m::LABEL_CLASS => *class, m::LABEL_STATUS => status)
-                    })
-                })
-                .collect(),
-            durations: CLASS_LABELS
-                .iter()
-                .map(|class| metrics::histogram!(m::REQUEST_DURATION_SECONDS, m::LABEL_CLASS => *class))
-                .collect(),
-        }
-    }
-
-    /// Records one finished request.
-    pub fn record(&self, class: ClassLabel, status: http::StatusCode, started: Instant) {
-        self.requests[class.index()][m::status_class_index(status)].increment(1);
-        self.durations[class.index()].record(started.elapsed().as_secs_f64());
-    }
-}
+/// The request series of requests no route matched (`route`, `upstream` and `class`
+/// `none`); a matched request counts in its route's own series.
+pub type RequestMetrics = m::RequestSeries;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn class_labels_follow_the_class_index() {
-        for class in RouteClass::ALL {
-            assert_eq!(
-                CLASS_LABELS[ClassLabel::Route(class).index()],
-                class.as_str()
-            );
-        }
-        assert_eq!(CLASS_LABELS[ClassLabel::None.index()], "none");
-    }
 
     #[test]
     fn status_classes_follow_the_status_index() {

@@ -246,11 +246,18 @@ async fn admin_endpoints_report_state() {
     assert_eq!(upstream["inflight"], 0);
     assert_eq!(upstream["backends"][0]["healthy"], true);
 
-    let metrics = admin::metrics(&proxy).await;
-    assert!(
-        metrics.contains("loadgate_requests_total{class=\"normal\",status=\"2xx\"}"),
-        "{metrics}"
+    let answered = [
+        ("route", "api"),
+        ("upstream", "admin_test"),
+        ("class", "normal"),
+        ("status", "2xx"),
+    ];
+    let requests = "loadgate_requests_total";
+    assert_eq!(
+        admin::counter_settles(&proxy, requests, &answered, 1.0).await,
+        1.0
     );
+    let metrics = admin::metrics(&proxy).await;
     assert!(metrics.contains("loadgate_request_duration_seconds_bucket"));
     assert!(metrics.contains("loadgate_upstream_inflight{upstream=\"admin_test\"} 0"));
 }

@@ -38,6 +38,20 @@ pub async fn counter(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 
     metric(proxy, name, labels).await.unwrap_or(0.0)
 }
 
+/// Waits (at most 5 s) for the counter `name{labels}` to read `want`, and returns what
+/// it read last. A request is counted when its response body ends on the proxy's side,
+/// which can be just after the client has read the last byte.
+pub async fn counter_settles(proxy: &Proxy, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let value = counter(proxy, name, labels).await;
+        if value == want || tokio::time::Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of the first sample line `name{labels} value` of a Prometheus text
 /// rendering whose label set is `labels`.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
