@@ -1,5 +1,6 @@
 //! The admin plane, on its own listener (loopback by default): `/metrics`,
-//! `/healthz`, `/readyz` and `/status`. Nothing here is reachable from the data port.
+//! `/healthz`, `/readyz` and `/status`, and the live view (`live/`: `/`, `/live.json`,
+//! `/live/stream`, `/report`). Nothing here is reachable from the data port.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +52,9 @@ async fn serve_with(
         .header_read_timeout(header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     let mut failures = AcceptFailures::default();
+    // The live view's sampler: one task, ended with the admin server.
+    let live = Arc::new(crate::live::Live::default());
+    let _sampler = live.start(shared.clone(), shutdown.clone());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -75,12 +79,18 @@ async fn serve_with(
                 }
                 let shared = shared.clone();
                 let asked = Arc::new(AtomicBool::new(false));
+                let (live, stopping) = (live.clone(), shutdown.clone());
                 let service = service_fn({
                     let asked = asked.clone();
                     move |req| {
                         asked.store(true, Ordering::Relaxed);
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(route(&shared, req)) }
+                        let live = crate::live::route(&live, &shared, &req, &stopping);
+                        async move {
+                            Ok::<_, Infallible>(live.unwrap_or_else(|| {
+                                route(&shared, req).map(http_body_util::BodyExt::boxed_unsync)
+                            }))
+                        }
                     }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();

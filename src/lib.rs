@@ -36,6 +36,8 @@
 //! metrics.rs      metric names, descriptions, and the counter table that feeds both
 //!                 Prometheus and /status
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
+//! live/           the admin port's live view: a per-second sampler over the last 15 minutes,
+//!                 / (the page), /live.json, /live/stream (SSE) and /report
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
 //! ```
 //!
@@ -71,6 +73,7 @@ pub mod config;
 pub mod forward;
 pub mod http;
 pub mod listener;
+pub mod live;
 pub mod metrics;
 pub mod sim;
 pub mod upstream;

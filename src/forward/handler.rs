@@ -74,6 +74,8 @@ pub struct RequestDone {
     route: Option<Arc<Route>>,
     /// Keeps the client connection's idle and header timeouts off this request.
     _on_connection: ActiveRequest,
+    /// The matched route's latency record, for the live view.
+    latency: Option<Arc<crate::live::latency::LatencyRecord>>,
 }
 
 impl Drop for RequestDone {
@@ -81,6 +83,9 @@ impl Drop for RequestDone {
         self.shared
             .metrics
             .record(self.class, self.status, self.started);
+        if let Some(latency) = &self.latency {
+            latency.record(self.started.elapsed());
+        }
     }
 }
 
@@ -104,6 +109,7 @@ pub async fn handle(
         reservation: None,
         route: None,
         _on_connection: on_connection,
+        latency: None,
     };
     let mut response = match serve(&shared, &conn, req, &mut done).await {
         Ok(response) => response,
@@ -138,6 +144,7 @@ async fn serve(
     drop(generation);
     let route = &routed.route;
     done.class = ClassLabel::Route(route.class);
+    done.latency = Some(route.latency.clone());
     if !route.rewrite.response_headers.is_empty() {
         done.route = Some(route.clone());
     }

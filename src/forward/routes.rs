@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::admission::RouteCounters;
 use crate::cache::Cache;
 use crate::config::{CachePolicy, RouteClass, RouteConfig, RouteRewrite};
+use crate::live::latency::LatencyRecord;
 use crate::upstream::Upstream;
 
 /// A route ready to serve: its config plus the upstream it forwards to.
@@ -27,6 +28,8 @@ pub struct Route {
     pub counters: Arc<RouteCounters>,
     /// Prefix stripping and header rules (`http/rewrite.rs`).
     pub rewrite: RouteRewrite,
+    /// How long its requests took, for the live view (kept across reloads by name).
+    pub latency: Arc<LatencyRecord>,
     host: HostMatch,
     path_prefix: String,
 }
@@ -121,6 +124,7 @@ impl RouteTable {
                     threshold: c.threshold,
                     counters,
                     rewrite: c.rewrite.clone(),
+                    latency: before.map_or_else(Default::default, |r| r.latency.clone()),
                     host: HostMatch::parse(c.host.as_deref()),
                     path_prefix: c.path_prefix.clone(),
                 })
