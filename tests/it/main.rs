@@ -15,6 +15,7 @@ mod clients;
 mod config_files;
 mod forwarding;
 mod hygiene;
+mod live;
 mod proxy;
 mod readiness;
 mod rewrite;
