@@ -438,3 +438,62 @@ async fn a_headless_browser_draws_the_load_with_no_script_error() {
     assert!(route("reports", "data-shed-60s") > 0);
     assert_eq!(route("checkout", "data-admitted-60s"), 0);
 }
+
+/// The names in the latest sample of a `/live.json` document: its upstreams and routes.
+fn latest_names(doc: &Value) -> (Vec<String>, Vec<String>) {
+    let latest = doc["samples"].as_array().unwrap().last().expect("a sample");
+    let names = |key: &str| -> Vec<String> {
+        let items = latest[key].as_array().unwrap();
+        items
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    (names("upstreams"), names("routes"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_upstreams_and_routes_in_the_next_samples() {
+    let backend = small_backend().await;
+    let config = config_for(&backend);
+    let proxy = start_proxy(config.clone()).await;
+    let before = live_until(&proxy, Duration::from_secs(10), |doc| {
+        !doc["samples"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let (upstreams, routes) = latest_names(&before);
+    assert_eq!(upstreams, ["app"]);
+    assert!(routes.contains(&"checkout".to_string()), "{routes:?}");
+
+    // Reloaded: `checkout` gone; an upstream `other` with a route `other` added.
+    let mut reloaded = config;
+    reloaded.routes.retain(|r| r.name != "checkout");
+    let mut other = reloaded.upstreams[0].clone();
+    other.name = "other".to_string();
+    reloaded.upstreams.push(other);
+    let mut route = reloaded.routes[0].clone();
+    (route.name, route.path_prefix, route.upstream) =
+        ("other".into(), "/api/other".into(), "other".into());
+    reloaded.routes.push(route);
+    proxy.apply(reloaded);
+
+    let client = client();
+    for _ in 0..3 {
+        let got = get(&client, &format!("http://{}/api/other/x", proxy.addr())).await;
+        assert_eq!(got.status, 200);
+    }
+    let after = live_until(&proxy, Duration::from_secs(10), |doc| {
+        route_total(doc, "other", "admitted") >= 2.5
+    })
+    .await;
+    let (upstreams, routes) = latest_names(&after);
+    assert_eq!(upstreams, ["app", "other"]);
+    assert!(!routes.contains(&"checkout".to_string()), "{routes:?}");
+    // The report lists what is configured now.
+    let html = admin::fetch(&proxy, "/report?minutes=1").await.text();
+    assert_eq!(
+        row(&html[html.find("<h2>Routes</h2>").unwrap()..], "other")[3],
+        "3"
+    );
+    assert!(!html.contains("<tr><td>checkout</td>"));
+}
