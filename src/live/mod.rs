@@ -204,15 +204,15 @@ pub fn route<B>(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return None;
     }
-    let minutes = || minutes(req.uri().query());
+    let window = || minutes(req.uri().query());
     Some(match req.uri().path() {
         "/" => whole(StatusCode::OK, "text/html; charset=utf-8", PAGE),
-        "/live.json" => match minutes() {
+        "/live.json" => match window() {
             Ok(minutes) => live_json(live, minutes),
             Err(why) => whole(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", why),
         },
         "/live/stream" => stream(live.clone(), shutdown.clone()),
-        "/report" => match minutes() {
+        "/report" => match window() {
             Ok(minutes) => {
                 let now = SystemTime::now();
                 let samples = live.window(minutes);
