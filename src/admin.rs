@@ -1,5 +1,6 @@
 //! The admin plane, on its own listener (loopback by default): `/metrics`,
-//! `/healthz`, `/readyz` and `/status`. Nothing here is reachable from the data port.
+//! `/healthz`, `/readyz` and `/status`, and the live view (`live/`: `/`, `/live.json`,
+//! `/live/stream`, `/report`). Nothing here is reachable from the data port.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,9 +31,20 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Serves the admin endpoints until shutdown; also runs the metrics upkeep.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
-    serve_with(listener, shared, shutdown, HEADER_READ_TIMEOUT).await;
+/// Serves the admin endpoints until shutdown; also runs the metrics upkeep. The live
+/// view's sampler starts (and takes its first reading) when this is called, not when the
+/// returned future is first polled, so no request served before then is missed.
+pub fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> {
+    let live = Arc::new(crate::live::Live::default());
+    let sampler = live.start(shared.clone(), shutdown.clone());
+    async move {
+        serve_with(listener, shared, shutdown, HEADER_READ_TIMEOUT, live).await;
+        drop(sampler);
+    }
 }
 
 /// [`serve`], with the header read timeout as a parameter (tests shorten it).
@@ -41,6 +53,7 @@ async fn serve_with(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     header_read_timeout: Duration,
+    live: Arc<crate::live::Live>,
 ) {
     let prometheus = crate::metrics::handle();
     let mut upkeep = tokio::time::interval(Duration::from_secs(5));
@@ -75,12 +88,18 @@ async fn serve_with(
                 }
                 let shared = shared.clone();
                 let asked = Arc::new(AtomicBool::new(false));
+                let (live, stopping) = (live.clone(), shutdown.clone());
                 let service = service_fn({
                     let asked = asked.clone();
                     move |req| {
                         asked.store(true, Ordering::Relaxed);
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(route(&shared, req)) }
+                        let live = crate::live::route(&live, &shared, &req, &stopping);
+                        async move {
+                            Ok::<_, Infallible>(live.unwrap_or_else(|| {
+                                route(&shared, req).map(http_body_util::BodyExt::boxed_unsync)
+                            }))
+                        }
                     }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
@@ -454,7 +473,8 @@ enabled = false
         let addr = listener.local_addr().unwrap();
         let (_stop, stopped) = watch::channel(false);
         let timeout = Duration::from_millis(200);
-        tokio::spawn(serve_with(listener, shared(), stopped, timeout));
+        let live = Arc::new(crate::live::Live::default());
+        tokio::spawn(serve_with(listener, shared(), stopped, timeout, live));
 
         // Half an HTTP/1 head, and the start of an h2c preface (still undecided
         // between HTTP/1 and HTTP/2).

@@ -170,6 +170,7 @@ fn print_demo_help(proxy: &Proxy, sim: Option<&SimBackend>) {
         r#"
 loadgate demo
   proxy    http://{p}
+  live     http://{a}/   (live view: utilisation, shedding, latency; report at http://{a}/report)
   admin    http://{a}/status   http://{a}/metrics
   backend  {backend}   (simulated Spring Boot on Tomcat, 20 workers)
 

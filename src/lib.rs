@@ -44,6 +44,8 @@
 //! admin.rs        /metrics /healthz /readyz /status on the admin port
 //! access_log/     one line per request (JSON, common, combined), handed to a writer task
 //!                 through a bounded buffer; never blocks a request
+//! live/           the admin port's live view: a per-second sampler over the last 15 minutes,
+//!                 / (the page), /live.json, /live/stream (SSE) and /report
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
 //! ```
 //!
@@ -85,6 +87,7 @@ pub mod config;
 pub mod forward;
 pub mod http;
 pub mod listener;
+pub mod live;
 pub mod metrics;
 pub mod sim;
 pub mod upstream;

@@ -95,14 +95,18 @@ pub struct RequestDone {
 
 impl Drop for RequestDone {
     fn drop(&mut self) {
-        let series = match &self.route {
-            Some(route) => &route.metrics,
-            None => &self.shared.metrics,
-        };
-        series.record(self.status, self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        match &self.route {
+            Some(route) => {
+                route.metrics.record(self.status, elapsed);
+                // The live view's per-second latency figures.
+                route.latency.record(elapsed);
+            }
+            None => self.shared.metrics.record(self.status, elapsed),
+        }
         if let Some(mut log) = self.log.take() {
             log.status = self.status.as_u16();
-            log.duration = self.started.elapsed();
+            log.duration = elapsed;
             log.bytes_in = self.body.as_ref().map_or(0, |watch| watch.bytes_read());
             log.bytes_out = self.bytes_out;
             log.completed = self.ended;

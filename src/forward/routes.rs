@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::admission::RouteCounters;
 use crate::cache::Cache;
 use crate::config::{CachePolicy, RouteClass, RouteConfig, RouteRewrite};
+use crate::live::latency::LatencyRecord;
 use crate::metrics::RequestSeries;
 use crate::upstream::Upstream;
 
@@ -34,6 +35,8 @@ pub struct Route {
     pub metrics: Arc<RequestSeries>,
     /// Prefix stripping and header rules (`http/rewrite.rs`).
     pub rewrite: RouteRewrite,
+    /// How long its requests took, for the live view (kept across reloads by name).
+    pub latency: Arc<LatencyRecord>,
     host: HostMatch,
     path_prefix: String,
 }
@@ -140,6 +143,7 @@ impl RouteTable {
                     counters,
                     metrics,
                     rewrite: c.rewrite.clone(),
+                    latency: before.map_or_else(Default::default, |r| r.latency.clone()),
                     host: HostMatch::parse(c.host.as_deref()),
                     path_prefix: c.path_prefix.clone(),
                 })

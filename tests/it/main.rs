@@ -16,6 +16,7 @@ mod clients;
 mod config_files;
 mod forwarding;
 mod hygiene;
+mod live;
 mod metrics;
 mod proxy;
 mod proxy_protocol;
