@@ -14,6 +14,7 @@ mod cache_stale;
 mod cli;
 mod clients;
 mod config_files;
+mod dashboards;
 mod forwarding;
 mod hygiene;
 mod proxy;
