@@ -95,6 +95,18 @@ pub const UPSTREAM_UTILISATION: &str = "loadgate_upstream_utilisation";
 pub const UPSTREAM_EXTERNAL_LOAD: &str = "loadgate_upstream_external_load";
 /// 1 for the signal source in force for an upstream (`local`, `reported`, `adaptive`), else 0.
 pub const SIGNAL_SOURCE: &str = "loadgate_upstream_signal_source";
+/// The utilisation at which an upstream starts shedding a route class, by `upstream` and
+/// `class`: the upstream's `[upstream.shedding]` thresholds (a route's own `threshold`
+/// is not shown here). Rejections ramp up to every request at the threshold + `band`.
+pub const ADMISSION_THRESHOLD: &str = "loadgate_admission_threshold";
+/// 1 while a backend's last good actuator report still counts (it is younger than three
+/// poll intervals), 0 before the first one and once it has gone stale:
+/// the upstream then runs on the local signal alone. By `upstream` and `backend`; only
+/// for upstreams whose actuator is polled.
+pub const ACTUATOR_REPORT_FRESH: &str = "loadgate_actuator_report_fresh";
+/// Actuator polls, by `upstream`, `backend` and `result`: `ok`, or why no report came of
+/// it: `not_found`, `timeout`, `connect`, `status`, `malformed`, `invalid`.
+pub const ACTUATOR_POLLS_TOTAL: &str = "loadgate_actuator_polls_total";
 /// Admission decisions, by `route`, `upstream`, `class` and `outcome` (admitted, shed,
 /// queued, queue_timeout, queue_full; in shadow mode would_shed, would_queue, would_reject).
 pub const ADMISSION_DECISIONS_TOTAL: &str = "loadgate_admission_decisions_total";
@@ -465,6 +477,20 @@ fn describe() {
          (admitted, queue_timeout, cancelled)."
     );
     describe_counter!(SHED_TOTAL, "Requests shed with 429.");
+    describe_gauge!(
+        ADMISSION_THRESHOLD,
+        "Utilisation at which each upstream starts shedding a route class."
+    );
+    describe_gauge!(
+        ACTUATOR_REPORT_FRESH,
+        "1 while the backend's last good actuator report still counts, else 0 (the local \
+         signal alone is in force)."
+    );
+    describe_counter!(
+        ACTUATOR_POLLS_TOTAL,
+        "Actuator polls by upstream, backend and result (ok, not_found, timeout, connect, \
+         status, malformed, invalid)."
+    );
     describe_gauge!(
         UPSTREAM_EXTERNAL_LOAD,
         "Busy workers the backends report beyond this proxy's own requests (other proxies, \

@@ -17,6 +17,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::actuator::{parse_json_value, parse_prometheus, ActuatorFormat, MetricNames};
 use super::signal::{validate, Report, ReportedSignal, STALE_INTERVALS};
 use crate::http::tls_client::{Connector, TlsClient};
+use crate::metrics::{self as m, CounterTable, Label as _};
 
 /// Largest actuator body read; a Spring Boot Prometheus scrape is usually well under 1 MiB.
 const MAX_BODY_BYTES: usize = 4 << 20;
@@ -152,6 +153,7 @@ pub fn spawn_poller(
         return tokio::spawn(async {});
     }
     let poller = Poller::new(&backend, &settings, tls);
+    let gauges = PollGauges::new(&upstream, &backend);
     tokio::spawn(async move {
         let mut log = LogState::default();
         let mut tick = tokio::time::interval(settings.interval.max(Duration::from_millis(1)));
@@ -177,6 +179,7 @@ pub fn spawn_poller(
                     poll_workers: poller.poll_workers(),
                 })
             });
+            gauges.record(&result, &signal);
             match result {
                 Ok(report) => {
                     signal.record_ok(report);
@@ -209,6 +212,70 @@ pub fn spawn_poller(
             }
         }
     })
+}
+
+crate::metrics::label_values! {
+    /// How one poll ended: the `result` label of `loadgate_actuator_polls_total`.
+    enum PollResult {
+        Ok => "ok",
+        NotFound => "not_found",
+        Timeout => "timeout",
+        Connect => "connect",
+        Status => "status",
+        Malformed => "malformed",
+        Invalid => "invalid",
+    }
+}
+
+impl PollResult {
+    fn of<T>(result: &Result<T, PollError>) -> PollResult {
+        match result {
+            Ok(_) => PollResult::Ok,
+            Err(PollError::NotFound { .. }) => PollResult::NotFound,
+            Err(PollError::Timeout { .. }) => PollResult::Timeout,
+            Err(PollError::Connect(_)) => PollResult::Connect,
+            Err(PollError::Status(_)) => PollResult::Status,
+            Err(PollError::Malformed(_)) => PollResult::Malformed,
+            Err(PollError::Invalid(_)) => PollResult::Invalid,
+        }
+    }
+}
+
+/// One backend's poll counters by result and whether its report still counts, all
+/// registered (at zero) when the poller starts, so an alert sees them before any failure.
+struct PollGauges {
+    polls: CounterTable<PollResult>,
+    fresh: metrics::Gauge,
+}
+
+impl PollGauges {
+    fn new(upstream: &str, backend: &str) -> PollGauges {
+        let fresh = metrics::gauge!(m::ACTUATOR_REPORT_FRESH,
+            m::LABEL_UPSTREAM => upstream.to_string(), m::LABEL_BACKEND => backend.to_string());
+        fresh.set(0.0);
+        PollGauges {
+            polls: CounterTable::new(|result: PollResult| {
+                metrics::counter!(m::ACTUATOR_POLLS_TOTAL,
+                    m::LABEL_UPSTREAM => upstream.to_string(),
+                    m::LABEL_BACKEND => backend.to_string(),
+                    m::LABEL_RESULT => result.as_str())
+            }),
+            fresh,
+        }
+    }
+
+    /// Counts one poll; a good one is recorded in `signal` after this, so freshness is
+    /// read as of the report it brings.
+    fn record(&self, result: &Result<Report, PollError>, signal: &ReportedSignal) {
+        self.polls.increment(PollResult::of(result));
+        let fresh = match result {
+            Ok(_) => true,
+            Err(_) => signal
+                .estimate()
+                .is_some_and(|e| e.weight(Instant::now(), signal.interval()) > 0.0),
+        };
+        self.fresh.set(if fresh { 1.0 } else { 0.0 });
+    }
 }
 
 fn log_error(upstream: &str, backend: &str, error: &PollError, saturated: bool) {

@@ -49,6 +49,18 @@ impl UpstreamErrorKind {
         }
     }
 
+    /// Every kind, to register each upstream's error series at zero. A kind added to the
+    /// enum must be added here too (`every_error_kind_is_in_all` stops compiling until it is).
+    pub const ALL: [UpstreamErrorKind; 7] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Tls,
+        UpstreamErrorKind::ConnectTimeout,
+        UpstreamErrorKind::HeaderTimeout,
+        UpstreamErrorKind::Protocol,
+        UpstreamErrorKind::StaleConnection,
+        UpstreamErrorKind::NoHealthyBackend,
+    ];
+
     /// What a client is told about the failure: what went wrong, in plain words. The
     /// backend's address and the error chain behind it stay in the log.
     pub fn client_detail(self) -> &'static str {
@@ -489,5 +501,31 @@ mod tests {
         assert_eq!(unavailable.headers()[header::RETRY_AFTER], "1");
         let problem: serde_json::Value = serde_json::from_str(&body_text(unavailable)).unwrap();
         assert_eq!(problem["detail"], "no backend of the upstream is healthy");
+    }
+
+    #[test]
+    fn every_error_kind_is_in_all() {
+        use UpstreamErrorKind::*;
+        let every = [
+            Connect,
+            Tls,
+            ConnectTimeout,
+            HeaderTimeout,
+            Protocol,
+            StaleConnection,
+            NoHealthyBackend,
+        ];
+        for kind in every {
+            // No wildcard: a new kind stops this compiling until it is listed above.
+            match kind {
+                Connect | Tls | ConnectTimeout | HeaderTimeout | Protocol | StaleConnection
+                | NoHealthyBackend => {}
+            }
+            assert!(
+                UpstreamErrorKind::ALL.contains(&kind),
+                "{kind:?} is not in ALL"
+            );
+        }
+        assert_eq!(UpstreamErrorKind::ALL.len(), every.len());
     }
 }

@@ -73,6 +73,7 @@ impl Proxy {
     /// Binds the configured addresses (port 0 picks a free port) and starts serving.
     pub async fn start(config: Config) -> std::io::Result<Proxy> {
         crate::metrics::handle();
+        register_series();
         // `server.listen` (plain HTTP) first, then each `[[listener]]` in order.
         let mut bound = Vec::new();
         let roles = config.server.listen.iter().map(|addr| (*addr, Role::PLAIN));
@@ -723,6 +724,21 @@ impl<F: Future> Future for WhenWoken<F> {
 /// Resolves once `flag` is true (or its sender is gone).
 async fn raised(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|raised| *raised).await;
+}
+
+/// Registers at zero the process-wide counters of events a healthy proxy may never see
+/// (a failed reload, a timed-out connection, a malformed request), so they are in the
+/// first scrape and an alert's `increase()` counts the first event.
+fn register_series() {
+    for result in ["ok", "error"] {
+        metrics::counter!(m::CONFIG_RELOADS_TOTAL, m::LABEL_RESULT => result).absolute(0);
+    }
+    metrics::counter!(m::BAD_REQUESTS_TOTAL).absolute(0);
+    metrics::counter!(m::PROBES_TOTAL).absolute(0);
+    let kinds = [Expiry::Header, Expiry::Idle, Expiry::Send].map(Expiry::as_str);
+    for kind in kinds.into_iter().chain(["upgraded_idle"]) {
+        metrics::counter!(m::CONNECTIONS_TIMED_OUT_TOTAL, m::LABEL_KIND => kind).absolute(0);
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::admission::poller::spawn_poller;
 use crate::admission::{Admission, Slots};
-use crate::config::{ActuatorSettings, RetryConfig, ShedMode, UpstreamConfig};
+use crate::config::{ActuatorSettings, RetryConfig, RouteClass, ShedMode, UpstreamConfig};
 use crate::http::body::ProxyBody;
 use crate::http::error::UpstreamErrorKind;
 use crate::http::tls_client::TlsClient;
@@ -245,6 +245,7 @@ impl Upstream {
                 .find(|b| b.authority == *authority);
             old.cloned()
         };
+        register_series(config);
         let backends: Vec<Arc<Backend>> = config
             .backends
             .iter()
@@ -548,6 +549,30 @@ fn spawn_episode_clock(upstream: std::sync::Weak<Upstream>) {
             upstream.admission.tick(now);
         }
     });
+}
+
+/// Sets the upstream's class thresholds and registers its error and upgrade series at
+/// zero, so a dashboard draws the thresholds next to the utilisation and an alert on
+/// `increase(loadgate_upstream_errors_total[..])` sees the series before the first error.
+fn register_series(config: &UpstreamConfig) {
+    for class in RouteClass::ALL {
+        metrics::gauge!(m::ADMISSION_THRESHOLD,
+            m::LABEL_UPSTREAM => config.name.clone(), m::LABEL_CLASS => class.as_str())
+        .set(config.shedding.thresholds.for_class(class));
+    }
+    for kind in UpstreamErrorKind::ALL {
+        metrics::counter!(m::UPSTREAM_ERRORS_TOTAL,
+            m::LABEL_UPSTREAM => config.name.clone(), m::LABEL_KIND => kind.as_str())
+        .absolute(0);
+    }
+    for outcome in ["switched", "declined", "disabled", "failed"] {
+        metrics::counter!(m::UPGRADES_TOTAL,
+            m::LABEL_UPSTREAM => config.name.clone(), m::LABEL_OUTCOME => outcome)
+        .absolute(0);
+    }
+    // Registered, not set: tunnels of the generation a reload replaces are still open.
+    metrics::gauge!(m::UPGRADED_CONNECTIONS_OPEN, m::LABEL_UPSTREAM => config.name.clone())
+        .increment(0.0);
 }
 
 /// `host:port` of a backend's management port: its own host with `port`.

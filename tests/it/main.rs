@@ -14,6 +14,7 @@ mod cache_stale;
 mod cli;
 mod clients;
 mod config_files;
+mod dashboards;
 mod deploy;
 mod forwarding;
 mod hygiene;
