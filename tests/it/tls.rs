@@ -413,3 +413,37 @@ fn the_readmes_edge_proxy_example_is_a_valid_config() {
     assert!(config.listeners[1].proxy_protocol);
     assert!(config.access_log.is_some());
 }
+
+#[tokio::test]
+async fn the_binary_serves_a_certificate_swapped_on_disk_after_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let old = ca.leaf(dir.path(), "site", &["a.example.test"]);
+    let origin = Origin::canned(200, "hello").await;
+    let text = tls_config(origin.addr(), &[(&old, &[])], "");
+    let loadgate = crate::support::process::Loadgate::run(&text);
+    let addr = loadgate.listening_addr();
+
+    // A connection from before the swap, kept open across it.
+    let stream = ca.connect(addr, "a.example.test", &[]).await.unwrap();
+    assert_eq!(served_leaf(&stream), old.der);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let get = || {
+        Request::get("/x")
+            .header("host", "a.example.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+
+    // Renewed in place, as certbot or cert-manager would, then SIGHUP.
+    let new = ca.leaf(dir.path(), "site", &["a.example.test"]);
+    loadgate.signal("HUP");
+    loadgate.wait_for("config reloaded");
+    let stream = ca.connect(addr, "a.example.test", &[]).await.unwrap();
+    assert_eq!(served_leaf(&stream), new.der);
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+}
