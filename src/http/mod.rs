@@ -5,5 +5,6 @@ pub mod body;
 pub mod error;
 pub mod headers;
 pub mod rewrite;
+pub mod stream;
 pub mod target;
 pub mod tls_client;
