@@ -25,10 +25,13 @@
 //!   error.rs        the proxy's errors and the one error → status table
 //!   tls_client.rs   TLS to backends: one rustls client per upstream, the upstream stream,
 //!                   a connector for health checks and actuator polls
+//!   stream.rs       a TCP connection with or without TLS, for clients and backends alike
 //! forward/        the request path
 //!   stack.rs        the service around the handler: request id; redaction and trace at DEBUG
 //!   handler.rs      the handler, as stages over one request: framing → meaning → probe →
 //!                   route → cache → body read ahead → admission → forward → respond
+//!   meaning.rs      the request's one host and normal path, settled before routing
+//!   read_ahead.rs   request bodies read ahead before admission, within a global budget
 //!   routes.rs       host + path prefix → route (upstream, class, cache policy)
 //!   record.rs       the access log record each request's stages fill in
 //!   state.rs        the config generation in force, swapped atomically on reload

@@ -11,10 +11,9 @@
 //! carries the request's [`Record`], which each stage fills in (route, admission,
 //! backend, cache) and which is logged with the guard. Bodies stream in both directions.
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
@@ -28,14 +27,14 @@ use hyper::body::Incoming;
 use crate::access_log::Record;
 use crate::admission::{Decision, Rejection};
 use crate::cache::{self, Finished, Lookup};
+use crate::forward::meaning::{settle_meaning, Meaning};
+use crate::forward::read_ahead::{read_ahead, ClientBody};
 use crate::forward::record::{arriving, note, note_backend, own_cache_status};
 use crate::forward::routes::Route;
 use crate::forward::state::{Generation, Shared};
-use crate::http::body::{
-    full, take_ready, BodyWatch, BoxError, OnEnd, Prepend, ProxyBody, UploadPace, WatchedBody,
-};
+use crate::http::body::{full, take_ready, BodyWatch, BoxError, ProxyBody, UploadPace};
 use crate::http::error::{ProxyError, UpstreamErrorKind};
-use crate::http::{headers, rewrite, target};
+use crate::http::{headers, rewrite};
 use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
 use crate::listener::interim::Interim;
@@ -529,124 +528,6 @@ fn is_probe<B>(generation: &Generation, meaning: &Meaning, req: &Request<B>) -> 
         .any(|p| p == path)
 }
 
-/// What a request means, settled once before routing: the host and path it is routed,
-/// cache-keyed and forwarded on (see `http/target.rs` for the rules).
-struct Meaning {
-    /// `None` only for an HTTP/1.0 request that named no host.
-    host: Option<target::Host>,
-    /// The normalised path without its segments' parameters, what routes match, when
-    /// it differs from the request's (rewritten) path; `None` for most requests.
-    route_path: Option<String>,
-}
-
-impl Meaning {
-    /// The path routes match: see [`Meaning::route_path`](Meaning).
-    fn route_path<'a, B>(&'a self, req: &'a Request<B>) -> &'a str {
-        self.route_path.as_deref().unwrap_or(req.uri().path())
-    }
-}
-
-/// Settles the request's host and path, and rewrites the request to carry them: an
-/// origin-form target with the normalised path, and one `Host` field with the
-/// normalised host. Drops header names with `_` unless `underscores` allows them.
-fn settle_meaning<B>(req: &mut Request<B>, underscores: bool) -> Result<Meaning, ProxyError> {
-    let bad = |why: &str| ProxyError::BadRequest(why.to_string());
-    let refused = |r: target::Refused| ProxyError::BadRequest(r.to_string());
-    // A reverse proxy is not a tunnel (RFC 9110 §9.3.6).
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed {
-            method: Method::CONNECT.to_string(),
-        });
-    }
-
-    // An absolute-form target names the resource by URI: this proxy serves http(s) ones.
-    if let Some(scheme) = req.uri().scheme_str() {
-        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-            return Err(bad("a request target whose scheme is not http or https"));
-        }
-    }
-    // Host: the target's authority (absolute-form, or `:authority` on HTTP/2), else
-    // the one `Host` field.
-    let mut fields = req.headers().get_all(header::HOST).iter();
-    let field = fields.next();
-    if fields.next().is_some() {
-        return Err(bad("more than one Host field"));
-    }
-    let field = field
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| bad("a Host field that is not ASCII"))
-        })
-        .transpose()?;
-    let version = req.version();
-    let authority = req.uri().authority().map(|a| a.as_str());
-    if version == Version::HTTP_11 && field.is_none() {
-        return Err(bad("an HTTP/1.1 request without a Host field"));
-    }
-    let host = match (authority, field) {
-        (Some(authority), Some(field)) if version >= Version::HTTP_2 => {
-            let (a, f) = (target::host(authority), target::host(field));
-            if a.is_err() || a != f {
-                return Err(bad(":authority and the Host field differ"));
-            }
-            a.ok()
-        }
-        (Some(authority), _) => Some(target::host(authority).map_err(refused)?),
-        (None, Some(field)) => Some(target::host(field).map_err(refused)?),
-        (None, None) => None,
-    };
-    // The one Host field sent on: the client's, when it is already the normal form.
-    let host_field_is_normal = match (&host, field) {
-        (Some(host), Some(field)) => field == host.authority,
-        _ => false,
-    };
-
-    // Path: normalised, and forwarded in origin-form.
-    let uri = req.uri();
-    let asterisk = req.method() == Method::OPTIONS && uri.path() == "*";
-    let (route_path, rewritten) = if asterisk {
-        (None, None)
-    } else {
-        let path = target::path(uri.path()).map_err(refused)?;
-        let rewritten = match (&path.forward, uri.authority()) {
-            (Cow::Borrowed(_), None) => None,
-            (forward, _) => {
-                let target = match uri.query() {
-                    Some(query) => format!("{forward}?{query}"),
-                    None => forward.to_string(),
-                };
-                Some(Uri::try_from(target).map_err(|_| bad("an invalid request target"))?)
-            }
-        };
-        // Routes match the path without parameters; most paths have none.
-        let route = (path.route != path.forward).then(|| path.route.into_owned());
-        (route, rewritten)
-    };
-    if let Some(uri) = rewritten {
-        *req.uri_mut() = uri;
-    }
-
-    let headers = req.headers_mut();
-    if let Some(host) = &host {
-        if !host_field_is_normal {
-            let value =
-                HeaderValue::from_str(&host.authority).map_err(|_| bad("an invalid host"))?;
-            headers.insert(header::HOST, value);
-        }
-    }
-    if !underscores && headers.keys().any(|name| name.as_str().contains('_')) {
-        let names: Vec<_> = headers
-            .keys()
-            .filter(|name| name.as_str().contains('_'))
-            .cloned()
-            .collect();
-        for name in names {
-            headers.remove(name);
-        }
-    }
-    Ok(Meaning { host, route_path })
-}
-
 /// A request matched to its route.
 #[derive(Clone)]
 struct Routed {
@@ -754,115 +635,6 @@ fn probe(shared: &Shared) -> Response<ProxyBody> {
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-/// The most bytes of request bodies read ahead at once, over all connections; past it,
-/// bodies stream (after their first frame) instead of waiting in memory.
-const READ_AHEAD_BUDGET: usize = 64 * 1024 * 1024;
-
-/// Bytes of request bodies read ahead and not yet sent on, over the whole proxy.
-static READ_AHEAD_HELD: AtomicUsize = AtomicUsize::new(0);
-
-/// A share of [`READ_AHEAD_BUDGET`], given back when dropped.
-struct ReadAheadShare(usize);
-
-impl ReadAheadShare {
-    fn take(bytes: usize) -> Option<ReadAheadShare> {
-        READ_AHEAD_HELD
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (held + bytes <= READ_AHEAD_BUDGET).then_some(held + bytes)
-            })
-            .ok()
-            .map(|_| ReadAheadShare(bytes))
-    }
-}
-
-impl Drop for ReadAheadShare {
-    fn drop(&mut self) {
-        READ_AHEAD_HELD.fetch_sub(self.0, Ordering::AcqRel);
-    }
-}
-
-/// A request body on its way on: what was read ahead, then the rest as it arrives,
-/// watched for size and pace. `watch` is `None` for a request without a body.
-struct ClientBody {
-    body: ProxyBody,
-    watch: Option<Arc<BodyWatch>>,
-}
-
-/// Reads the request body ahead, before the request takes a backend worker: in full
-/// when it fits `request_buffer_bytes` (so a slow upload never holds a worker), else
-/// its first frames. Either way a body with broken framing, over the size limit or
-/// slower than the upload pace is refused here, and the backend never sees it.
-async fn read_ahead(
-    conn: &ConnInfo,
-    req: Request<Incoming>,
-) -> Result<Request<ClientBody>, ProxyError> {
-    let (parts, body) = req.into_parts();
-    if body.is_end_stream() {
-        let body = ClientBody {
-            body: crate::http::body::empty(),
-            watch: None,
-        };
-        return Ok(Request::from_parts(parts, body));
-    }
-    let body = body.map_err(BoxError::from);
-    let (mut body, watch) = WatchedBody::new(body, conn.max_body_bytes, Some(conn.upload));
-    // The buffer this body may use: all of a declared length that fits, else the limit.
-    let want = match body.size_hint().upper() {
-        Some(declared) => conn.request_buffer_bytes.min(declared as usize),
-        None => conn.request_buffer_bytes,
-    };
-    let share = ReadAheadShare::take(want);
-    let limit = share.as_ref().map_or(0, |s| s.0);
-    let mut frames = Vec::new();
-    let mut read = 0;
-    let mut ended = false;
-    // At least one frame is read, to check the framing before anything is sent.
-    loop {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                read += frame.data_ref().map_or(0, |d| d.len());
-                frames.push(frame);
-                if read >= limit {
-                    break;
-                }
-            }
-            Some(Err(error)) => {
-                return Err(match watch.fault() {
-                    Some(fault) => ProxyError::from_client_body(fault, &error.to_string()),
-                    None => ProxyError::BadRequest(format!("malformed request body: {error}")),
-                });
-            }
-            None => {
-                ended = true;
-                break;
-            }
-        }
-    }
-    let body = if ended {
-        // All of it is here: sent on with its exact length as Content-Length, whatever
-        // framing the client used (hyper would send a chunked GET body as no body).
-        Prepend::new(frames, crate::http::body::empty()).boxed_unsync()
-    } else if matches!(parts.method, Method::GET | Method::HEAD)
-        && body.size_hint().exact().is_none()
-    {
-        // hyper sends no body of unknown length with GET or HEAD; refused rather than
-        // forwarded without it.
-        return Err(ProxyError::BadRequest(
-            "a GET or HEAD body of unknown length, larger than request_buffer_bytes".to_string(),
-        ));
-    } else {
-        Prepend::new(frames, body).boxed_unsync()
-    };
-    let body = ClientBody {
-        body: match share {
-            Some(share) => OnEnd::new(body, share).boxed_unsync(),
-            None => body,
-        },
-        watch: Some(watch),
-    };
-    Ok(Request::from_parts(parts, body))
 }
 
 /// The route's rewrites of the request to the backend (`http/rewrite.rs`): its prefix

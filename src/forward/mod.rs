@@ -3,6 +3,8 @@
 //! generation in force, and the access log record the handler fills in.
 
 pub mod handler;
+mod meaning;
+mod read_ahead;
 mod record;
 pub mod routes;
 pub mod stack;
