@@ -163,9 +163,10 @@ pub fn connection_service(
 > {
     let handler = tower::service_fn(move |req: Request<Incoming>| {
         let in_flight = activity.request_started(req.version());
-        // `map`, not an `async` block: a block awaiting `handle` would hold its future
-        // more than once over, and every layer above moves what it is given.
-        handle(shared.clone(), conn.clone(), req, in_flight).map(Ok::<_, Infallible>)
+        // Boxed, and `map` rather than an `async` block: the handler's future is large,
+        // and every layer above (and hyper's task per HTTP/2 stream) moves what it is
+        // given; a box moves as one pointer.
+        Box::pin(handle(shared.clone(), conn.clone(), req, in_flight)).map(Ok::<_, Infallible>)
     });
     // Per-request spans cost a few microseconds even when nothing listens, so the
     // trace layers are built only when DEBUG tracing is on for them (decided per
