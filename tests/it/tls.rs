@@ -90,6 +90,28 @@ async fn get_over(stream: TlsStream<TcpStream>, path: &str, h2: bool) -> (u16, S
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// An HTTP/1.1 connection over TLS kept open across a certificate change.
+struct KeptConnection(hyper::client::conn::http1::SendRequest<Empty<Bytes>>);
+
+impl KeptConnection {
+    async fn open(stream: TlsStream<TcpStream>) -> KeptConnection {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        KeptConnection(sender)
+    }
+
+    /// The status of a GET on it.
+    async fn get(&mut self) -> u16 {
+        let req = Request::get("/x")
+            .header("host", "a.example.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        self.0.send_request(req).await.unwrap().status().as_u16()
+    }
+}
+
 /// An origin that answers with the request's `x-forwarded-proto`.
 async fn proto_echo() -> Origin {
     Origin::start(Duration::ZERO, |parts, _| {
@@ -187,17 +209,8 @@ async fn a_reload_serves_new_certificates_while_open_connections_keep_working() 
         .await
         .unwrap();
     assert_eq!(served_leaf(&stream), old.der);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let get = || {
-        Request::get("/x")
-            .header("host", "a.example.test")
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
-    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+    let mut kept = KeptConnection::open(stream).await;
+    assert_eq!(kept.get().await, 200);
 
     // The same files, new contents: a renewed certificate, then the reload.
     let new = ca.leaf(dir.path(), "site", &["a.example.test"]);
@@ -215,8 +228,7 @@ async fn a_reload_serves_new_certificates_while_open_connections_keep_working() 
         new.der,
         "new connections get the new certificate"
     );
-    let response = sender.send_request(get()).await.unwrap();
-    assert_eq!(response.status(), 200, "the old connection still serves");
+    assert_eq!(kept.get().await, 200, "the old connection still serves");
     proxy.shutdown().await;
 }
 
@@ -427,17 +439,8 @@ async fn the_binary_serves_a_certificate_swapped_on_disk_after_sighup() {
     // A connection from before the swap, kept open across it.
     let stream = ca.connect(addr, "a.example.test", &[]).await.unwrap();
     assert_eq!(served_leaf(&stream), old.der);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let get = || {
-        Request::get("/x")
-            .header("host", "a.example.test")
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
-    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+    let mut kept = KeptConnection::open(stream).await;
+    assert_eq!(kept.get().await, 200);
 
     // Renewed in place, as certbot or cert-manager would, then SIGHUP.
     let new = ca.leaf(dir.path(), "site", &["a.example.test"]);
@@ -445,5 +448,5 @@ async fn the_binary_serves_a_certificate_swapped_on_disk_after_sighup() {
     loadgate.wait_for("config reloaded");
     let stream = ca.connect(addr, "a.example.test", &[]).await.unwrap();
     assert_eq!(served_leaf(&stream), new.der);
-    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+    assert_eq!(kept.get().await, 200, "the old connection still serves");
 }
