@@ -2,7 +2,9 @@
 //!
 //! [`Proxy::start`] binds every listener first (so a busy port fails at once), then
 //! serves HTTP/1.1 with keep-alive and HTTP/2 cleartext (prior knowledge) on each
-//! data listener. [`Proxy::shutdown`] stops accepting, answers probes with 503,
+//! data listener; a `[[listener]]` may first read a PROXY protocol header
+//! (`proxy_protocol.rs`) and terminate TLS (`tls.rs`, ALPN h2 and http/1.1), both in
+//! the connection's own task. [`Proxy::shutdown`] stops accepting, answers probes with 503,
 //! lets in-flight requests finish up to the drain deadline, then returns.
 //!
 //! # Worker threads
