@@ -37,7 +37,7 @@ pub enum Finished {
     Answer(Response<ProxyBody>),
     /// The response for the client (a `304` to its own validators), and the origin's
     /// full response still arriving behind it, to be read into the store: the caller
-    /// runs [`Drain::run`] and keeps the request's backend slot until it ends, since
+    /// runs `Drain::run` and keeps the request's backend slot until it ends, since
     /// the backend is still sending.
     AnswerAndDrain(Response<ProxyBody>, Drain),
     /// The origin's 304 validated nothing the cache holds (another ETag): the entry is

@@ -171,7 +171,7 @@ impl Activity {
     }
 
     /// Resolves when a client connection has outlived its header read or idle timeout;
-    /// see [`client_deadline`] for which applies when. Checks at least every
+    /// see `client_deadline` for which applies when. Checks at least every
     /// `min(header_read, idle)`: neither a starting head nor the end of a request can
     /// start a shorter deadline (see the module docs).
     pub async fn client_expiry(&self, limits: ClientTimeouts) -> Expiry {

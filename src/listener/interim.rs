@@ -2,7 +2,7 @@
 //! Hints` or `102 Processing`, passed on to the client ahead of the final response.
 //!
 //! hyper's server has no way to send an interim response, so the connection's IO
-//! writes it ([`FramingIo`](super::framing::FramingIo) calls [`Interim::poll_write_to`])
+//! writes it ([`FramingIo`](super::framing::FramingIo) calls `Interim::poll_write_to`)
 //! between hyper's own writes. The one rule that keeps the byte stream a valid HTTP/1.1
 //! exchange: interim bytes go out only while hyper has nothing of its own half-written,
 //! that is, after hyper's last write was flushed. An interim response that arrives
