@@ -36,12 +36,18 @@ pub struct DemoPorts {
 }
 
 impl Default for DemoPorts {
+    /// The ports `config/demo.toml` names.
     fn default() -> Self {
+        let config = Config::demo();
+        let sim = config.sim.expect("the demo config has a [sim] section");
         DemoPorts {
-            proxy: 8080,
-            admin: 9901,
-            backend: 8081,
-            management: 8082,
+            proxy: config.server.listen[0].port(),
+            admin: config.admin.listen.port(),
+            backend: sim.listen.port(),
+            management: sim
+                .management_listen
+                .expect("the demo's backend has a management port")
+                .port(),
         }
     }
 }
@@ -80,12 +86,14 @@ impl DemoPorts {
                 );
             }
         }
-        for (port, what, flag) in named {
+        let defaults = DemoPorts::default().named();
+        for ((port, what, flag), (default, ..)) in named.into_iter().zip(defaults) {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             if let Err(error) = std::net::TcpListener::bind(addr) {
+                let name = flag.split(' ').next().unwrap_or(flag);
                 anyhow::bail!(
-                    "port {port} ({what}) is busy: {error}; pick another with {flag}, e.g. {}",
-                    example_move(flag)
+                    "port {port} ({what}) is busy: {error}; pick another with {flag}, \
+                     e.g. {name} 1{default}"
                 );
             }
         }
@@ -103,20 +111,6 @@ impl DemoPorts {
         }
         Ok(config)
     }
-}
-
-/// `--port 18080` for the flag named first in `flag`.
-fn example_move(flag: &str) -> String {
-    let name = flag.split(' ').next().unwrap_or(flag);
-    format!(
-        "{name} 1{}",
-        match name {
-            "--admin-port" => "9901",
-            "--backend-port" => "8081",
-            "--management-port" => "8082",
-            _ => "8080",
-        }
-    )
 }
 
 async fn run_with(

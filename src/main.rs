@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use loadgate::app::DemoPorts;
 use loadgate::config::{defaults, Config};
 use loadgate::sim::{limits, Distribution, SimConfig};
 
@@ -40,16 +41,16 @@ enum Command {
 #[derive(clap::Args)]
 struct DemoArgs {
     /// The proxy's port.
-    #[arg(long, env = "LOADGATE_DEMO_PORT", default_value_t = 8080)]
+    #[arg(long, env = "LOADGATE_DEMO_PORT", default_value_t = DemoPorts::default().proxy)]
     port: u16,
     /// The admin port (live view, /status, /metrics).
-    #[arg(long, env = "LOADGATE_DEMO_ADMIN_PORT", default_value_t = 9901)]
+    #[arg(long, env = "LOADGATE_DEMO_ADMIN_PORT", default_value_t = DemoPorts::default().admin)]
     admin_port: u16,
     /// The simulated backend's port.
-    #[arg(long, env = "LOADGATE_DEMO_BACKEND_PORT", default_value_t = 8081)]
+    #[arg(long, env = "LOADGATE_DEMO_BACKEND_PORT", default_value_t = DemoPorts::default().backend)]
     backend_port: u16,
     /// The simulated backend's management (actuator) port.
-    #[arg(long, env = "LOADGATE_DEMO_MANAGEMENT_PORT", default_value_t = 8082)]
+    #[arg(long, env = "LOADGATE_DEMO_MANAGEMENT_PORT", default_value_t = DemoPorts::default().management)]
     management_port: u16,
 }
 
@@ -119,7 +120,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Command::Demo(args) => runtime.block_on(loadgate::app::demo(loadgate::app::DemoPorts {
+        Command::Demo(args) => runtime.block_on(loadgate::app::demo(DemoPorts {
             proxy: args.port,
             admin: args.admin_port,
             backend: args.backend_port,
