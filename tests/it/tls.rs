@@ -66,6 +66,13 @@ async fn start(text: &str, dir: &Path) -> Proxy {
     start_proxy(config).await
 }
 
+/// [`start`], with `text` also written to `dir/loadgate.toml` for a reload to read.
+async fn start_from_file(text: &str, dir: &Path) -> (Proxy, std::path::PathBuf) {
+    let path = dir.join("loadgate.toml");
+    std::fs::write(&path, text).unwrap();
+    (start(text, dir).await, path)
+}
+
 /// One GET over `stream`, HTTP/2 when `h2`; the status and what the origin saw of the
 /// protocol in `x-forwarded-proto`.
 async fn get_over(stream: TlsStream<TcpStream>, path: &str, h2: bool) -> (u16, String) {
@@ -199,9 +206,7 @@ async fn a_reload_serves_new_certificates_while_open_connections_keep_working() 
     let old = ca.leaf(dir.path(), "site", &["a.example.test"]);
     let origin = Origin::canned(200, "hello").await;
     let text = tls_config(origin.addr(), &[(&old, &[])], "");
-    let config_path = dir.path().join("loadgate.toml");
-    std::fs::write(&config_path, &text).unwrap();
-    let proxy = start(&text, dir.path()).await;
+    let (proxy, config_path) = start_from_file(&text, dir.path()).await;
 
     // An open HTTP/1.1 connection from before the swap.
     let stream = ca
@@ -239,9 +244,7 @@ async fn a_key_that_does_not_match_is_reported_with_its_file_and_the_running_cer
     let good = ca.leaf(dir.path(), "site", &["a.example.test"]);
     let origin = Origin::canned(200, "hello").await;
     let text = tls_config(origin.addr(), &[(&good, &[])], "");
-    let config_path = dir.path().join("loadgate.toml");
-    std::fs::write(&config_path, &text).unwrap();
-    let proxy = start(&text, dir.path()).await;
+    let (proxy, config_path) = start_from_file(&text, dir.path()).await;
 
     // A renewal gone wrong: a new certificate with the old key beside it.
     let good_key = std::fs::read(&good.key_path).unwrap();
