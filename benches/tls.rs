@@ -62,6 +62,8 @@
 //! - `LOADGATE_BENCH_BACKEND_THREADS` the backend's runtime threads (the core count)
 //! - `LOADGATE_BENCH_CLIENT_THREADS` the load generator's runtime threads (1)
 //! - `LOADGATE_BENCH_NGINX` path of nginx, or `off` to skip it (found on PATH or in /usr/sbin)
+//! - `LOADGATE_BENCH_TLS_ROWS` the rows to run, comma-separated: `handshakes`, `http1`,
+//!   `http2` (all three), e.g. `http2` alone to profile one row
 
 mod common;
 #[path = "common/tls_load.rs"]
@@ -97,6 +99,8 @@ struct Settings {
     workers: usize,
     backend_threads: usize,
     client_threads: usize,
+    /// The rows to run, by [`Shape::key`].
+    rows: Vec<String>,
 }
 
 impl Settings {
@@ -112,8 +116,24 @@ impl Settings {
             workers: env_or("LOADGATE_BENCH_WORKERS", common::cores()).max(1),
             backend_threads: env_or("LOADGATE_BENCH_BACKEND_THREADS", common::cores()).max(1),
             client_threads: env_or("LOADGATE_BENCH_CLIENT_THREADS", 1usize).max(1),
+            rows: rows_from_env(),
         }
     }
+}
+
+/// `LOADGATE_BENCH_TLS_ROWS`, checked: an unknown row name stops the run.
+fn rows_from_env() -> Vec<String> {
+    const ROWS: [&str; 3] = ["handshakes", "http1", "http2"];
+    let rows: String = env_or("LOADGATE_BENCH_TLS_ROWS", ROWS.join(","));
+    let rows: Vec<String> = rows.split(',').map(|r| r.trim().to_string()).collect();
+    if let Some(unknown) = rows.iter().find(|r| !ROWS.contains(&r.as_str())) {
+        eprintln!(
+            "LOADGATE_BENCH_TLS_ROWS: {unknown:?} is not one of {}",
+            ROWS.join(", ")
+        );
+        std::process::exit(2);
+    }
+    rows
 }
 
 fn main() {
@@ -215,6 +235,7 @@ fn bench(s: &Settings) -> std::io::Result<()> {
             client_share: Vec::new(),
         },
     ];
+    rows.retain(|row| s.rows.iter().any(|key| key == row.shape.key()));
     for row in &mut rows {
         row.runs = targets.iter().map(|_| Runs::default()).collect();
         row.client_share = targets.iter().map(|_| Vec::new()).collect();

@@ -173,6 +173,15 @@ impl Shape {
             Shape::Handshake | Shape::Http1 => b"http/1.1",
         }
     }
+
+    /// The row's name in `LOADGATE_BENCH_TLS_ROWS`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Shape::Handshake => "handshakes",
+            Shape::Http1 => "http1",
+            Shape::Http2 { .. } => "http2",
+        }
+    }
 }
 
 /// One closed-loop run over TLS against `addr`.
