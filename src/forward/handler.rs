@@ -180,7 +180,7 @@ impl Body for HandledBody {
 /// connection until the response body ends.
 pub async fn handle(
     shared: Arc<Shared>,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     req: Request<Incoming>,
     on_connection: ActiveRequest,
 ) -> Response<HandledBody> {

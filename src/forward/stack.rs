@@ -149,7 +149,7 @@ where
 /// idle and header timeouts never cut off a request being answered.
 pub fn connection_service(
     shared: Arc<Shared>,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     activity: Arc<Activity>,
 ) -> hyper_util::service::TowerToHyperService<
     impl tower::Service<

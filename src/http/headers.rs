@@ -124,12 +124,12 @@ pub struct Hop<'a> {
 /// its `Forwarded` is removed even when loadgate adds none: Spring reads `Forwarded`
 /// before any `X-Forwarded-*` (`forward-headers-strategy = framework`).
 pub fn add_forwarded(headers: &mut HeaderMap, hop: &Hop<'_>, host: Option<HeaderValue>) {
-    let (xff, proto, fhost, port) = (
-        HeaderName::from_static("x-forwarded-for"),
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderName::from_static("x-forwarded-host"),
-        HeaderName::from_static("x-forwarded-port"),
-    );
+    // Constants, so the names are checked once at compile time rather than per request.
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    const PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+    let (xff, proto, fhost, port) = (XFF, PROTO, HOST, PORT);
     let scheme = if hop.tls { "https" } else { "http" };
     if hop.forwarded {
         let element = forwarded_element(hop.peer, scheme, host.as_ref());
@@ -187,9 +187,14 @@ fn forwarded_port(host: Option<&str>, scheme: &str, local_port: u16) -> HeaderVa
     let after_name = host.rfind(']').map_or(0, |end| end + 1);
     let port = host[after_name..]
         .rsplit_once(':')
-        .and_then(|(_, port)| port.parse::<u16>().ok());
+        .filter(|(_, port)| port.parse::<u16>().is_ok());
     match port {
-        Some(port) => HeaderValue::from(port),
+        // The host's own digits when they are the number's (no leading zero): a copy,
+        // not the formatting `HeaderValue::from(u16)` does.
+        Some((_, digits)) if !digits.starts_with('0') => {
+            HeaderValue::from_str(digits).expect("ASCII digits are a header value")
+        }
+        Some((_, digits)) => HeaderValue::from(digits.parse::<u16>().unwrap_or_default()),
         None if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("wss") => {
             HeaderValue::from_static("443")
         }
@@ -238,12 +243,16 @@ pub fn client_address(ip: IpAddr) -> HeaderValue {
 
 /// Joins all existing values of `name` and `item` into one comma-separated value.
 fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue) {
-    if !headers.contains_key(&name) {
-        headers.insert(name, item.clone());
-        return;
-    }
+    // One hash and probe, whether the field is there already or (usually) not.
+    let mut entry = match headers.entry(name) {
+        header::Entry::Vacant(entry) => {
+            entry.insert(item.clone());
+            return;
+        }
+        header::Entry::Occupied(entry) => entry,
+    };
     let mut joined = String::new();
-    for value in headers.get_all(&name).iter() {
+    for value in entry.iter() {
         if let Ok(v) = value.to_str() {
             joined.push_str(v);
             joined.push_str(", ");
@@ -251,7 +260,8 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue) {
     }
     joined.push_str(item.to_str().unwrap_or_default());
     if let Ok(value) = HeaderValue::from_str(&joined) {
-        headers.insert(name, value);
+        // Replaces every earlier line of the field with the one joined value.
+        entry.insert(value);
     }
 }
 
@@ -421,6 +431,12 @@ mod tests {
         assert_eq!(port(&trusted, host("internal:8080"), &sent), "443");
         let sent = [("x-forwarded-host", "shop.example:9443")];
         assert_eq!(port(&trusted, host("internal:8080"), &sent), "9443");
+        // A port written with leading zeros is sent as its number; one that is no port
+        // at all counts as none.
+        let sent = [("x-forwarded-host", "shop.example:09443")];
+        assert_eq!(port(&trusted, host("internal:8080"), &sent), "9443");
+        let sent = [("x-forwarded-host", "shop.example:99999")];
+        assert_eq!(port(&trusted, host("internal:8080"), &sent), "80");
         assert_eq!(port(&trusted, host("internal:8080"), &[]), "8080");
     }
 

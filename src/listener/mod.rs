@@ -536,7 +536,7 @@ async fn serve_connection(
         forwarded: server.forwarded,
         tunnel: tunnel.clone(),
     };
-    let service = connection_service(shared.clone(), info, activity.clone());
+    let service = connection_service(shared.clone(), Arc::new(info), activity.clone());
     // With upgrades: a 101 the handler answers hands the socket over (`tunnel.rs`).
     let connection = connection_builder(server)
         .serve_connection_with_upgrades(TokioIo::new(io), service)

@@ -185,7 +185,6 @@ impl Pool {
             .retry
             .idempotent_methods
             .contains(req.method());
-        let replay = Replay::of(&req);
         let method = req.method().clone();
 
         let (conn, reused) = match inner.checkout(host, connect_attempts).await {
@@ -197,6 +196,9 @@ impl Pool {
                 })
             }
         };
+        // Only a request on a reused connection is ever sent again after being written,
+        // and only an idempotent one: the copy of its head is made for those alone.
+        let replay = (reused && idempotent).then(|| Replay::of(&req)).flatten();
         let failed = match exchange(conn, req).await {
             Ok((response, conn)) => return Ok((inner.finish(host, conn, response), reused)),
             Err(failed) => failed,
@@ -209,7 +211,7 @@ impl Pool {
         let retry = match (failed.unsent, replay) {
             // Never written: safe for any method.
             (Some(unsent), _) => Some(unsent),
-            (None, Some(replay)) if idempotent => Some(replay.request()),
+            (None, Some(replay)) => Some(replay.request()),
             _ => None,
         };
         let Some(retry) = retry else {
