@@ -20,7 +20,9 @@ pub struct Record {
     pub time: SystemTime,
     /// The client's address (the peer of the connection).
     pub client: SocketAddr,
-    pub method: Method,
+    /// `None` for a request refused before its head could be read (malformed, or too
+    /// large): its line has no method, path or protocol, as nothing of them is known.
+    pub method: Option<Method>,
     /// The host the request named (`Host` or the target's authority), as sent.
     pub host: Option<Box<[u8]>>,
     /// The path of the request target as the client sent it, before normalisation.
@@ -68,7 +70,7 @@ impl Record {
         Record {
             time,
             client,
-            method,
+            method: Some(method),
             host: None,
             path: path.into(),
             query: None,
@@ -91,6 +93,16 @@ impl Record {
             sni: None,
             completed: true,
         }
+    }
+
+    /// A request hyper refused on its own before the handler saw it, answering `status`
+    /// (400 for a head it could not parse, 431 for one larger than its buffer): who sent
+    /// it and what they got, all that is known.
+    pub fn refused(time: SystemTime, client: SocketAddr, status: u16) -> Record {
+        let mut record = Record::new(time, client, Method::GET, "");
+        record.method = None;
+        record.status = status;
+        record
     }
 }
 
@@ -135,15 +147,21 @@ fn write_json(out: &mut Vec<u8>, r: &Record) {
     };
     string(out, "client", r.client.ip().to_string().as_bytes());
     number(out, "client_port", &r.client.port());
-    string(out, "method", r.method.as_str().as_bytes());
+    if let Some(method) = &r.method {
+        string(out, "method", method.as_str().as_bytes());
+    }
     if let Some(host) = &r.host {
         string(out, "host", host);
     }
-    string(out, "path", r.path.as_bytes());
+    if r.method.is_some() {
+        string(out, "path", r.path.as_bytes());
+    }
     if let Some(query) = &r.query {
         string(out, "query", query.as_bytes());
     }
-    string(out, "protocol", protocol(r.version).as_bytes());
+    if r.method.is_some() {
+        string(out, "protocol", protocol(r.version).as_bytes());
+    }
     number(out, "status", &r.status);
     number(out, "bytes_in", &r.bytes_in);
     number(out, "bytes_out", &r.bytes_out);
@@ -220,15 +238,21 @@ fn write_common(out: &mut Vec<u8>, r: &Record, combined: bool) {
     out.extend_from_slice(b" - - [");
     clf_time(out, r.time);
     out.extend_from_slice(b"] \"");
-    quoted_text(out, r.method.as_str().as_bytes());
-    out.push(b' ');
-    quoted_text(out, r.path.as_bytes());
-    if let Some(query) = &r.query {
-        out.push(b'?');
-        quoted_text(out, query.as_bytes());
+    match &r.method {
+        Some(method) => {
+            quoted_text(out, method.as_str().as_bytes());
+            out.push(b' ');
+            quoted_text(out, r.path.as_bytes());
+            if let Some(query) = &r.query {
+                out.push(b'?');
+                quoted_text(out, query.as_bytes());
+            }
+            out.push(b' ');
+            out.extend_from_slice(protocol(r.version).as_bytes());
+        }
+        // No request line was read, as Apache and nginx write it.
+        None => out.push(b'-'),
     }
-    out.push(b' ');
-    out.extend_from_slice(protocol(r.version).as_bytes());
     out.extend_from_slice(format!("\" {} ", r.status).as_bytes());
     if r.bytes_out == 0 {
         out.push(b'-');
@@ -482,6 +506,28 @@ mod tests {
             line(&bare, AccessLogFormat::Combined),
             "::1 - - [29/Feb/2024:23:59:58 +0000] \"POST /x HTTP/1.0\" 502 - \"-\" \"-\"\n"
         );
+    }
+
+    #[test]
+    fn a_request_refused_before_its_head_was_read_has_no_request_line() {
+        let r = Record::refused(leap_day(), "10.1.2.3:40000".parse().unwrap(), 431);
+        assert_eq!(
+            line(&r, AccessLogFormat::Combined),
+            "10.1.2.3 - - [29/Feb/2024:23:59:58 +0000] \"-\" 431 - \"-\" \"-\"\n"
+        );
+        let parsed = json(&r);
+        assert_eq!(parsed["status"], 431);
+        assert_eq!(parsed["client"], "10.1.2.3");
+        for absent in [
+            "method",
+            "path",
+            "protocol",
+            "route",
+            "upstream",
+            "admission",
+        ] {
+            assert!(parsed.get(absent).is_none(), "{absent} in {parsed}");
+        }
     }
 
     #[test]

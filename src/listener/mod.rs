@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -43,6 +43,7 @@ pub mod tls;
 pub mod tunnel;
 pub mod workers;
 
+use crate::access_log::Record;
 use crate::config::{Config, ConfigErrors, ServerConfig, MIN_HEADER_BYTES};
 use crate::forward::handler::ConnInfo;
 use crate::forward::stack::connection_service;
@@ -517,6 +518,7 @@ async fn serve_connection(
     let activity = Activity::new();
     let interim = crate::listener::interim::Interim::default();
     let tunnel = tunnel::TunnelSlot::default();
+    let tls_info = tls.clone();
     let (io, verdicts) =
         crate::listener::framing::wrap(ActivityIo::new(stream, activity.clone()), interim.clone());
     let info = ConnInfo {
@@ -550,7 +552,17 @@ async fn serve_connection(
     drop(generation);
     let mut tunnel_abort = stop.abort.clone();
     let graceful = auto::UpgradeableConnection::graceful_shutdown;
-    watch_connection(connection, graceful, &activity, timeouts, stop, peer).await;
+    let refused = watch_connection(connection, graceful, &activity, timeouts, stop, peer).await;
+    // hyper answered a request the handler never saw: the access log still gets its line.
+    let logging = shared.access_log.include_query().is_some();
+    if let Some(status) = refused.filter(|_| logging) {
+        let mut record = Record::refused(SystemTime::now(), peer, status);
+        if let Some(tls) = &tls_info {
+            record.tls_version = Some(tls.version);
+            record.sni = tls.sni.clone();
+        }
+        shared.access_log.log(record);
+    }
     // A connection upgraded by its last response lives on as a tunnel, still holding its
     // slot and its place in the drain (closed at the drain deadline).
     if let Some(tunnel) = tunnel.take() {
@@ -563,11 +575,25 @@ async fn serve_connection(
     }
 }
 
-/// Whether a connection ended because its client sent a request hyper could not parse.
-fn refused_by_parser(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
-    error
-        .downcast_ref::<hyper::Error>()
-        .is_some_and(|e| e.is_parse() || e.is_parse_status())
+/// The status hyper answered with when a connection ended because its client sent a
+/// request hyper could not read: 400 for a head it could not parse, 431 for one larger
+/// than its buffer, 414 for a target too long (hyper's `Server::on_error`). `None` for
+/// any other end, and for the parse errors hyper answers nothing to (an HTTP/2 preface
+/// sent as HTTP/1).
+fn refused_by_parser(error: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<u16> {
+    let error = error.downcast_ref::<hyper::Error>()?;
+    if !error.is_parse() || error.is_parse_version_h2() {
+        return None;
+    }
+    if !error.is_parse_too_large() {
+        return Some(400);
+    }
+    // hyper tells its two "too large" kinds apart only in its message.
+    Some(if error.to_string().starts_with("URI too long") {
+        414
+    } else {
+        431
+    })
 }
 
 /// The two signals a connection task obeys: finish gracefully, and stop now.
@@ -578,6 +604,7 @@ struct Stop {
 
 /// Serves one client connection until it ends, closing it when a timeout of `timeouts`
 /// passes (see [`Activity::client_expiry`]), gracefully on shutdown, at once on abort.
+/// Returns the status hyper refused a request with on its own, when that ended it.
 async fn watch_connection<C, E>(
     connection: C,
     graceful_shutdown: impl Fn(Pin<&mut C>),
@@ -585,7 +612,8 @@ async fn watch_connection<C, E>(
     timeouts: ClientTimeouts,
     mut stop: Stop,
     peer: SocketAddr,
-) where
+) -> Option<u16>
+where
     C: Future<Output = Result<(), E>>,
     E: AsRef<dyn std::error::Error + Send + Sync + 'static> + std::fmt::Display,
 {
@@ -602,15 +630,17 @@ async fn watch_connection<C, E>(
             biased;
             result = connection.as_mut() => {
                 if let Err(error) = result {
-                    if refused_by_parser(error.as_ref()) {
+                    let refused = refused_by_parser(error.as_ref());
+                    if refused.is_some() {
                         // A request hyper could not parse: it answered 400/431 itself.
                         metrics::counter!(m::BAD_REQUESTS_TOTAL).increment(1);
                         tracing::debug!(%peer, %error, "refused a malformed request");
                     } else {
                         tracing::debug!(%peer, %error, "client connection ended with an error");
                     }
+                    return refused;
                 }
-                return;
+                return None;
             }
             event = event.as_mut() => event,
         };
@@ -622,7 +652,7 @@ async fn watch_connection<C, E>(
                 match expired {
                     // Nothing was asked of us that could be answered, or the client
                     // reads nothing of what we answer: drop the socket.
-                    Expiry::Header | Expiry::Send => return,
+                    Expiry::Header | Expiry::Send => return None,
                     // Graceful, so an HTTP/2 client gets a GOAWAY rather than a reset.
                     Expiry::Idle => {
                         graceful_shutdown(connection.as_mut());
@@ -635,7 +665,7 @@ async fn watch_connection<C, E>(
                 // Draining is bounded by the drain deadline (abort), not by the grace period.
                 closing_by = Some(Instant::now() + Duration::from_secs(86_400 * 365));
             }
-            ConnectionEvent::GraceOver | ConnectionEvent::Abort => return,
+            ConnectionEvent::GraceOver | ConnectionEvent::Abort => return None,
         }
     }
 }

@@ -242,6 +242,74 @@ async fn a_502_from_a_dead_backend_names_the_backend_tried() {
     proxy.shutdown().await;
 }
 
+#[tokio::test]
+async fn requests_hyper_refuses_before_the_handler_are_logged_with_their_status() {
+    let origin = Origin::canned(200, "hello").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let mut config = proxy_config(origin.addr());
+    name_upstream(&mut config, "logged-refused");
+    config.server.max_header_bytes = 8192;
+    log_to(&mut config, &path, AccessLogFormat::Json);
+    let proxy = start_proxy(config).await;
+
+    // A header line without a colon: hyper answers 400 and closes.
+    let malformed = raw_exchange(
+        proxy.addr(),
+        b"GET /api/x HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n",
+    )
+    .await;
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
+    let first = json_line(&path, 1).await;
+    // A head larger than max_header_bytes: 431.
+    let big = format!(
+        "GET /api/x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(16 * 1024)
+    );
+    let too_large = raw_exchange(proxy.addr(), big.as_bytes()).await;
+    assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large}");
+    let second = json_line(&path, 2).await;
+    for (line, status) in [(&first, 400), (&second, 431)] {
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["client"], "127.0.0.1", "{line}");
+        assert!(line["client_port"].as_u64().is_some(), "{line}");
+        // Nothing of the request was read: no method, path or route is claimed.
+        for absent in ["method", "path", "protocol", "route", "upstream", "backend"] {
+            assert!(line.get(absent).is_none(), "{absent} in {line}");
+        }
+    }
+    // A request after them is logged as usual, and no line was dropped.
+    let got = get(&client(), &format!("http://{}/api/ok", proxy.addr())).await;
+    assert_eq!(got.status, 200);
+    let third = json_line(&path, 3).await;
+    assert_eq!(third["path"], "/api/ok");
+    assert_eq!(proxy.shared().access_log.dropped(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_target_too_long_for_hyper_is_logged_as_414() {
+    let origin = Origin::canned(200, "hello").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let mut config = proxy_config(origin.addr());
+    name_upstream(&mut config, "logged-414");
+    // Room in the buffer for the head, so the target's own limit (64 KiB) is what is hit.
+    config.server.max_header_bytes = 128 * 1024;
+    log_to(&mut config, &path, AccessLogFormat::Common);
+    let proxy = start_proxy(config).await;
+
+    let long = format!(
+        "GET /api/{} HTTP/1.1\r\nHost: a\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let answer = raw_exchange(proxy.addr(), long.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 414"), "{answer}");
+    let line = &lines(&path, 1).await[0];
+    assert!(line.ends_with("] \"-\" 414 -"), "{line}");
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_loses_no_line() {
     const REQUESTS: usize = 2000;
