@@ -50,6 +50,29 @@ async fn json_line(path: &Path, n: usize) -> Value {
     serde_json::from_str(&lines[n - 1]).unwrap_or_else(|e| panic!("{e}: {}", lines[n - 1]))
 }
 
+/// A proxy in front of an origin answering 200 `hello`, its upstream named `name`,
+/// logging in `format` to `access.log` in a new temporary folder; `adjust` changes the
+/// config first. The origin and the folder live as long as what is returned.
+async fn hello_proxy(
+    name: &str,
+    format: AccessLogFormat,
+    adjust: impl FnOnce(&mut Config),
+) -> (
+    loadgate::listener::Proxy,
+    PathBuf,
+    Origin,
+    tempfile::TempDir,
+) {
+    let origin = Origin::canned(200, "hello").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let mut config = proxy_config(origin.addr());
+    name_upstream(&mut config, name);
+    log_to(&mut config, &path, format);
+    adjust(&mut config);
+    (start_proxy(config).await, path, origin, dir)
+}
+
 /// Asserts what every JSON line says of a request this test sent: time, client,
 /// protocol, a duration, and the request id the response carried.
 fn assert_common_fields(line: &Value, got: &Got) {
@@ -244,14 +267,10 @@ async fn a_502_from_a_dead_backend_names_the_backend_tried() {
 
 #[tokio::test]
 async fn requests_hyper_refuses_before_the_handler_are_logged_with_their_status() {
-    let origin = Origin::canned(200, "hello").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
-    let mut config = proxy_config(origin.addr());
-    name_upstream(&mut config, "logged-refused");
-    config.server.max_header_bytes = 8192;
-    log_to(&mut config, &path, AccessLogFormat::Json);
-    let proxy = start_proxy(config).await;
+    let (proxy, path, _origin, _dir) = hello_proxy("logged-refused", AccessLogFormat::Json, |c| {
+        c.server.max_header_bytes = 8192;
+    })
+    .await;
 
     // A header line without a colon: hyper answers 400 and closes.
     let malformed = raw_exchange(
@@ -289,15 +308,11 @@ async fn requests_hyper_refuses_before_the_handler_are_logged_with_their_status(
 
 #[tokio::test]
 async fn a_target_too_long_for_hyper_is_logged_as_414() {
-    let origin = Origin::canned(200, "hello").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
-    let mut config = proxy_config(origin.addr());
-    name_upstream(&mut config, "logged-414");
     // Room in the buffer for the head, so the target's own limit (64 KiB) is what is hit.
-    config.server.max_header_bytes = 128 * 1024;
-    log_to(&mut config, &path, AccessLogFormat::Common);
-    let proxy = start_proxy(config).await;
+    let (proxy, path, _origin, _dir) = hello_proxy("logged-414", AccessLogFormat::Common, |c| {
+        c.server.max_header_bytes = 128 * 1024;
+    })
+    .await;
 
     let long = format!(
         "GET /api/{} HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -359,14 +374,11 @@ async fn a_burst_loses_no_line() {
 
 #[tokio::test]
 async fn combined_lines_escape_what_the_client_sent() {
-    let origin = Origin::canned(200, "hello").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
-    let mut config = proxy_config(origin.addr());
-    name_upstream(&mut config, "logged-combined");
-    log_to(&mut config, &path, AccessLogFormat::Combined);
-    config.access_log.as_mut().unwrap().include_query = true;
-    let proxy = start_proxy(config).await;
+    let (proxy, path, _origin, _dir) =
+        hello_proxy("logged-combined", AccessLogFormat::Combined, |c| {
+            c.access_log.as_mut().unwrap().include_query = true;
+        })
+        .await;
 
     let agent = http::HeaderValue::from_bytes(b"evil\" 200 5 \"forged\\\t\xff").unwrap();
     let req = Request::get(format!("http://{}/api/x?q=1&r=%22", proxy.addr()))
