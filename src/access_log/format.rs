@@ -96,8 +96,9 @@ impl Record {
     }
 
     /// A request hyper refused on its own before the handler saw it, answering `status`
-    /// (400 for a head it could not parse, 431 for one larger than its buffer): who sent
-    /// it and what they got, all that is known.
+    /// (400 for a head it could not parse, 431 for one larger than its buffer, 414 for a
+    /// target over 64 KiB): who sent it and what they got, all that is known. `time` is
+    /// when the refusal ended the connection, the head's arrival not being known.
     pub fn refused(time: SystemTime, client: SocketAddr, status: u16) -> Record {
         let mut record = Record::new(time, client, Method::GET, "");
         record.method = None;
