@@ -42,6 +42,10 @@ async fn http2_prior_knowledge_is_served() {
     .await;
     let seen = headers.text().to_ascii_lowercase();
     assert!(seen.contains("2 loadgate"), "Via names HTTP/2: {seen}");
+    // Each response has its own request id (sent as never-indexed fields in HPACK).
+    let ids = [&got, &headers].map(|g| g.header("x-request-id").map(str::to_string));
+    assert!(ids[0].is_some() && ids[1].is_some(), "{ids:?}");
+    assert_ne!(ids[0], ids[1]);
 }
 
 #[tokio::test]
