@@ -632,7 +632,7 @@ where
                 if let Err(error) = result {
                     let refused = refused_by_parser(error.as_ref());
                     if refused.is_some() {
-                        // A request hyper could not parse: it answered 400/431 itself.
+                        // A request hyper could not read: it answered 400/414/431 itself.
                         metrics::counter!(m::BAD_REQUESTS_TOTAL).increment(1);
                         tracing::debug!(%peer, %error, "refused a malformed request");
                     } else {
