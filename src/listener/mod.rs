@@ -341,7 +341,7 @@ impl Worker {
 }
 
 /// The per-connection protocol settings, from the config in force at accept.
-fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+fn connection_builder(server: &ServerConfig, tls: bool) -> auto::Builder<TokioExecutor> {
     let head_bytes = server.max_header_bytes.max(MIN_HEADER_BYTES);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -357,7 +357,10 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(None)
         // The read buffer is where a head accumulates: a head still incomplete when it is
         // full gets 431. It is also the most request body read ahead of the backend.
-        .max_buf_size(head_bytes);
+        .max_buf_size(head_bytes)
+        // Over TLS, a response's head and body go out as one buffer: rustls copies what it
+        // is given into its records either way, and one slice spares it gathering several.
+        .writev(!tls);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -540,7 +543,7 @@ async fn serve_connection(
     };
     let service = connection_service(shared.clone(), Arc::new(info), activity.clone());
     // With upgrades: a 101 the handler answers hands the socket over (`tunnel.rs`).
-    let connection = connection_builder(server)
+    let connection = connection_builder(server, tls_info.is_some())
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .into_owned();
     let timeouts = ClientTimeouts {
