@@ -50,6 +50,7 @@
 //! live/           the admin port's live view: a per-second sampler over the last 15 minutes,
 //!                 / (the page), /live.json, /live/stream (SSE) and /report
 //! sim/            the built-in simulated Spring Boot / Tomcat backend
+//! civil.rs        UTC calendar dates of instants and back (a leaf)
 //! ```
 //!
 //! # Data path of one request
@@ -97,6 +98,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod cache;
+pub mod civil;
 pub mod config;
 pub mod forward;
 pub mod http;

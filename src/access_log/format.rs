@@ -6,10 +6,11 @@
 //! its stages) and how lines reach the file (`mod.rs`).
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use http::{Method, Version};
 
+use crate::civil::Civil;
 use crate::config::AccessLogFormat;
 
 /// What one request did, as the access log tells it. Text the client chose (path,
@@ -289,36 +290,20 @@ fn quoted_text(out: &mut Vec<u8>, value: &[u8]) {
     }
 }
 
-/// The UTC calendar date and time of `time`: (year, month 1-12, day, h, m, s, ms).
-fn civil(time: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let secs = since.as_secs() as i64;
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
-    // Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
+/// `2024-05-01T12:00:00.123Z`.
+fn rfc3339_millis(out: &mut Vec<u8>, time: SystemTime) {
+    let Civil {
         year,
         month,
         day,
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60,
-        since.subsec_millis(),
-    )
-}
-
-/// `2024-05-01T12:00:00.123Z`.
-fn rfc3339_millis(out: &mut Vec<u8>, time: SystemTime) {
-    let (year, month, day, h, m, s, ms) = civil(time);
-    let text = format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z");
+        hour,
+        minute,
+        second,
+        millisecond,
+    } = Civil::of(time);
+    let text = format!(
+        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millisecond:03}Z"
+    );
     out.extend_from_slice(text.as_bytes());
 }
 
@@ -327,15 +312,19 @@ fn clf_time(out: &mut Vec<u8>, time: SystemTime) {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let (year, month, day, h, m, s, _) = civil(time);
-    let month = MONTHS[month as usize - 1];
-    let text = format!("{day:02}/{month}/{year:04}:{h:02}:{m:02}:{s:02} +0000");
+    let t = Civil::of(time);
+    let month = MONTHS[t.month as usize - 1];
+    let text = format!(
+        "{:02}/{month}/{:04}:{:02}:{:02}:{:02} +0000",
+        t.day, t.year, t.hour, t.minute, t.second
+    );
     out.extend_from_slice(text.as_bytes());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     /// 2024-02-29T23:59:58.042Z.
     fn leap_day() -> SystemTime {

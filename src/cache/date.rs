@@ -8,6 +8,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::civil::{date_of_day, day_of_date};
+
 const MONTHS: [&str; 12] = [
     "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
 ];
@@ -91,7 +93,7 @@ fn two_digit_year(yy: i64, now: SystemTime) -> i64 {
     let days = now
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| (d.as_secs() / 86_400) as i64);
-    let this_year = civil_year(days);
+    let this_year = date_of_day(days).0;
     let year = this_year - this_year % 100 + yy;
     if year > this_year + 50 {
         year - 100
@@ -114,7 +116,7 @@ fn instant(year: i64, month: u32, day: i64, time_zone: &str) -> Option<SystemTim
     if h > 23 || m > 59 || s > 60 || day < 1 || day > days_in_month(year, month) {
         return None;
     }
-    let secs = days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s;
+    let secs = day_of_date(year, month, day) * 86_400 + h * 3600 + m * 60 + s;
     Some(if secs >= 0 {
         UNIX_EPOCH + Duration::from_secs(secs as u64)
     } else {
@@ -128,33 +130,6 @@ fn days_in_month(year: i64, month: u32) -> i64 {
         2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
         2 => 28,
         _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Hinnant's algorithm).
-fn days_from_civil(year: i64, month: u32, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (i64::from(month) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The year of a day count since 1970-01-01.
-fn civil_year(days: i64) -> i64 {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let year = yoe + era * 400;
-    if mp >= 10 {
-        year + 1
-    } else {
-        year
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::latency::Spread;
 use super::sample::{Counts, Sample};
+use crate::civil::Civil;
 use crate::config::{CachePolicy, RouteClass};
 use crate::forward::state::Generation;
 
@@ -26,35 +27,24 @@ const CLASS_COLOURS: [&str; 3] = ["#1b7f3b", "#c77800", "#b02a2a"];
 
 /// `20261130T121547Z`: the report's time in its file name.
 pub fn stamp(at: SystemTime) -> String {
-    let (y, mo, d, h, mi, s) = civil(at);
-    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
+    let t = Civil::of(at);
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
+    )
 }
 
 /// `2026-11-30 12:15:47 UTC`.
 fn readable(at: SystemTime) -> String {
-    let (y, mo, d, h, mi, s) = civil(at);
-    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
+    let t = Civil::of(at);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
+    )
 }
 
 fn readable_ms(ms: u64) -> String {
     readable(UNIX_EPOCH + std::time::Duration::from_millis(ms))
-}
-
-/// Year, month, day, hour, minute, second in UTC (the proleptic Gregorian calendar).
-fn civil(at: SystemTime) -> (i64, u32, u32, u64, u64, u64) {
-    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day, rest / 3600, rest / 60 % 60, rest % 60)
 }
 
 /// Text made safe inside HTML elements and quoted attributes.
