@@ -37,7 +37,6 @@ use std::time::Duration;
 
 use common::{env_or, fmt_us, median, print_table, Load, Process, Runs};
 use loadgate::listener::Proxy;
-use loadgate::sim::{SimBackend, SimConfig};
 
 /// The first argument of a helper process.
 const HELPER: &str = "--proxy-overhead-helper";
@@ -322,21 +321,7 @@ fn helper_main(args: &[String]) {
     let threads: usize = arg(1).parse().expect("helper: thread count");
     let runtime = common::helper_runtime(threads, "warn");
     match arg(0) {
-        "backend" => {
-            let backend = runtime
-                .block_on(SimBackend::start(SimConfig {
-                    listen: "127.0.0.1:0".parse().expect("address"),
-                    workers: 1024,
-                    service_time_ms: 0.0,
-                    max_keep_alive_requests: 0,
-                    keep_alive_timeout_ms: 60_000,
-                    ..SimConfig::default()
-                }))
-                .expect("sim backend starts");
-            // The runtime's worker threads serve while this thread waits for the parent.
-            common::announce_and_wait_for_parent(backend.addr());
-            runtime.block_on(backend.shutdown());
-        }
+        "backend" => common::serve_instant_backend(&runtime),
         "loadgate" => {
             let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
             // `threads` worker threads serve requests; `runtime` only starts them.

@@ -76,7 +76,6 @@ use std::time::Duration;
 
 use common::{env_or, fmt_us, median, print_table, Process, Runs};
 use loadgate::listener::Proxy;
-use loadgate::sim::{SimBackend, SimConfig};
 use tls_load::{BenchCert, Shape, TlsLoad};
 
 /// The first argument of a helper process.
@@ -579,20 +578,7 @@ fn helper_main(args: &[String]) {
     let threads: usize = arg(1).parse().expect("helper: thread count");
     let runtime = common::helper_runtime(threads, "warn");
     match arg(0) {
-        "backend" => {
-            let backend = runtime
-                .block_on(SimBackend::start(SimConfig {
-                    listen: "127.0.0.1:0".parse().expect("address"),
-                    workers: 1024,
-                    service_time_ms: 0.0,
-                    max_keep_alive_requests: 0,
-                    keep_alive_timeout_ms: 60_000,
-                    ..SimConfig::default()
-                }))
-                .expect("sim backend starts");
-            common::announce_and_wait_for_parent(backend.addr());
-            runtime.block_on(backend.shutdown());
-        }
+        "backend" => common::serve_instant_backend(&runtime),
         "loadgate" => {
             let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
             let (cert, key) = (arg(3), arg(4));

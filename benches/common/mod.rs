@@ -616,6 +616,25 @@ upstream = "app"
     loadgate::config::Config::parse(&text, "bench config").expect("bench config is valid")
 }
 
+/// The backend helper role of the comparison benches: the simulated backend answering at
+/// once (zero service time, 1024 workers, keep-alive for 60 s with no request limit),
+/// served by `runtime`'s worker threads until the parent process says stop.
+pub fn serve_instant_backend(runtime: &tokio::runtime::Runtime) {
+    use loadgate::sim::{SimBackend, SimConfig};
+    let backend = runtime
+        .block_on(SimBackend::start(SimConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            workers: 1024,
+            service_time_ms: 0.0,
+            max_keep_alive_requests: 0,
+            keep_alive_timeout_ms: 60_000,
+            ..SimConfig::default()
+        }))
+        .expect("sim backend starts");
+    announce_and_wait_for_parent(backend.addr());
+    runtime.block_on(backend.shutdown());
+}
+
 /// Sets up a helper process: logs to stderr at `default_filter` unless `RUST_LOG`
 /// says otherwise, and returns a multi-thread runtime with `threads` workers.
 pub fn helper_runtime(threads: usize, default_filter: &str) -> tokio::runtime::Runtime {
