@@ -86,6 +86,34 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Adds what one connection (or stream) measured to this result.
+    pub fn absorb(&mut self, one: LoadResult) {
+        self.latencies_us.extend_from_slice(&one.latencies_us);
+        self.not_modified += one.not_modified;
+        self.errors += one.errors;
+    }
+
+    /// The result of a run of `duration` from its connections' `tasks`, each stopping by
+    /// itself; one not finished by `bound` (a safety net) or failed counts as one error.
+    pub async fn gather(
+        tasks: Vec<tokio::task::JoinHandle<LoadResult>>,
+        duration: Duration,
+        bound: tokio::time::Instant,
+    ) -> LoadResult {
+        let mut result = LoadResult {
+            duration,
+            ..LoadResult::default()
+        };
+        for task in tasks {
+            match tokio::time::timeout_at(bound, task).await {
+                Ok(Ok(one)) => result.absorb(one),
+                _ => result.errors += 1,
+            }
+        }
+        result.latencies_us.sort_unstable();
+        result
+    }
+
     pub fn ok(&self) -> usize {
         self.latencies_us.len()
     }
@@ -177,24 +205,9 @@ impl Load {
                 tokio::spawn(async move { load.connection(&host, measure_from, end).await })
             })
             .collect();
-        let mut result = LoadResult {
-            duration: self.duration,
-            ..LoadResult::default()
-        };
-        for task in tasks {
-            // Each task stops by itself at `end`; the bound is only a safety net.
-            let bound = end + self.request_timeout + Duration::from_secs(1);
-            match tokio::time::timeout_at(bound, task).await {
-                Ok(Ok(one)) => {
-                    result.latencies_us.extend_from_slice(&one.latencies_us);
-                    result.not_modified += one.not_modified;
-                    result.errors += one.errors;
-                }
-                _ => result.errors += 1,
-            }
-        }
-        result.latencies_us.sort_unstable();
-        result
+        // Each task stops by itself at `end`; the bound is only a safety net.
+        let bound = end + self.request_timeout + Duration::from_secs(1);
+        LoadResult::gather(tasks, self.duration, bound).await
     }
 
     /// One closed-loop connection; reconnects after an error until `end`.

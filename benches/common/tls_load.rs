@@ -249,20 +249,9 @@ impl TlsLoad {
                 })
             })
             .collect();
-        let mut result = LoadResult {
-            duration: self.duration,
-            ..LoadResult::default()
-        };
-        for task in tasks {
-            // Each task stops by itself at `end`; the bound is only a safety net.
-            let bound = end + self.request_timeout + Duration::from_secs(1);
-            match tokio::time::timeout_at(bound, task).await {
-                Ok(Ok(one)) => merge(&mut result, one),
-                _ => result.errors += 1,
-            }
-        }
-        result.latencies_us.sort_unstable();
-        result
+        // Each task stops by itself at `end`; the bound is only a safety net.
+        let bound = end + self.request_timeout + Duration::from_secs(1);
+        LoadResult::gather(tasks, self.duration, bound).await
     }
 
     async fn connect(&self) -> std::io::Result<TlsStream<TcpStream>> {
@@ -428,7 +417,7 @@ impl TlsLoad {
                 }
             });
             for one in futures_util::future::join_all(stream_loops).await {
-                merge(&mut out, one);
+                out.absorb(one);
             }
             drop(sender);
             driver.abort();
@@ -546,10 +535,4 @@ fn record(
         }
         _ => count_error(out, measure_from),
     }
-}
-
-fn merge(into: &mut LoadResult, one: LoadResult) {
-    into.latencies_us.extend_from_slice(&one.latencies_us);
-    into.not_modified += one.not_modified;
-    into.errors += one.errors;
 }
