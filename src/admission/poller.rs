@@ -410,7 +410,7 @@ impl Poller {
             .client
             .request(request)
             .await
-            .map_err(|e| PollError::Connect(error_chain(&e)))?;
+            .map_err(|e| PollError::Connect(crate::http::error::error_chain(&e)))?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => {
@@ -426,18 +426,6 @@ impl Poller {
             .map_err(|e| PollError::Malformed(format!("reading the body of {url}: {e}")))?;
         Ok(body.to_bytes())
     }
-}
-
-/// An error and its sources, e.g. "client error (Connect): tcp connect error: Connection refused".
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Percent-encodes a query value, keeping RFC 3986 unreserved characters.

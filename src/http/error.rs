@@ -291,6 +291,20 @@ impl ProxyError {
     }
 }
 
+/// An error and its sources, e.g. "client error (Connect): tcp connect error: Connection
+/// refused": hyper-util's own words say nothing of a refused connection or an untrusted
+/// certificate. For health checks and actuator polls, which report why they failed.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }

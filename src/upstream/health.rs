@@ -115,23 +115,10 @@ async fn check_once(
         .map_err(|e| e.to_string())?;
     match tokio::time::timeout(config.timeout, client.request(request)).await {
         Err(_) => Err(format!("no answer within {:?}", config.timeout)),
-        Ok(Err(e)) => Err(error_chain(&e)),
+        Ok(Err(e)) => Err(crate::http::error::error_chain(&e)),
         Ok(Ok(response)) if response.status().is_success() => Ok(()),
         Ok(Ok(response)) => Err(format!("status {}", response.status())),
     }
-}
-
-/// An error and its sources: hyper-util's own words ("client error (Connect)") say
-/// nothing of a refused connection or an untrusted certificate.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
