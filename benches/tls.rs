@@ -21,6 +21,11 @@
 //! is checked first and what it negotiated is printed (version, cipher suite, group,
 //! ALPN), so both rows are known to compare the same handshake.
 //!
+//! A third target, the "hyper floor" (`common/hyper_floor.rs` terminating TLS with the
+//! same rustls config loadgate builds), is hyper's HTTP/1.1 and HTTP/2 server and its
+//! HTTP/1.1 client with nothing else. It splits loadgate's gap to nginx into what the
+//! libraries (hyper, rustls, tokio) cost and what loadgate's own work costs.
+//!
 //! Each proxy runs with its defaults except what the bench must set: the listener and
 //! certificate, the worker count (loadgate `worker_threads` = nginx `worker_processes`,
 //! the core count unless `LOADGATE_BENCH_WORKERS` says otherwise), and the upstream
@@ -40,11 +45,11 @@
 //! time of the proxy's own processes per completed request (without the backend or the
 //! client), is the figure that depends least on that.
 //!
-//! Processes: the backend and loadgate each in a process of their own (this binary
-//! re-executed in a helper role); nginx as its own master + workers; the load generator
-//! in this process. Targets alternate within each round, the first one changing every
-//! round, and the table shows medians over the rounds. All traffic stays on 127.0.0.1;
-//! every process started is stopped by its PID at the end.
+//! Processes: the backend, loadgate and the floor each in a process of their own (this
+//! binary re-executed in a helper role); nginx as its own master + workers; the load
+//! generator in this process. Targets alternate within each round, the first one
+//! changing every round, and the table shows medians over the rounds. All traffic stays
+//! on 127.0.0.1; every process started is stopped by its PID at the end.
 //!
 //! ```sh
 //! cargo bench --bench tls
@@ -194,13 +199,31 @@ fn bench(s: &Settings) -> std::io::Result<()> {
             cert.key_path.display().to_string(),
         ],
     )?;
+    let (floor, floor_addr) = Process::spawn_self(
+        "hyper floor",
+        &[
+            HELPER.into(),
+            "hyper-floor".into(),
+            s.workers.to_string(),
+            backend_addr.to_string(),
+            cert.cert_path.display().to_string(),
+            cert.key_path.display().to_string(),
+        ],
+    )?;
     let nginx = start_nginx(s.workers, backend_addr, &cert);
 
-    let mut targets = vec![Target {
-        name: "loadgate",
-        addr: loadgate_addr,
-        pids: vec![loadgate.id()],
-    }];
+    let mut targets = vec![
+        Target {
+            name: "loadgate",
+            addr: loadgate_addr,
+            pids: vec![loadgate.id()],
+        },
+        Target {
+            name: "hyper floor",
+            addr: floor_addr,
+            pids: vec![floor.id()],
+        },
+    ];
     if let Some(nginx) = &nginx {
         targets.push(Target {
             name: "nginx",
@@ -336,14 +359,33 @@ fn bench(s: &Settings) -> std::io::Result<()> {
     );
     println!();
 
-    if n < 2 {
+    // loadgate first, the floor second (both always measured), nginx last when present.
+    for row in &rows {
+        let (l, f) = (&row.runs[0], &row.runs[1]);
+        println!(
+            "{}: loadgate / hyper floor {:.2}x per s, {:.2}x cpu/op",
+            row.name,
+            l.rps() / f.rps(),
+            l.cpu_us_per_request() / f.cpu_us_per_request()
+        );
+        if let Some(g) = row.runs.get(2) {
+            println!(
+                "{}: hyper floor / nginx {:.2}x per s, {:.2}x cpu/op",
+                row.name,
+                f.rps() / g.rps(),
+                f.cpu_us_per_request() / g.cpu_us_per_request()
+            );
+        }
+    }
+    println!();
+    if n < 3 {
         println!("loadgate / nginx: not measured (see above)");
         return Ok(());
     }
     let mut summary = Vec::new();
     let mut verdicts = Vec::new();
     for row in &rows {
-        let (l, g) = (&row.runs[0], &row.runs[1]);
+        let (l, g) = (&row.runs[0], &row.runs[2]);
         let ratio = l.rps() / g.rps();
         let met = ratio >= TARGET_RATIO;
         summary.push(vec![
@@ -399,7 +441,7 @@ fn bench(s: &Settings) -> std::io::Result<()> {
     }
     let met = rows
         .iter()
-        .filter(|r| r.runs[0].rps() / r.runs[1].rps() >= TARGET_RATIO)
+        .filter(|r| r.runs[0].rps() / r.runs[2].rps() >= TARGET_RATIO)
         .count();
     println!(
         "target (handshakes and requests per second over TLS at least equal to nginx's): \
@@ -407,6 +449,7 @@ fn bench(s: &Settings) -> std::io::Result<()> {
         rows.len()
     );
     drop(nginx);
+    drop(floor);
     drop(loadgate);
     drop(backend);
     Ok(())
@@ -591,6 +634,15 @@ fn helper_main(args: &[String]) {
             common::announce_and_wait_for_parent(proxy.addr());
             runtime.block_on(proxy.shutdown());
         }
+        "hyper-floor" => {
+            let backend: SocketAddr = arg(2).parse().expect("helper: backend address");
+            let tls = floor_tls_config(Path::new(arg(3)), Path::new(arg(4)));
+            let listener =
+                std::net::TcpListener::bind("127.0.0.1:0").expect("hyper floor binds a port");
+            let addr = listener.local_addr().expect("bound address");
+            common::hyper_floor::start_tls(listener, backend, threads, tls);
+            common::announce_and_wait_for_parent(addr);
+        }
         other => panic!("unknown helper role {other:?}"),
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -633,4 +685,24 @@ upstream = "app"
 "#
     );
     loadgate::config::Config::parse(&text, "tls bench config").expect("bench config is valid")
+}
+
+/// The floor's rustls config, as loadgate builds one for a listener with one
+/// certificate: the ring provider, TLS 1.3 and 1.2, ALPN `h2` and `http/1.1`.
+fn floor_tls_config(cert: &Path, key: &Path) -> std::sync::Arc<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .expect("bench certificate reads");
+    let key = PrivateKeyDer::from_pem_file(key).expect("bench key reads");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("bench certificate and key match");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    std::sync::Arc::new(config)
 }

@@ -7,10 +7,16 @@
 //! rewriting, no timeouts, no metrics, no routing, no error answers (a failed
 //! exchange closes the client connection). Whatever loadgate costs above this row is
 //! loadgate's own work; what this row costs above nginx is hyper's.
+//!
+//! With a rustls server config ([`start_tls`]) it terminates TLS first, as loadgate does
+//! (tokio-rustls, ALPN `h2` served by hyper's HTTP/2 server); the backend side stays
+//! HTTP/1.1 over plain TCP.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -28,16 +34,36 @@ thread_local! {
 /// Starts `threads` worker threads serving on `listener`, forwarding every request to
 /// `backend`. They run until the process exits.
 pub fn start(listener: TcpListener, backend: SocketAddr, threads: usize) {
+    start_with(listener, backend, threads, None);
+}
+
+/// [`start`], terminating TLS with `tls` on every accepted connection.
+pub fn start_tls(
+    listener: TcpListener,
+    backend: SocketAddr,
+    threads: usize,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    start_with(listener, backend, threads, Some(tls));
+}
+
+fn start_with(
+    listener: TcpListener,
+    backend: SocketAddr,
+    threads: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     listener
         .set_nonblocking(true)
         .expect("listener can be non-blocking");
     for _ in 0..threads {
         let listener = listener.try_clone().expect("listener clones");
-        std::thread::spawn(move || worker(listener, backend));
+        let tls = tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        std::thread::spawn(move || worker(listener, backend, tls));
     }
 }
 
-fn worker(listener: TcpListener, backend: SocketAddr) {
+fn worker(listener: TcpListener, backend: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -50,14 +76,43 @@ fn worker(listener: TcpListener, backend: SocketAddr) {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            let tls = tls.clone();
             tokio::task::spawn_local(async move {
                 let service = hyper::service::service_fn(move |req| forward(backend, req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let Some(tls) = tls else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    return;
+                };
+                let Ok(stream) = tls.accept(stream).await else {
+                    return;
+                };
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let _ = hyper::server::conn::http2::Builder::new(LocalExec)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
             });
         }
     });
+}
+
+/// Runs HTTP/2 stream tasks on the worker thread's `LocalSet`.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::task::spawn_local(future);
+    }
 }
 
 async fn forward(
