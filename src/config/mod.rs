@@ -134,6 +134,8 @@ pub mod defaults {
 
     /// A route forwards the path as the client sent it (normalised), prefix and all.
     pub const STRIP_PATH_PREFIX: bool = false;
+    /// A route that strips its prefix puts it back into its backend's redirects.
+    pub const REWRITE_LOCATION: bool = true;
 
     // `[sim]` and the `loadgate sim-backend` flags: a stock Spring Boot on Tomcat.
     pub const SIM_LISTEN: SocketAddr = loopback(8081);
@@ -576,7 +578,8 @@ pub struct RouteConfig {
     pub cache_settings: CacheSettings,
     /// Overrides the upstream's threshold for this route's class.
     pub threshold: Option<f64>,
-    /// Keys `strip_path_prefix`, `[route.request_headers]`, `[route.response_headers]`.
+    /// Keys `strip_path_prefix`, `rewrite_location`, `[route.request_headers]`,
+    /// `[route.response_headers]`.
     pub rewrite: RouteRewrite,
     /// Whether a WebSocket upgrade is proxied; when not, the request goes on without its
     /// `Upgrade` (RFC 9110 §7.8 lets a server ignore it). Key `websocket`, default true.

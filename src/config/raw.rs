@@ -154,6 +154,7 @@ pub(super) struct RawRoute {
     pub(super) cache_control_field: Option<String>,
     pub(super) threshold: Option<f64>,
     pub(super) strip_path_prefix: Option<bool>,
+    pub(super) rewrite_location: Option<bool>,
     pub(super) request_headers: Option<RawHeaderRules>,
     pub(super) response_headers: Option<RawHeaderRules>,
     pub(super) websocket: Option<bool>,

@@ -14,6 +14,9 @@ pub struct RouteRewrite {
     /// Remove the route's `path_prefix` from the forwarded path and say so in
     /// `X-Forwarded-Prefix`. Key `strip_path_prefix`, default false.
     pub strip_path_prefix: bool,
+    /// With `strip_path_prefix`, a backend's `Location` that points at the stripped
+    /// path space is put back under the prefix. Key `rewrite_location`, default true.
+    pub rewrite_location: bool,
     /// `[route.request_headers]`: applied to the request to the backend, after
     /// loadgate's own forwarding headers.
     pub request_headers: HeaderRules,
@@ -26,6 +29,7 @@ impl Default for RouteRewrite {
     fn default() -> Self {
         RouteRewrite {
             strip_path_prefix: defaults::STRIP_PATH_PREFIX,
+            rewrite_location: defaults::REWRITE_LOCATION,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
         }
@@ -116,7 +120,8 @@ fn refused(name: &str, direction: Direction, remove: bool) -> Option<&'static st
     }
 }
 
-/// The `strip_path_prefix`, `request_headers` and `response_headers` keys of a route.
+/// The `strip_path_prefix`, `rewrite_location`, `request_headers` and `response_headers`
+/// keys of a route.
 pub(super) fn build(s: &Section, errs: &mut Errors, raw: &mut RawRoute) -> RouteRewrite {
     let strip_path_prefix = raw.strip_path_prefix.unwrap_or(defaults::STRIP_PATH_PREFIX);
     if strip_path_prefix {
@@ -136,8 +141,20 @@ pub(super) fn build(s: &Section, errs: &mut Errors, raw: &mut RawRoute) -> Route
             );
         }
     }
+    let rewrite_location = raw.rewrite_location.unwrap_or(defaults::REWRITE_LOCATION);
+    if raw.rewrite_location.is_some() && !strip_path_prefix {
+        errs.push(
+            s.line(&["rewrite_location"]),
+            s.say(
+                "rewrite_location applies to a route with strip_path_prefix = true; \
+                 this route forwards its paths whole, so its backend's redirects already \
+                 name them",
+            ),
+        );
+    }
     RouteRewrite {
         strip_path_prefix,
+        rewrite_location,
         request_headers: rules(s, errs, raw.request_headers.take(), Direction::Request),
         response_headers: rules(s, errs, raw.response_headers.take(), Direction::Response),
     }

@@ -977,6 +977,29 @@ fn rewrites_are_off_by_default() {
 }
 
 #[test]
+fn rewrite_location_is_on_with_stripping_and_an_error_without_it() {
+    let routes = parse(&doc(
+        "[[route]]\nname = \"x\"\npath_prefix = \"/x\"\nupstream = \"app\"\n\
+         strip_path_prefix = true\n\
+         [[route]]\nname = \"y\"\npath_prefix = \"/y\"\nupstream = \"app\"\n\
+         strip_path_prefix = true\nrewrite_location = false\n",
+    ))
+    .routes;
+    let x = routes.iter().find(|r| r.name == "x").unwrap();
+    let y = routes.iter().find(|r| r.name == "y").unwrap();
+    assert!(x.rewrite.rewrite_location);
+    assert!(!y.rewrite.rewrite_location);
+    one_error(
+        &doc(
+            "[[route]]\nname = \"x\"\npath_prefix = \"/x\"\nupstream = \"app\"\n\
+             rewrite_location = true\n",
+        ),
+        12,
+        "rewrite_location applies to a route with strip_path_prefix = true",
+    );
+}
+
+#[test]
 fn stripping_needs_a_prefix_to_strip() {
     one_error(
         &doc(

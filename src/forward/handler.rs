@@ -640,12 +640,12 @@ fn probe(shared: &Shared) -> Response<ProxyBody> {
 /// The route's rewrites of the request to the backend (`http/rewrite.rs`): its prefix
 /// stripped from the path (parameters and query kept), `X-Forwarded-Prefix`, then its
 /// request header rules, last, so that they can override loadgate's own forwarding
-/// headers.
-fn rewrite_request(
-    route: &Route,
+/// headers. Returns the prefix stripped, if any.
+fn rewrite_request<'r>(
+    route: &'r Route,
     parts: &mut http::request::Parts,
     trusted: bool,
-) -> Result<(), ProxyError> {
+) -> Result<Option<&'r str>, ProxyError> {
     let mut stripped = None;
     if route.rewrite.strip_path_prefix {
         let prefix = rewrite::stripped_prefix(route.path_prefix());
@@ -661,7 +661,23 @@ fn rewrite_request(
     }
     rewrite::forwarded_prefix(&mut parts.headers, stripped, trusted);
     rewrite::apply(&route.rewrite.request_headers, &mut parts.headers);
-    Ok(())
+    Ok(stripped)
+}
+
+/// Puts a backend's `Location` back under the prefix its route stripped
+/// ([`rewrite::location_under_prefix`]), when the route does so.
+fn rewrite_location(route: &Route, stripped: &str, host: &str, headers: &mut http::HeaderMap) {
+    if !route.rewrite.rewrite_location {
+        return;
+    }
+    let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if let Some(value) = rewrite::location_under_prefix(location, stripped, host)
+        .and_then(|location| HeaderValue::from_str(&location).ok())
+    {
+        headers.insert(header::LOCATION, value);
+    }
 }
 
 /// Response bytes already arrived with the head that are taken at once, so a small
@@ -708,7 +724,7 @@ async fn forward(
     };
     headers::add_forwarded(&mut parts.headers, &hop, host);
     headers::append_via(&mut parts.headers, received);
-    rewrite_request(&routed.route, &mut parts, conn.trusted)?;
+    let stripped = rewrite_request(&routed.route, &mut parts, conn.trusted)?;
 
     let inflight_at_start = upstream.inflight();
     let mut request = Request::from_parts(parts, body);
@@ -765,6 +781,9 @@ async fn forward(
         headers::strip_hop_by_hop(&mut parts.headers);
     }
     headers::append_via(&mut parts.headers, Version::HTTP_11);
+    if let Some(stripped) = stripped {
+        rewrite_location(&routed.route, stripped, &routed.host, &mut parts.headers);
+    }
     let (body, ended) = take_ready(body, RESPONSE_READ_AHEAD);
     Ok((Response::from_parts(parts, body), ended))
 }

@@ -90,6 +90,53 @@ pub fn forwarded_prefix(headers: &mut HeaderMap, stripped: Option<&str>, trusted
     headers.insert(X_FORWARDED_PREFIX, value);
 }
 
+/// The `Location` of a response on a route that strips `prefix` (as [`stripped_prefix`]
+/// gives it), put back under that prefix so the client follows it through the same
+/// route: `/login` → `/orders/login`. `host` is the authority the request was routed
+/// on (as forwarded in `Host`).
+///
+/// Rewritten: an absolute path, and an absolute URI (or a network-path reference,
+/// `//host/…`) whose authority is `host`, the one a backend builds its redirects from.
+/// Left as they are (`None`): a Location already under the prefix (the backend applied
+/// `X-Forwarded-Prefix` itself), one that names another host, and a relative reference
+/// (`login`, `../x`), which the client resolves against the URL it asked for, prefix
+/// included.
+pub fn location_under_prefix(location: &str, prefix: &str, host: &str) -> Option<String> {
+    let (origin, path) = if location.starts_with('/') && !location.starts_with("//") {
+        ("", location)
+    } else {
+        let after_scheme = match location.split_once("://") {
+            Some((scheme, rest))
+                if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+            {
+                rest
+            }
+            Some(_) => return None,
+            None => location.strip_prefix("//")?,
+        };
+        let authority_len = after_scheme
+            .find(['/', '?', '#'])
+            .unwrap_or(after_scheme.len());
+        if host.is_empty() || !after_scheme[..authority_len].eq_ignore_ascii_case(host) {
+            return None;
+        }
+        let origin_len = location.len() - after_scheme.len() + authority_len;
+        location.split_at(origin_len)
+    };
+    if is_under(path, prefix) {
+        return None;
+    }
+    // `path` starts with `/`, or is empty or a query (`http://host?q`): the prefix goes
+    // in front either way.
+    Some([origin, prefix, path].concat())
+}
+
+/// `path` (with any query or fragment after it) starts with the segments of `prefix`.
+fn is_under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#', ';']))
+}
+
 /// Applies a route's header rules: `remove`, then `set` (every value replaced), then
 /// `add` (appended after the values already there).
 pub fn apply(rules: &HeaderRules, headers: &mut HeaderMap) {
@@ -112,6 +159,59 @@ pub fn apply(rules: &HeaderRules, headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_location_is_put_back_under_the_stripped_prefix() {
+        let host = "shop.example:8443";
+        for (location, rewritten) in [
+            ("/login", Some("/orders/login")),
+            ("/", Some("/orders/")),
+            ("/login?next=%2F#top", Some("/orders/login?next=%2F#top")),
+            ("/ordersx/1", Some("/orders/ordersx/1")),
+            (
+                "https://shop.example:8443/login",
+                Some("https://shop.example:8443/orders/login"),
+            ),
+            (
+                "HTTP://SHOP.example:8443/a",
+                Some("HTTP://SHOP.example:8443/orders/a"),
+            ),
+            (
+                "http://shop.example:8443?x=1",
+                Some("http://shop.example:8443/orders?x=1"),
+            ),
+            (
+                "//shop.example:8443/a",
+                Some("//shop.example:8443/orders/a"),
+            ),
+            // Already under the prefix: the backend read X-Forwarded-Prefix.
+            ("/orders", None),
+            ("/orders/login", None),
+            ("/orders?x", None),
+            ("/orders;jsessionid=A/x", None),
+            ("https://shop.example:8443/orders/login", None),
+            // Another host, another port, another scheme, or relative.
+            ("https://sso.example/login", None),
+            ("https://shop.example/login", None),
+            ("//sso.example/login", None),
+            ("ftp://shop.example:8443/x", None),
+            ("login", None),
+            ("../x", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                location_under_prefix(location, "/orders", host).as_deref(),
+                rewritten,
+                "{location}"
+            );
+        }
+        // With no host routed on, only paths are rewritten.
+        assert_eq!(
+            location_under_prefix("/a", "/orders", "").as_deref(),
+            Some("/orders/a")
+        );
+        assert_eq!(location_under_prefix("http:///a", "/orders", ""), None);
+    }
 
     #[test]
     fn strips_the_prefix_segments() {

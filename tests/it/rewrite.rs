@@ -1,5 +1,6 @@
 //! Per-route rewrites: the path prefix stripped (what the backend receives, and
-//! `X-Forwarded-Prefix` by the peer's trust), request header rules (including over
+//! `X-Forwarded-Prefix` by the peer's trust) and put back into the backend's redirects,
+//! request header rules (including over
 //! loadgate's own forwarding headers), and response header rules on every answer the
 //! client gets on the route: from the backend, from the cache (a hit and a 304), and a
 //! 429 shed. Rules change on reload.
@@ -354,4 +355,62 @@ async fn stripping_and_request_rules_change_on_reload() {
     let seen = origin.last_headers();
     assert!(!seen.contains_key("x-forwarded-prefix"));
     assert_eq!(all(&seen, "x-env"), vec!["prod"]);
+}
+
+/// An origin that redirects as a backend unaware of the stripped prefix does (and, for
+/// `/aware`, as one that read `X-Forwarded-Prefix`).
+async fn redirecting_origin() -> Origin {
+    Origin::start(Duration::ZERO, |parts, _| {
+        let host = parts
+            .headers
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let location = match parts.uri.path() {
+            "/relative" => "/login?next=%2Fcart".to_string(),
+            "/absolute" => format!("http://{host}/login"),
+            "/aware" => "/orders/login".to_string(),
+            "/elsewhere" => "https://sso.example/login".to_string(),
+            _ => "next".to_string(),
+        };
+        respond(302, &[("location", location.as_str())], "")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_backend_redirect_is_put_back_under_the_stripped_prefix() {
+    let origin = redirecting_origin().await;
+    let proxy = start_proxy(stripping_config(origin.addr())).await;
+    let host = format!("127.0.0.1:{}", proxy.addr().port());
+    for (path, location) in [
+        ("/orders/relative", "/orders/login?next=%2Fcart".to_string()),
+        ("/orders/absolute", format!("http://{host}/orders/login")),
+        // Already under the prefix, another host, or relative to the client's URL.
+        ("/orders/aware", "/orders/login".to_string()),
+        ("/orders/elsewhere", "https://sso.example/login".to_string()),
+        ("/orders/a/b", "next".to_string()),
+        // A route that strips nothing leaves it alone.
+        ("/relative", "/login?next=%2Fcart".to_string()),
+    ] {
+        let got = get_with(proxy.addr(), path, &[]).await;
+        assert_eq!(got.status, 302, "{path}");
+        assert_eq!(got.header("location"), Some(location.as_str()), "{path}");
+    }
+
+    let mut config = stripping_config(origin.addr());
+    let orders = config
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "orders")
+        .unwrap();
+    orders.rewrite.rewrite_location = false;
+    let kept = start_proxy(config).await;
+    let got = get_with(kept.addr(), "/orders/relative", &[]).await;
+    assert_eq!(
+        got.header("location"),
+        Some("/login?next=%2Fcart"),
+        "rewrite_location = false"
+    );
 }
