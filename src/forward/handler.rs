@@ -699,6 +699,9 @@ async fn forward(
     let received = parts.version;
 
     parts.version = Version::HTTP_11;
+    // hyper sized the map for the fields the client sent; the forwarding fields below
+    // add up to seven: room for them at once, rather than the map growing as they come.
+    parts.headers.reserve(7);
     headers::strip_hop_by_hop(&mut parts.headers);
     let upgrading = parts
         .extensions
@@ -762,6 +765,8 @@ async fn forward(
     };
 
     let (mut parts, body) = response.into_parts();
+    // Via and X-Request-Id are added to the backend's fields: room for both at once.
+    parts.headers.reserve(2);
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         if !upgrading {
             // hyper has handed its socket over as for an upgrade; no client can use it.

@@ -59,9 +59,10 @@ pub(crate) struct KeepAlive {
 /// Parses `Keep-Alive: timeout=5, max=100` (RFC 2068 §19.7.1; parameters in any order,
 /// case-insensitive, unknown ones ignored, invalid values ignored).
 pub(crate) fn parse_keep_alive(headers: &HeaderMap) -> KeepAlive {
+    const KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
     let mut parsed = KeepAlive::default();
     let params = headers
-        .get_all("keep-alive")
+        .get_all(KEEP_ALIVE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','));
@@ -70,14 +71,13 @@ pub(crate) fn parse_keep_alive(headers: &HeaderMap) -> KeepAlive {
             continue;
         };
         let value = value.trim().trim_matches('"');
-        match name.trim().to_ascii_lowercase().as_str() {
-            "timeout" => {
-                if let Ok(secs) = value.parse::<u64>() {
-                    parsed.timeout = Some(Duration::from_secs(secs));
-                }
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("timeout") {
+            if let Ok(secs) = value.parse::<u64>() {
+                parsed.timeout = Some(Duration::from_secs(secs));
             }
-            "max" => parsed.max = value.parse().ok().or(parsed.max),
-            _ => {}
+        } else if name.eq_ignore_ascii_case("max") {
+            parsed.max = value.parse().ok().or(parsed.max);
         }
     }
     parsed
