@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
 use crate::http::error::ProxyError;
@@ -118,10 +118,12 @@ pub(super) fn settle_meaning<B>(
             headers.insert(header::HOST, value);
         }
     }
-    if !underscores && headers.keys().any(|name| name.as_str().contains('_')) {
+    // A byte search: `str::contains(char)` sets up a char searcher for every name.
+    let has_underscore = |name: &HeaderName| name.as_str().as_bytes().contains(&b'_');
+    if !underscores && headers.keys().any(has_underscore) {
         let names: Vec<_> = headers
             .keys()
-            .filter(|name| name.as_str().contains('_'))
+            .filter(|n| has_underscore(n))
             .cloned()
             .collect();
         for name in names {
