@@ -199,10 +199,17 @@ fn forwarded_port(host: Option<&str>, scheme: &str, local_port: u16) -> HeaderVa
     let Some(host) = host else {
         return HeaderValue::from(local_port);
     };
-    // The port follows the last ':' outside an IPv6 literal's brackets.
-    let after_name = host.rfind(']').map_or(0, |end| end + 1);
-    let port = host[after_name..]
-        .rsplit_once(':')
+    // The port follows the last ':' outside an IPv6 literal's brackets (found as bytes:
+    // the host is short, and a char search sets up a searcher per call).
+    let after_name = host
+        .bytes()
+        .rposition(|b| b == b']')
+        .map_or(0, |end| end + 1);
+    let port = host.as_bytes()[after_name..]
+        .iter()
+        .rposition(|&b| b == b':')
+        .map(|colon| host.split_at(after_name + colon))
+        .map(|(name, port)| (name, &port[1..]))
         .filter(|(_, port)| port.parse::<u16>().is_ok());
     match port {
         // The host's own digits when they are the number's (no leading zero): a copy,

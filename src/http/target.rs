@@ -53,7 +53,7 @@ pub fn host(raw: &str) -> Result<Host, Refused> {
     if raw.is_empty() {
         return Err(Refused("empty Host"));
     }
-    if raw.contains('@') {
+    if raw.as_bytes().contains(&b'@') {
         return Err(Refused("userinfo in the host"));
     }
     let (name, port) = if raw.starts_with('[') {
@@ -76,8 +76,8 @@ pub fn host(raw: &str) -> Result<Host, Refused> {
             ),
         }
     } else {
-        match raw.split_once(':') {
-            Some((name, port)) => (name, Some(port)),
+        match raw.bytes().position(|b| b == b':') {
+            Some(colon) => (&raw[..colon], Some(&raw[colon + 1..])),
             None => (raw, None),
         }
     };
@@ -183,10 +183,11 @@ fn is_normal(raw: &str) -> bool {
     }
     // Every segment after a `/` must be non-empty (except a trailing one) and not a
     // dot-segment.
-    let mut segments = raw[1..].split('/').peekable();
+    // Split as bytes: a `str` split on a char sets up a char searcher per segment.
+    let mut segments = raw.as_bytes()[1..].split(|&b| b == b'/').peekable();
     while let Some(segment) = segments.next() {
         let last = segments.peek().is_none();
-        if (segment.is_empty() && !last) || segment == "." || segment == ".." {
+        if (segment.is_empty() && !last) || segment == b"." || segment == b".." {
             return false;
         }
     }
