@@ -208,16 +208,15 @@ fn forwarded_port(host: Option<&str>, scheme: &str, local_port: u16) -> HeaderVa
     let port = host.as_bytes()[after_name..]
         .iter()
         .rposition(|&b| b == b':')
-        .map(|colon| host.split_at(after_name + colon))
-        .map(|(name, port)| (name, &port[1..]))
-        .filter(|(_, port)| port.parse::<u16>().is_ok());
+        .map(|colon| &host[after_name + colon + 1..])
+        .filter(|digits| digits.parse::<u16>().is_ok());
     match port {
         // The host's own digits when they are the number's (no leading zero): a copy,
         // not the formatting `HeaderValue::from(u16)` does.
-        Some((_, digits)) if !digits.starts_with('0') => {
+        Some(digits) if !digits.starts_with('0') => {
             HeaderValue::from_str(digits).expect("ASCII digits are a header value")
         }
-        Some((_, digits)) => HeaderValue::from(digits.parse::<u16>().unwrap_or_default()),
+        Some(digits) => HeaderValue::from(digits.parse::<u16>().unwrap_or_default()),
         None if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("wss") => {
             HeaderValue::from_static("443")
         }
