@@ -188,28 +188,22 @@ fn bench(s: &Settings) -> std::io::Result<()> {
             s.backend_threads.to_string(),
         ],
     )?;
-    let (loadgate, loadgate_addr) = Process::spawn_self(
-        "loadgate",
-        &[
-            HELPER.into(),
-            "loadgate".into(),
-            s.workers.to_string(),
-            backend_addr.to_string(),
-            cert.cert_path.display().to_string(),
-            cert.key_path.display().to_string(),
-        ],
-    )?;
-    let (floor, floor_addr) = Process::spawn_self(
-        "hyper floor",
-        &[
-            HELPER.into(),
-            "hyper-floor".into(),
-            s.workers.to_string(),
-            backend_addr.to_string(),
-            cert.cert_path.display().to_string(),
-            cert.key_path.display().to_string(),
-        ],
-    )?;
+    // loadgate and the floor take the same arguments: workers, backend, certificate.
+    let tls_proxy = |name: &str, role: &str| {
+        Process::spawn_self(
+            name,
+            &[
+                HELPER.into(),
+                role.into(),
+                s.workers.to_string(),
+                backend_addr.to_string(),
+                cert.cert_path.display().to_string(),
+                cert.key_path.display().to_string(),
+            ],
+        )
+    };
+    let (loadgate, loadgate_addr) = tls_proxy("loadgate", "loadgate")?;
+    let (floor, floor_addr) = tls_proxy("hyper floor", "hyper-floor")?;
     let nginx = start_nginx(s.workers, backend_addr, &cert);
 
     let mut targets = vec![
