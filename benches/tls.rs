@@ -296,7 +296,7 @@ fn bench(s: &Settings) -> std::io::Result<()> {
                     cpu.as_secs_f64() / (s.secs * s.client_threads as f64)
                 });
                 println!(
-                    "  round {}/{}  {:<36} {:<8} {:>8.0}/s  p50 {:>9}  p99 {:>9}  cpu/op {:>8}  \
+                    "  round {}/{}  {:<36} {:<11} {:>8.0}/s  p50 {:>9}  p99 {:>9}  cpu/op {:>8}  \
                      client cpu {:>4}  errors {}",
                     round + 1,
                     s.rounds,
@@ -488,7 +488,7 @@ fn check_targets(targets: &[Target], rows: &[Row], cert: &BenchCert) -> std::io:
                     target.name, target.addr, row.name
                 ))
             })?;
-            println!("check {:<8} {:<36} {negotiated}", target.name, row.name);
+            println!("check {:<11} {:<36} {negotiated}", target.name, row.name);
             if negotiated.status != 200 {
                 return Err(std::io::Error::other(format!(
                     "{} answered {} to GET {PATH} ({})",
