@@ -521,10 +521,9 @@ async fn serve_connection(
     let activity = Activity::new();
     let interim = crate::listener::interim::Interim::default();
     let tunnel = tunnel::TunnelSlot::default();
-    let tls_info = tls.clone();
     let (io, verdicts) =
         crate::listener::framing::wrap(ActivityIo::new(stream, activity.clone()), interim.clone());
-    let info = ConnInfo {
+    let info = Arc::new(ConnInfo {
         peer,
         client_address: crate::http::headers::client_address(peer.ip()),
         verdicts,
@@ -540,10 +539,10 @@ async fn serve_connection(
         local_port,
         forwarded: server.forwarded,
         tunnel: tunnel.clone(),
-    };
-    let service = connection_service(shared.clone(), Arc::new(info), activity.clone());
+    });
+    let service = connection_service(shared.clone(), info.clone(), activity.clone());
     // With upgrades: a 101 the handler answers hands the socket over (`tunnel.rs`).
-    let connection = connection_builder(server, tls_info.is_some())
+    let connection = connection_builder(server, info.tls.is_some())
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .into_owned();
     let timeouts = ClientTimeouts {
@@ -560,7 +559,7 @@ async fn serve_connection(
     let logging = shared.access_log.include_query().is_some();
     if let Some(status) = refused.filter(|_| logging) {
         let mut record = Record::refused(SystemTime::now(), peer, status);
-        if let Some(tls) = &tls_info {
+        if let Some(tls) = &info.tls {
             record.tls_version = Some(tls.version);
             record.sni = tls.sni.clone();
         }

@@ -36,6 +36,11 @@ fn route(config: &Config, name: &str, prefix: &str) -> RouteConfig {
     }
 }
 
+/// The route of `config` named `name`.
+fn route_mut<'a>(config: &'a mut Config, name: &str) -> &'a mut RouteConfig {
+    config.routes.iter_mut().find(|r| r.name == name).unwrap()
+}
+
 fn header(name: &str) -> HeaderName {
     HeaderName::from_bytes(name.as_bytes()).unwrap()
 }
@@ -291,11 +296,7 @@ async fn a_429_shed_on_the_route_gets_its_response_rules() {
     config.upstreams[0].max_workers = 2;
     config.upstreams[0].health.enabled = false;
     // The test config's sheddable route.
-    let reports = config
-        .routes
-        .iter_mut()
-        .find(|r| r.name == "reports")
-        .unwrap();
+    let reports = route_mut(&mut config, "reports");
     reports.rewrite.response_headers = response_rules("https://shop.example");
     let proxy = start_proxy(config).await;
 
@@ -342,11 +343,7 @@ async fn stripping_and_request_rules_change_on_reload() {
         "/api"
     );
 
-    let orders = config
-        .routes
-        .iter_mut()
-        .find(|r| r.name == "orders")
-        .unwrap();
+    let orders = route_mut(&mut config, "orders");
     orders.rewrite.strip_path_prefix = false;
     orders.rewrite.request_headers.set = vec![(header("x-env"), values(&["prod"]))];
     proxy.apply(config);
@@ -400,11 +397,7 @@ async fn a_backend_redirect_is_put_back_under_the_stripped_prefix() {
     }
 
     let mut config = stripping_config(origin.addr());
-    let orders = config
-        .routes
-        .iter_mut()
-        .find(|r| r.name == "orders")
-        .unwrap();
+    let orders = route_mut(&mut config, "orders");
     orders.rewrite.rewrite_location = false;
     let kept = start_proxy(config).await;
     let got = get_with(kept.addr(), "/orders/relative", &[]).await;
