@@ -395,18 +395,19 @@ async fn switch(
     mut response: Response<ProxyBody>,
     done: &mut RequestDone,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // The pool drove the backend connection until hyper handed its socket over.
-    let backend = match hyper::upgrade::on(&mut response).await {
-        Ok(backend) => backend,
-        Err(error) => {
-            count_upgrade(upstream, "failed");
-            return Err(ProxyError::Upstream {
-                upstream: upstream.name.clone(),
-                backend: "-".to_string(),
-                kind: UpstreamErrorKind::Protocol,
-                detail: format!("the backend's 101 could not be taken over: {error}"),
-            });
-        }
+    // The pool left the backend's connection on the 101 response.
+    let slot = response
+        .extensions_mut()
+        .remove::<crate::upstream::UpgradedSlot>();
+    let Some(backend) = slot.and_then(|slot| slot.take()) else {
+        count_upgrade(upstream, "failed");
+        return Err(ProxyError::Upstream {
+            upstream: upstream.name.clone(),
+            backend: "-".to_string(),
+            kind: UpstreamErrorKind::Protocol,
+            detail: "the backend's 101 could not be taken over: its connection had ended"
+                .to_string(),
+        });
     };
     done.reservation = None;
     conn.verdicts.upgraded();
@@ -736,9 +737,12 @@ async fn forward(
     // cannot send one. Never stored: only the final response reaches the cache.
     if received == Version::HTTP_11 {
         let interim = conn.interim.clone();
-        hyper::ext::on_informational(&mut request, move |response| {
-            interim.send(response.status(), response.headers());
-        });
+        let callback = move |status, headers: &http::HeaderMap| interim.send(status, headers);
+        request
+            .extensions_mut()
+            .insert(crate::upstream::OnInformational(std::sync::Arc::new(
+                callback,
+            )));
     }
     let sent = Instant::now();
     let result = upstream.forward(reservation, request, fallback).await;

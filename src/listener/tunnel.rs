@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -31,13 +31,17 @@ pub struct Tunnel {
     /// The client's socket, handed over by hyper once the 101 is written.
     client: OnUpgrade,
     /// The backend's socket, taken over from its pooled connection.
-    backend: Upgraded,
+    backend: crate::upstream::Upgraded,
     /// The upstream's name, for the open-tunnels gauge.
     upstream: String,
 }
 
 impl Tunnel {
-    pub fn new(client: OnUpgrade, backend: Upgraded, upstream: &str) -> Tunnel {
+    pub(crate) fn new(
+        client: OnUpgrade,
+        backend: crate::upstream::Upgraded,
+        upstream: &str,
+    ) -> Tunnel {
         Tunnel {
             client,
             backend,
@@ -59,13 +63,7 @@ impl Tunnel {
         let open = metrics::gauge!(m::UPGRADED_CONNECTIONS_OPEN,
             m::LABEL_UPSTREAM => self.upstream.clone());
         open.increment(1.0);
-        let ended = splice(
-            TokioIo::new(client),
-            TokioIo::new(self.backend),
-            idle,
-            abort,
-        )
-        .await;
+        let ended = splice(TokioIo::new(client), self.backend, idle, abort).await;
         open.decrement(1.0);
         ended
     }

@@ -26,6 +26,7 @@ use crate::metrics as m;
 
 pub use health::spawn_health_checks;
 pub use pool::PoolStats;
+pub(crate) use pool::{OnInformational, Upgraded, UpgradedSlot};
 use pool::{Pool, PoolSettings, SendFailure};
 
 /// One backend address of an upstream, with its live state.
@@ -590,18 +591,4 @@ fn fmt_duration(d: Duration) -> String {
     } else {
         format!("{:.1} s", d.as_secs_f64())
     }
-}
-
-/// The first error of type `E` in `error`'s source chain.
-fn find_source<'a, E: std::error::Error + 'static>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a E> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<E>() {
-            return Some(found);
-        }
-        current = e.source();
-    }
-    None
 }

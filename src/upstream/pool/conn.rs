@@ -12,76 +12,55 @@
 //! stale reuse (`mod.rs`); the idle stacks (`idle.rs`); parsing the backend's
 //! keep-alive limits (`keepalive.rs`).
 
-use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// Largest read from a backend connection, and so the largest response chunk. Each
-/// read becomes one chunk of the response body, held until the client takes it;
-/// hyper's default (~400 KiB) would hold about 1 MiB per slow client (read buffer,
-/// chunk in hand, chunk queued); 64 KiB keeps it near 200 KiB at no cost in throughput.
-const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
-
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Version};
+use http::{Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::h1::{self, Framing, H1Error, Head, Io, Outgoing, Reader, Sending, UpgradedSlot};
 use super::keepalive::{at_request_limit, parse_keep_alive, wants_close};
 use super::stats::Event;
 use super::{Host, Inner};
-use crate::http::body::{BoxError, ProxyBody};
+use crate::http::body::BoxError;
 use crate::http::error::UpstreamErrorKind;
 use crate::http::tls_client::UpstreamStream;
 use crate::upstream::{fmt_duration, SendError};
 
-/// hyper's side of one upstream connection: the future that reads and writes it,
-/// served with upgrades (hyper's type for that cannot be named), so that after a
-/// `101 Switching Protocols` its socket passes to `hyper::upgrade::on` on the response.
-type ConnIo = dyn Future<Output = hyper::Result<()>> + Send;
-
-/// One HTTP/1.1 connection. Its I/O future is not spawned: the request using the
-/// connection drives it from its own task (while waiting for the response head, then
-/// from the response body's `poll_frame` until the body ends), so an exchange never
-/// hops between tasks or worker threads. An idle connection is not polled at all; a
-/// backend close is seen when it is next checked out (or by the sweep).
+/// One HTTP/1.1 connection (`h1.rs` speaks it). It is never polled by a task of its
+/// own: the request using the connection drives it (while waiting for the response
+/// head, then from the response body's `poll_frame` until the body ends), so an
+/// exchange never hops between tasks or worker threads. An idle connection is not
+/// polled at all; a backend close is seen when it is next checked out (or by the sweep).
 pub(super) struct Conn {
-    pub(super) tx: http1::SendRequest<ProxyBody>,
-    /// `None` once the connection has ended (dropping it also fails a request still
-    /// queued on `tx`, handing the request back unsent).
-    io: Option<Pin<Box<ConnIo>>>,
+    /// `None` once the connection has ended.
+    io: Option<Io>,
     /// Requests sent on it so far.
     served: u32,
     /// Further requests the backend allows, from `Keep-Alive: max=N`.
     allowed: Option<u32>,
-    /// Whether the request body of the last exchange has been sent in full.
-    upload: Upload,
 }
 
 impl Conn {
-    /// Drives the connection's I/O; `Ready` once it has ended (closed by either side,
-    /// or failed).
+    /// For an idle connection: `Ready` once it has ended (closed by the backend, or sent
+    /// bytes nobody asked for).
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(io) = self.io.as_mut() else {
             return Poll::Ready(());
         };
-        let result = std::task::ready!(io.as_mut().poll(cx));
-        if let Err(error) = result {
-            tracing::debug!(%error, "upstream connection ended with an error");
-        }
+        std::task::ready!(io.poll_idle_end(cx));
         self.io = None;
         Poll::Ready(())
     }
 
     pub(super) fn is_closed(&self) -> bool {
-        self.io.is_none() || self.tx.is_closed()
+        self.io.is_none()
     }
 }
 
@@ -99,21 +78,11 @@ impl Inner {
             let (failure, again) = match self.open(host).await {
                 Ok(stream) => {
                     host.backend.connect_succeeded();
-                    let (tx, connection) = http1::Builder::new()
-                        .max_buf_size(UPSTREAM_READ_BUFFER)
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| SendError {
-                            kind: UpstreamErrorKind::Protocol,
-                            detail: format!("HTTP/1.1 handshake failed: {e}"),
-                        })?;
                     self.counters.event(Event::Opened);
                     return Ok(Conn {
-                        tx,
-                        io: Some(Box::pin(connection.with_upgrades())),
+                        io: Some(Io::new(stream)),
                         served: 0,
                         allowed: None,
-                        upload: Upload::done(),
                     });
                 }
                 Err(failed) => failed,
@@ -175,10 +144,14 @@ impl Inner {
         self: &Arc<Self>,
         host: &Arc<Host>,
         mut conn: Conn,
-        response: Response<Incoming>,
-    ) -> Response<ProxyBody> {
-        let headers = response.headers();
-        let keep_alive = parse_keep_alive(headers);
+        exchanged: Exchanged,
+    ) -> Response<crate::http::body::ProxyBody> {
+        let Exchanged {
+            head,
+            sending,
+            framing,
+        } = exchanged;
+        let keep_alive = parse_keep_alive(&head.headers);
         if let Some(timeout) = keep_alive.timeout {
             let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
             host.learned_timeout_ms.store(ms, Ordering::Relaxed);
@@ -186,36 +159,51 @@ impl Inner {
         if keep_alive.max.is_some() {
             conn.allowed = keep_alive.max;
         }
-        let close = wants_close(headers) || response.version() < Version::HTTP_11;
+        let close = wants_close(&head.headers) || head.version < Version::HTTP_11;
         if close {
             host.observe_close_after(conn.served);
         }
-        let retire = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // Its socket carries the other protocol now (`exchange`): never back to the pool.
+        let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        let retire = if upgraded {
+            // Its socket carries the other protocol now: never back to the pool.
             Some(Event::Upgraded)
-        } else if close {
+        } else if close || framing == Framing::UntilClose {
             Some(Event::ClosedByBackend)
         } else if at_request_limit(conn.served, conn.allowed, host.learned_max()) {
             Some(Event::RetiredMax)
         } else {
             None
         };
-        let (parts, body) = response.into_parts();
+        let mut response = Response::new(());
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        if let Some(reason) = head.reason {
+            response.extensions_mut().insert(reason);
+        }
+        if upgraded {
+            if let Some(io) = conn.io.take() {
+                response.extensions_mut().insert(UpgradedSlot::new(io));
+            }
+        }
         let mut checkin = CheckIn {
             pool: self.clone(),
             host: host.clone(),
             conn: Some(conn),
             retire,
         };
-        if body.is_end_stream() {
+        let reader = Reader::new(framing);
+        if reader.is_done() {
             // Nobody will poll an empty body to its end: the exchange is over now.
-            checkin.give_back();
+            checkin.give_back(sending.is_done());
+            return response.map(|()| crate::http::body::empty());
         }
         let body = PooledBody {
-            inner: body,
+            sending,
+            reader,
             checkin: Some(checkin),
         };
-        Response::from_parts(parts, body.boxed_unsync())
+        response.map(|()| body.boxed_unsync())
     }
 }
 
@@ -228,7 +216,9 @@ struct CheckIn {
 }
 
 impl CheckIn {
-    fn give_back(&mut self) {
+    /// The exchange is over: back to the idle stack if the connection can carry
+    /// another one; `upload_done` says whether the request went out in full.
+    fn give_back(&mut self, upload_done: bool) {
         let Some(conn) = self.conn.take() else {
             return;
         };
@@ -237,43 +227,44 @@ impl CheckIn {
             counters.event(event);
             return;
         }
-        if conn.is_closed() {
+        let Some(io) = conn.io.as_ref() else {
             counters.event(Event::ClosedByBackend);
             return;
-        }
-        if !conn.upload.is_done() {
+        };
+        if !upload_done || io.has_unread() {
             // Answered before the upload ended: the rest of it is still to go out on
-            // this connection. Dropping the connection closes it.
+            // this connection. Or the backend sent more than its response. Dropping
+            // the connection closes it.
             counters.event(Event::Discarded);
             return;
         }
-        if self
-            .host
-            .idle
-            .push(conn, self.pool.settings.max_idle)
-            .is_err()
-        {
+        if !self.host.idle.push(conn, self.pool.settings.max_idle) {
             counters.event(Event::Discarded);
         }
+    }
+
+    fn io(&mut self) -> Option<&mut Io> {
+        self.conn.as_mut().and_then(|c| c.io.as_mut())
     }
 }
 
 impl Drop for CheckIn {
     fn drop(&mut self) {
-        // Body dropped or failed before its end: hyper closes the connection.
+        // Body dropped or failed before its end: dropping the connection closes it.
         if self.conn.take().is_some() {
             self.pool.counters.event(Event::Discarded);
         }
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that hands its connection back to the pool at its end.
-    struct PooledBody {
-        #[pin]
-        inner: Incoming,
-        checkin: Option<CheckIn>,
-    }
+/// A response body read off its connection, which goes back to the pool at its end.
+struct PooledBody {
+    /// The request body, when the backend answered before it was all sent: sent on
+    /// while the response is read.
+    sending: Sending,
+    reader: Reader,
+    /// `None` once the body has ended or failed.
+    checkin: Option<CheckIn>,
 }
 
 impl Body for PooledBody {
@@ -284,182 +275,112 @@ impl Body for PooledBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        // The connection's I/O is driven from here until the body ends (see `Conn`).
-        if let Some(conn) = this.checkin.as_mut().and_then(|c| c.conn.as_mut()) {
-            let _ = conn.poll_io(cx);
-        }
-        let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
-        let ended = match &polled {
-            None => true,
-            Some(Ok(_)) => this.inner.is_end_stream(),
+        let this = self.get_mut();
+        let Some(io) = this.checkin.as_mut().and_then(CheckIn::io) else {
+            return Poll::Ready(None);
+        };
+        let _ = this.sending.poll(io, cx);
+        let polled = std::task::ready!(this.reader.poll_frame(io, cx));
+        match &polled {
             Some(Err(_)) => {
                 this.checkin.take();
-                false
             }
-        };
-        if ended {
-            if let Some(mut checkin) = this.checkin.take() {
-                checkin.give_back();
+            _ if this.reader.is_done() => {
+                if let Some(mut checkin) = this.checkin.take() {
+                    checkin.give_back(this.sending.is_done());
+                }
             }
+            _ => {}
         }
         Poll::Ready(polled.map(|frame| frame.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.reader.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.reader.exact_length() {
+            Some(length) => SizeHint::with_exact(length),
+            None => SizeHint::default(),
+        }
     }
+}
+
+/// A response head received on a connection, and what goes with it.
+pub(super) struct Exchanged {
+    head: Head,
+    /// The request body, still being sent if the backend answered early.
+    sending: Sending,
+    framing: Framing,
 }
 
 /// A failed exchange on one connection.
 pub(super) struct Failed {
-    pub(super) error: hyper::Error,
-    /// The request, when hyper gave it back unwritten.
-    pub(super) unsent: Option<Request<ProxyBody>>,
+    pub(super) error: H1Error,
+    /// The request, when none of it was written (or taken from its body).
+    pub(super) unsent: Option<Outgoing>,
     /// The connection broke (closed, reset) rather than the backend speaking bad HTTP.
     pub(super) stale: bool,
 }
 
+/// Sends `out` on `conn` and reads the response head. The request body goes out
+/// alongside; a backend may answer before it has all arrived.
 pub(super) async fn exchange(
     mut conn: Conn,
-    req: Request<ProxyBody>,
-) -> Result<(Response<Incoming>, Conn), Failed> {
+    mut out: Outgoing,
+) -> Result<(Exchanged, Conn), Failed> {
     conn.served += 1;
-    let (req, upload) = Upload::track(req);
-    conn.upload = upload;
-    let mut response = std::pin::pin!(conn.tx.try_send_request(req));
-    // Drive the connection in this task while waiting for the response head. When
-    // the connection ends first, dropping it fails the response future (or hands the
-    // request back unsent), so this always finishes.
+    let Some(io) = conn.io.as_mut() else {
+        return Err(Failed {
+            error: H1Error::Closed,
+            unsent: Some(out),
+            stale: true,
+        });
+    };
+    let mut sending = Sending::start(io, &mut out);
     let result = std::future::poll_fn(|cx| {
-        let _ = conn.poll_io(cx);
-        response.as_mut().poll(cx)
+        let _ = sending.poll(io, cx);
+        if let Some(error) = sending.take_body_failure() {
+            // The backend waits for the rest of the body: no answer will come.
+            return Poll::Ready(Err(error));
+        }
+        h1::poll_head(io, cx, out.informational.as_ref())
     })
     .await;
-    match result {
-        Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            // hyper hands the socket over (to `hyper::upgrade::on` on the response) when
-            // its connection future ends, right after the 101 head; driven here so the
-            // caller finds the upgrade done.
-            std::future::poll_fn(|cx| conn.poll_io(cx)).await;
-            Ok((response, conn))
-        }
-        Ok(response) => Ok((response, conn)),
-        Err(mut error) => {
-            let unsent = error.take_message();
-            let error = error.into_error();
-            let stale = unsent.is_some() || is_broken_connection(&error);
-            Err(Failed {
+    let head = match result {
+        Ok(head) => head,
+        Err(error) => {
+            let stale = error.is_broken_connection();
+            let unsent = (!sending.wrote() && sending.untouched()).then(|| {
+                out.body = sending.take_body();
+                out
+            });
+            return Err(Failed {
                 error,
                 unsent,
                 stale,
+            });
+        }
+    };
+    let framing = match Framing::of(&head, out.head_method) {
+        Ok(framing) => framing,
+        Err(error) => {
+            return Err(Failed {
+                error,
+                unsent: None,
+                stale: false,
             })
         }
-    }
-}
-
-/// Whether a request's body has been handed to hyper in full: set by [`Tracked`] when
-/// the body ends, read at check-in.
-struct Upload(Option<Arc<AtomicBool>>);
-
-impl Upload {
-    /// Nothing to send: no body, or the last one went out in full.
-    fn done() -> Upload {
-        Upload(None)
-    }
-
-    fn is_done(&self) -> bool {
-        self.0
-            .as_ref()
-            .is_none_or(|sent| sent.load(Ordering::Acquire))
-    }
-
-    /// Wraps a request body that has something to send so its end is seen.
-    fn track(req: Request<ProxyBody>) -> (Request<ProxyBody>, Upload) {
-        let body = req.body();
-        let declared = body.size_hint().exact();
-        // hyper sends neither kind of body: an ended one is no body at all, a declared
-        // zero length ends with the head.
-        if body.is_end_stream() || declared == Some(0) {
-            return (req, Upload::done());
-        }
-        let sent = Arc::new(AtomicBool::new(false));
-        let (parts, inner) = req.into_parts();
-        let tracked = Tracked {
-            inner,
-            left: declared,
-            sent: sent.clone(),
-        };
-        (
-            Request::from_parts(parts, tracked.boxed_unsync()),
-            Upload(Some(sent)),
-        )
-    }
-}
-
-/// A request body that marks its upload sent once hyper has taken all of it: the
-/// end of the stream, its last frame (`is_end_stream` after it, or trailers), or,
-/// for a declared length, that many bytes, after which hyper polls no further.
-struct Tracked {
-    inner: ProxyBody,
-    /// Bytes still to go of a declared length.
-    left: Option<u64>,
-    sent: Arc<AtomicBool>,
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        // `ProxyBody` is a pinned box, so `Tracked` is `Unpin`.
-        let this = self.get_mut();
-        let polled = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        let ended = match &polled {
-            None => true,
-            Some(Err(_)) => false,
-            Some(Ok(frame)) => {
-                if let (Some(left), Some(data)) = (this.left.as_mut(), frame.data_ref()) {
-                    *left = left.saturating_sub(data.len() as u64);
-                }
-                frame.is_trailers() || this.left == Some(0) || this.inner.is_end_stream()
-            }
-        };
-        if ended {
-            this.sent.store(true, Ordering::Release);
-        }
-        Poll::Ready(polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// True for errors that mean the connection itself is gone: closed, reset, cut short.
-fn is_broken_connection(error: &hyper::Error) -> bool {
-    if error.is_user() || error.is_parse() {
-        return false;
-    }
-    if error.is_incomplete_message() || error.is_canceled() || error.is_closed() {
-        return true;
-    }
-    use std::io::ErrorKind::*;
-    matches!(
-        crate::upstream::find_source::<std::io::Error>(error).map(|e| e.kind()),
-        Some(ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
-    )
+    };
+    Ok((
+        Exchanged {
+            head,
+            sending,
+            framing,
+        },
+        conn,
+    ))
 }
 
 /// The wait before connect attempt `attempt + 1`: `base · 2^(attempt−1)`, capped at

@@ -54,8 +54,9 @@ impl IdleStacks {
         popped
     }
 
-    /// Keeps `conn` on the calling thread's stack, unless `max` are kept already.
-    pub(super) fn push(&self, conn: Conn, max: usize) -> Result<(), Conn> {
+    /// Keeps `conn` on the calling thread's stack, unless `max` are kept already (then
+    /// `conn` is dropped, which closes it); whether it was kept.
+    pub(super) fn push(&self, conn: Conn, max: usize) -> bool {
         if self
             .count
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -63,13 +64,13 @@ impl IdleStacks {
             })
             .is_err()
         {
-            return Err(conn);
+            return false;
         }
         lock(self.mine()).push(Idle {
             conn,
             since: Instant::now(),
         });
-        Ok(())
+        true
     }
 
     pub(super) fn len(&self) -> usize {

@@ -34,6 +34,7 @@
 //! closed one is discarded when found (checkout or sweep).
 
 mod conn;
+mod h1;
 mod idle;
 mod keepalive;
 mod stats;
@@ -43,16 +44,16 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap};
-use http::{Method, Request, Response, Uri, Version};
-use http_body::Body;
-use hyper::body::Incoming;
+use http::header;
+use http::{Request, Response};
 
 use super::{Backend, SendError};
 use crate::config::RetryConfig;
-use crate::http::body::{empty, ProxyBody};
+use crate::http::body::ProxyBody;
 use crate::http::error::UpstreamErrorKind;
-use conn::{exchange, Conn};
+use conn::{exchange, Conn, Exchanged};
+use h1::{H1Error, Outgoing};
+pub(crate) use h1::{OnInformational, Upgraded, UpgradedSlot};
 use idle::{Idle, IdleStacks};
 pub use stats::PoolStats;
 use stats::{Counters, Event, Stale};
@@ -196,11 +197,17 @@ impl Pool {
                 })
             }
         };
+        let (parts, body) = req.into_parts();
+        let out = Outgoing::encode(parts, body);
         // Only a request on a reused connection is ever sent again after being written,
-        // and only an idempotent one: the copy of its head is made for those alone.
-        let replay = (reused && idempotent).then(|| Replay::of(&req)).flatten();
-        let failed = match exchange(conn, req).await {
-            Ok((response, conn)) => return Ok((inner.finish(host, conn, response), reused)),
+        // and only an idempotent one without a body: its encoded head is kept for that.
+        let replay = if reused && idempotent {
+            out.replay()
+        } else {
+            None
+        };
+        let failed = match exchange(conn, out).await {
+            Ok((exchanged, conn)) => return Ok((inner.finish(host, conn, exchanged), reused)),
             Err(failed) => failed,
         };
         if !reused || !failed.stale {
@@ -211,7 +218,7 @@ impl Pool {
         let retry = match (failed.unsent, replay) {
             // Never written: safe for any method.
             (Some(unsent), _) => Some(unsent),
-            (None, Some(replay)) => Some(replay.request()),
+            (None, Some(replay)) => Some(replay),
             _ => None,
         };
         let Some(retry) = retry else {
@@ -245,8 +252,8 @@ impl Inner {
     async fn exchange_on_new_connection(
         &self,
         host: &Host,
-        req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Conn), SendError> {
+        req: Outgoing,
+    ) -> Result<(Exchanged, Conn), SendError> {
         let conn = self
             .connect(host, self.settings.retry.connect_attempts)
             .await?;
@@ -269,16 +276,9 @@ impl Inner {
                 self.counters.event(Event::RetiredIdle);
                 continue;
             }
-            // The connection may still be finishing the previous exchange (nobody
-            // polled it since); driving it until `tx` is ready does that, and ends when
-            // the backend has closed the connection meanwhile.
-            let usable = std::future::poll_fn(|cx| {
-                if conn.poll_io(cx).is_ready() {
-                    return Poll::Ready(false);
-                }
-                conn.tx.poll_ready(cx).map(|ready| ready.is_ok())
-            });
-            if !usable.await || conn.is_closed() {
+            // One poll reads a close (or bytes nobody asked for) that came while idle.
+            let ended = std::future::poll_fn(|cx| Poll::Ready(conn.poll_io(cx).is_ready()));
+            if ended.await || conn.is_closed() {
                 self.counters.event(Event::ClosedByBackend);
                 continue;
             }
@@ -305,54 +305,16 @@ impl From<SendError> for SendFailure {
     }
 }
 
-/// The head of a request whose body is empty, kept to send it again.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
+fn cause(error: &H1Error) -> String {
+    error.to_string()
 }
 
-impl Replay {
-    /// `Some` when the body is empty (no body or `Content-Length: 0`); a streamed body
-    /// is gone once sent, so such a request cannot be replayed.
-    fn of(req: &Request<ProxyBody>) -> Option<Replay> {
-        let body = req.body();
-        let empty = body.is_end_stream() || body.size_hint().exact() == Some(0);
-        empty.then(|| Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-        })
-    }
-
-    fn request(self) -> Request<ProxyBody> {
-        let mut req = Request::new(empty());
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers;
-        req
-    }
-}
-
-fn cause(error: &hyper::Error) -> String {
-    if error.is_incomplete_message() {
-        "connection closed before a complete response".to_string()
-    } else {
-        match super::find_source::<std::io::Error>(error) {
-            Some(io) => io.to_string(),
-            None => error.to_string(),
+fn exchange_error(error: &H1Error, context: &str) -> SendError {
+    let detail = match error {
+        H1Error::Closed => {
+            format!("connection closed by the backend before a complete response{context}")
         }
-    }
-}
-
-fn exchange_error(error: &hyper::Error, context: &str) -> SendError {
-    let detail = if error.is_incomplete_message() {
-        format!("connection closed by the backend before a complete response{context}")
-    } else {
-        format!("upstream exchange failed: {}{context}", cause(error))
+        error => format!("upstream exchange failed: {error}{context}"),
     };
     SendError {
         kind: UpstreamErrorKind::Protocol,
@@ -364,8 +326,10 @@ fn exchange_error(error: &hyper::Error, context: &str) -> SendError {
 mod tests {
     use super::*;
     use crate::config::UpstreamConfig;
-    use crate::http::body::BoxError;
+    use crate::http::body::{empty, BoxError};
     use bytes::Bytes;
+    use http::Uri;
+    use http_body::Body;
     use http_body_util::BodyExt;
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,0 +1,957 @@
+//! HTTP/1.1 spoken to a backend on one pooled connection: the request head written
+//! from the forwarded request, its body framed (length or chunked) and sent while the
+//! response is read, the response head parsed, and its body unframed as it arrives.
+//!
+//! Why not hyper's client: its connection runs behind a channel (the request goes in
+//! through an mpsc queue, the response comes back through a oneshot), built for a
+//! connection shared by tasks. A pooled connection here is only ever used by the one
+//! request holding it, from that request's task, so the channel was pure cost; and
+//! hyper consumes the request, so a copy of its head had to be kept to replay it after
+//! a stale reuse, where the encoded head bytes serve now.
+//!
+//! The response side is strict, as an intermediary's must be (RFC 9112 §6.3, §7.1): a
+//! response with both `Transfer-Encoding` and `Content-Length`, with differing lengths,
+//! with a malformed chunk, or with an obs-folded field is refused, never guessed at;
+//! a body that ends early is an error, never a short response passed off as whole.
+//!
+//! Not here: the connection's life in the pool (`conn.rs`); deciding what is sent
+//! (`forward/handler.rs`).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, StatusCode, Version};
+use http_body::{Body, Frame};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::http::body::{BoxError, ProxyBody};
+use crate::http::tls_client::UpstreamStream;
+
+/// The largest response head (status line and fields) accepted.
+pub(super) const MAX_HEAD: usize = 64 * 1024;
+/// The most fields a response head (or a trailer section) may have.
+const MAX_FIELDS: usize = 100;
+/// The longest chunk-size line (size, extensions, CRLF) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// The first read of an exchange asks for this much; a read that fills what it asked
+/// for doubles the next one, up to [`MAX_READ`].
+const FIRST_READ: usize = 8 * 1024;
+/// Largest read from a backend connection, and so the largest response chunk: each read
+/// becomes one chunk of the response body, held until the client takes it, so a slow
+/// client holds about three of them (read, in hand, queued).
+pub(super) const MAX_READ: usize = 64 * 1024;
+/// Request body bytes buffered before they are written (more waits for the socket).
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+/// Why an exchange with a backend failed.
+#[derive(Debug)]
+pub(crate) enum H1Error {
+    /// The backend closed the connection before a complete response.
+    Closed,
+    /// Reading from or writing to the connection failed.
+    Io(io::Error),
+    /// What the backend sent is not a valid HTTP/1.1 response.
+    Invalid(&'static str),
+    /// The request body failed (or did not match its declared length) as it was sent.
+    Body(BoxError),
+}
+
+impl std::fmt::Display for H1Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            H1Error::Closed => f.write_str("connection closed before a complete response"),
+            H1Error::Io(error) => write!(f, "{error}"),
+            H1Error::Invalid(why) => write!(f, "invalid response from the backend: {why}"),
+            H1Error::Body(error) => write!(f, "the request body failed: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for H1Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            H1Error::Io(error) => Some(error),
+            H1Error::Body(error) => Some(error.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl H1Error {
+    /// Whether the connection itself is gone (closed, reset, cut short), rather than the
+    /// backend speaking bad HTTP or the request body failing.
+    pub(super) fn is_broken_connection(&self) -> bool {
+        use std::io::ErrorKind::*;
+        match self {
+            H1Error::Closed => true,
+            H1Error::Io(error) => matches!(
+                error.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ),
+            H1Error::Invalid(_) | H1Error::Body(_) => false,
+        }
+    }
+}
+
+/// A callback for the interim (1xx) responses before the final one, `100 Continue` and
+/// `101 Switching Protocols` excepted; set as a request extension.
+#[derive(Clone)]
+pub(crate) struct OnInformational(pub(crate) std::sync::Arc<InformationalFn>);
+
+type InformationalFn = dyn Fn(StatusCode, &HeaderMap) + Send + Sync;
+
+/// A request ready for the wire: its head encoded, its body and how it is framed.
+pub(super) struct Outgoing {
+    /// Request line and fields, ending with the empty line.
+    pub(super) head: Bytes,
+    /// `None` when the request has no body to send.
+    pub(super) body: Option<(ProxyBody, Coding)>,
+    /// A `HEAD` request: its response has no body whatever its fields say.
+    pub(super) head_method: bool,
+    pub(super) informational: Option<OnInformational>,
+}
+
+/// How a request body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Coding {
+    /// `Content-Length`: exactly this many bytes.
+    Length(u64),
+    Chunked,
+}
+
+impl Outgoing {
+    /// Encodes `parts` (origin-form target, HTTP/1.1) and decides the body's framing as
+    /// hyper's client did: a body that has ended is no body; a `Transfer-Encoding` from
+    /// the request is kept, `chunked` last; otherwise a `Content-Length` from the
+    /// request, else the body's exact size, else chunked (`GET`, `HEAD`: no body).
+    pub(super) fn encode(mut parts: Parts, body: ProxyBody) -> Outgoing {
+        let informational = parts.extensions.remove::<OnInformational>();
+        let coding = request_coding(&mut parts, &body);
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = BytesMut::with_capacity(head_size(&parts, target));
+        head.put_slice(parts.method.as_str().as_bytes());
+        head.put_u8(b' ');
+        head.put_slice(target.as_bytes());
+        head.put_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            head.put_slice(name.as_str().as_bytes());
+            head.put_slice(b": ");
+            head.put_slice(value.as_bytes());
+            head.put_slice(b"\r\n");
+        }
+        head.put_slice(b"\r\n");
+        Outgoing {
+            head: head.freeze(),
+            body: coding.map(|coding| (body, coding)),
+            head_method: parts.method == Method::HEAD,
+            informational,
+        }
+    }
+
+    /// The request again, for a retry on another connection; `None` when its body is
+    /// already partly sent.
+    pub(super) fn replay(&self) -> Option<Outgoing> {
+        self.body.is_none().then(|| Outgoing {
+            head: self.head.clone(),
+            body: None,
+            head_method: self.head_method,
+            informational: self.informational.clone(),
+        })
+    }
+}
+
+fn head_size(parts: &Parts, target: &str) -> usize {
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    parts.method.as_str().len() + target.len() + 13 + fields + 2
+}
+
+/// The body's framing, with the request's fields made to say it; `None` for no body.
+fn request_coding(parts: &mut Parts, body: &ProxyBody) -> Option<Coding> {
+    let headers = &mut parts.headers;
+    if body.is_end_stream() {
+        headers.remove(header::TRANSFER_ENCODING);
+        return None;
+    }
+    if let Some(te) = headers.get(header::TRANSFER_ENCODING).cloned() {
+        headers.remove(header::CONTENT_LENGTH);
+        if !ends_chunked(std::iter::once(&te)) {
+            let value = format!("{}, chunked", String::from_utf8_lossy(te.as_bytes()));
+            let value = HeaderValue::try_from(value)
+                .unwrap_or_else(|_| HeaderValue::from_static("chunked"));
+            headers.insert(header::TRANSFER_ENCODING, value);
+        }
+        return Some(Coding::Chunked);
+    }
+    if let Some(length) = content_length(headers).ok().flatten() {
+        return (length > 0).then_some(Coding::Length(length));
+    }
+    if let Some(length) = body.size_hint().exact() {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        return (length > 0).then_some(Coding::Length(length));
+    }
+    if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
+        return None;
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    Some(Coding::Chunked)
+}
+
+/// Whether the last transfer coding named is `chunked`.
+fn ends_chunked<'a>(values: impl DoubleEndedIterator<Item = &'a HeaderValue>) -> bool {
+    values
+        .last()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The one length all `Content-Length` fields (and list members) agree on; `None` when
+/// there is none, an error when they are invalid or disagree.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for member in value.as_bytes().split(|&b| b == b',') {
+            let member = member.trim_ascii();
+            if member.is_empty() || member.len() > 19 || !member.iter().all(u8::is_ascii_digit) {
+                return Err(H1Error::Invalid("an invalid Content-Length"));
+            }
+            let n = member
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Invalid("Content-Length values that differ"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// One backend connection's bytes: the stream, what was read of it and not yet used,
+/// and what is still to be written.
+pub(super) struct Io {
+    stream: UpstreamStream,
+    read: BytesMut,
+    /// How much the next read asks for.
+    next_read: usize,
+    write: BytesMut,
+}
+
+impl Io {
+    pub(super) fn new(stream: UpstreamStream) -> Io {
+        Io {
+            stream,
+            read: BytesMut::new(),
+            next_read: FIRST_READ,
+            write: BytesMut::new(),
+        }
+    }
+
+    /// Reads more into the read buffer; `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let want = self.next_read;
+        if self.read.capacity() - self.read.len() < want / 2 {
+            self.read.reserve(want);
+        }
+        let room = self.read.capacity() - self.read.len();
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.stream),
+            cx,
+            &mut self.read
+        ))?;
+        if n == room && self.next_read < MAX_READ {
+            self.next_read *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes the write buffer out in full and flushes it.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.write.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut self.stream).poll_write(cx, &self.write))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.write.advance(n);
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    /// Whether bytes were read that no response used.
+    pub(super) fn has_unread(&self) -> bool {
+        !self.read.is_empty()
+    }
+
+    /// Whether an idle connection has ended: closed or reset by the backend, or sent
+    /// bytes nobody asked for (it cannot be trusted with a request then). `Pending`
+    /// while it is quietly open.
+    pub(super) fn poll_idle_end(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.poll_fill(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(()),
+        }
+    }
+
+    /// The stream and any bytes read past the response head, for the protocol a `101`
+    /// switched to.
+    fn into_upgraded(self) -> Upgraded {
+        Upgraded {
+            stream: self.stream,
+            pending: self.read.freeze(),
+        }
+    }
+}
+
+/// The request being sent: its body still to go, and how far it got.
+pub(super) struct Sending {
+    body: Option<(ProxyBody, Coding)>,
+    /// The head and all of the body are written.
+    done: bool,
+    /// Any byte of this request reached the socket.
+    wrote: bool,
+    /// A frame was taken from the body.
+    touched: bool,
+    /// Sending failed. A write that failed leaves the response to be read on (the
+    /// backend may have answered, an early 413 say); a body that failed ends the
+    /// exchange.
+    failed: Option<H1Error>,
+}
+
+impl Sending {
+    pub(super) fn start(io: &mut Io, out: &mut Outgoing) -> Sending {
+        io.write.clear();
+        io.write.extend_from_slice(&out.head);
+        Sending {
+            body: out.body.take(),
+            done: false,
+            wrote: false,
+            touched: false,
+            failed: None,
+        }
+    }
+
+    /// Whether any byte of the request reached the socket.
+    pub(super) fn wrote(&self) -> bool {
+        self.wrote
+    }
+
+    /// Whether the body is as it was given: no frame taken from it.
+    pub(super) fn untouched(&self) -> bool {
+        !self.touched
+    }
+
+    /// The body, for sending again elsewhere (see [`untouched`](Sending::untouched)).
+    pub(super) fn take_body(&mut self) -> Option<(ProxyBody, Coding)> {
+        self.body.take()
+    }
+
+    /// The request body's failure, once.
+    pub(super) fn take_body_failure(&mut self) -> Option<H1Error> {
+        match self.failed {
+            Some(H1Error::Body(_)) => self.failed.take(),
+            _ => None,
+        }
+    }
+
+    /// Whether the request, body included, went out in full.
+    pub(super) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Sends what can be sent now; `Ready` once it all went out or sending failed.
+    pub(super) fn poll(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<()> {
+        if self.done || self.failed.is_some() {
+            return Poll::Ready(());
+        }
+        loop {
+            if let Err(error) = self.fill(io, cx) {
+                self.failed = Some(error);
+                return Poll::Ready(());
+            }
+            if io.write.is_empty() && self.body.is_some() {
+                // Waiting for the body.
+                return Poll::Pending;
+            }
+            let before = io.write.len();
+            let written = io.poll_write_out(cx);
+            self.wrote |= io.write.len() < before;
+            match written {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => {
+                    self.failed = Some(H1Error::Io(error));
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Ok(())) if self.body.is_none() => {
+                    self.done = true;
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+    }
+
+    /// Moves body frames that are ready into the write buffer, framed, up to its high
+    /// water mark.
+    fn fill(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Result<(), H1Error> {
+        while io.write.len() < WRITE_HIGH_WATER {
+            let Some((body, coding)) = self.body.as_mut() else {
+                return Ok(());
+            };
+            let frame = match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Some(Err(error))) => return Err(H1Error::Body(error)),
+                Poll::Ready(Some(Ok(frame))) => Some(frame),
+                Poll::Ready(None) => None,
+            };
+            self.touched = true;
+            let ended = match frame {
+                None => true,
+                Some(frame) => match frame.into_data() {
+                    Ok(data) => {
+                        put_data(&mut io.write, coding, &data)?;
+                        body.is_end_stream()
+                    }
+                    Err(frame) => {
+                        if let (Coding::Chunked, Ok(trailers)) = (*coding, frame.into_trailers()) {
+                            io.write.put_slice(b"0\r\n");
+                            put_trailers(&mut io.write, &trailers);
+                            io.write.put_slice(b"\r\n");
+                            self.body = None;
+                            return Ok(());
+                        }
+                        false
+                    }
+                },
+            };
+            if ended {
+                match *coding {
+                    Coding::Length(0) => {}
+                    Coding::Length(_) => {
+                        return Err(H1Error::Body(
+                            "the body ended before its Content-Length".into(),
+                        ))
+                    }
+                    Coding::Chunked => io.write.put_slice(b"0\r\n\r\n"),
+                }
+                self.body = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn put_data(write: &mut BytesMut, coding: &mut Coding, data: &Bytes) -> Result<(), H1Error> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    match coding {
+        Coding::Length(left) => {
+            let len = data.len() as u64;
+            if len > *left {
+                return Err(H1Error::Body(
+                    "the body is longer than its Content-Length".into(),
+                ));
+            }
+            *left -= len;
+            write.put_slice(data);
+        }
+        Coding::Chunked => {
+            write.put_slice(format!("{:X}\r\n", data.len()).as_bytes());
+            write.put_slice(data);
+            write.put_slice(b"\r\n");
+        }
+    }
+    Ok(())
+}
+
+/// Trailer fields, those that may be trailers (RFC 9110 §6.5.1) only.
+fn put_trailers(write: &mut BytesMut, trailers: &HeaderMap) {
+    for (name, value) in trailers {
+        if is_framing_or_routing(name) {
+            continue;
+        }
+        write.put_slice(name.as_str().as_bytes());
+        write.put_slice(b": ");
+        write.put_slice(value.as_bytes());
+        write.put_slice(b"\r\n");
+    }
+}
+
+fn is_framing_or_routing(name: &HeaderName) -> bool {
+    matches!(
+        *name,
+        header::CONTENT_LENGTH
+            | header::TRANSFER_ENCODING
+            | header::HOST
+            | header::TRAILER
+            | header::CONNECTION
+            | header::CONTENT_TYPE
+            | header::CONTENT_ENCODING
+            | header::CONTENT_RANGE
+    )
+}
+
+/// A parsed response head.
+pub(super) struct Head {
+    pub(super) status: StatusCode,
+    pub(super) version: Version,
+    pub(super) headers: HeaderMap,
+    /// The backend's reason phrase when it is not the usual one for the status.
+    pub(super) reason: Option<hyper::ext::ReasonPhrase>,
+}
+
+/// Reads the response head: the final one, interim ones passed to `informational` (or
+/// skipped) on the way; for a `101`, the head as it is.
+pub(super) fn poll_head(
+    io: &mut Io,
+    cx: &mut Context<'_>,
+    informational: Option<&OnInformational>,
+) -> Poll<Result<Head, H1Error>> {
+    loop {
+        if let Some(head) = parse_head(&mut io.read)? {
+            if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                if head.status != StatusCode::CONTINUE {
+                    if let Some(OnInformational(callback)) = informational {
+                        callback(head.status, &head.headers);
+                    }
+                }
+                continue;
+            }
+            return Poll::Ready(Ok(head));
+        }
+        match std::task::ready!(io.poll_fill(cx)) {
+            Ok(0) => return Poll::Ready(Err(H1Error::Closed)),
+            Ok(_) => {}
+            Err(error) => return Poll::Ready(Err(H1Error::Io(error))),
+        }
+    }
+}
+
+/// Parses a response head at the start of `buf`, taking it off; `None` while it is
+/// incomplete.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut []);
+    // Where each field's name and value sit in the head: the head becomes one shared
+    // buffer that the values are slices of.
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_FIELDS];
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(H1Error::Invalid("a response head larger than 64 KiB"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Invalid(
+                "more than 100 fields in the response head",
+            ))
+        }
+        Err(_) => return Err(H1Error::Invalid("a malformed response head")),
+    };
+    if len > MAX_HEAD {
+        return Err(H1Error::Invalid("a response head larger than 64 KiB"));
+    }
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+    let count = response.headers.len();
+    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+        let name = field.name.as_bytes();
+        *span = (
+            offset(name),
+            name.len() as u32,
+            offset(field.value),
+            field.value.len() as u32,
+        );
+    }
+    let version = match response.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let code = response.code.unwrap_or_default();
+    let reason = response.reason.map(|r| (offset(r.as_bytes()), r.len()));
+    let status =
+        StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("an invalid status code"))?;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+        let (name_at, value_at) = (name_at as usize, value_at as usize);
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
+            .map_err(|_| H1Error::Invalid("an invalid field name"))?;
+        let value = head.slice(value_at..value_at + value_len as usize);
+        let value = HeaderValue::from_maybe_shared(value)
+            .map_err(|_| H1Error::Invalid("an invalid field value"))?;
+        headers.append(name, value);
+    }
+    let reason = reason.and_then(|(at, len)| {
+        let at = at as usize;
+        let phrase = &head[at..at + len];
+        let usual = status.canonical_reason().map(str::as_bytes);
+        (usual != Some(phrase))
+            .then(|| hyper::ext::ReasonPhrase::try_from(head.slice(at..at + len)).ok())
+            .flatten()
+    });
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        reason,
+    }))
+}
+
+/// How a response body is framed (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Framing {
+    /// No body: a response to `HEAD`, a 1xx, 204 or 304, or `Content-Length: 0`.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes the connection.
+    UntilClose,
+}
+
+impl Framing {
+    pub(super) fn of(head: &Head, head_method: bool) -> Result<Framing, H1Error> {
+        let status = head.status;
+        if head_method
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Framing::Empty);
+        }
+        let headers = &head.headers;
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            if headers.contains_key(header::CONTENT_LENGTH) {
+                return Err(H1Error::Invalid(
+                    "both Transfer-Encoding and Content-Length",
+                ));
+            }
+            if head.version == Version::HTTP_10 {
+                return Err(H1Error::Invalid(
+                    "Transfer-Encoding in an HTTP/1.0 response",
+                ));
+            }
+            return Ok(
+                if ends_chunked(headers.get_all(header::TRANSFER_ENCODING).iter()) {
+                    Framing::Chunked
+                } else {
+                    Framing::UntilClose
+                },
+            );
+        }
+        Ok(match content_length(headers)? {
+            Some(0) => Framing::Empty,
+            Some(length) => Framing::Length(length),
+            None => Framing::UntilClose,
+        })
+    }
+}
+
+/// Where a chunked body's decoding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// In a chunk's data, this many bytes to go.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: the trailer section.
+    Trailers,
+}
+
+/// A response body being read off its connection.
+pub(super) struct Reader {
+    framing: Framing,
+    chunk: Chunk,
+    done: bool,
+}
+
+impl Reader {
+    pub(super) fn new(framing: Framing) -> Reader {
+        Reader {
+            framing,
+            chunk: Chunk::Size,
+            done: framing == Framing::Empty,
+        }
+    }
+
+    /// Whether the body has been read to its end.
+    pub(super) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The body's length, when the head declared it.
+    pub(super) fn exact_length(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The next frame of the body: data as it arrives, then trailers if any; `None`
+    /// at its end.
+    pub(super) fn poll_frame(
+        &mut self,
+        io: &mut Io,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match self.step(&mut io.read) {
+                Err(error) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) if self.done => return Poll::Ready(None),
+                Ok(None) => {}
+            }
+            match std::task::ready!(io.poll_fill(cx)) {
+                Ok(0) if self.framing == Framing::UntilClose => {
+                    self.done = true;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(H1Error::Closed)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(H1Error::Io(error))));
+                }
+            }
+        }
+    }
+
+    /// Decodes what `buf` holds: a frame, or `None` when more must be read (or the
+    /// body has ended: `done`).
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, H1Error> {
+        match self.framing {
+            Framing::Empty => {
+                self.done = true;
+                Ok(None)
+            }
+            Framing::UntilClose => Ok((!buf.is_empty()).then(|| Frame::data(buf.split().freeze()))),
+            Framing::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                let left = left - n as u64;
+                self.framing = Framing::Length(left);
+                self.done = left == 0;
+                Ok(Some(Frame::data(buf.split_to(n).freeze())))
+            }
+            Framing::Chunked => self.step_chunked(buf),
+        }
+    }
+
+    fn step_chunked(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, H1Error> {
+        loop {
+            match self.chunk {
+                Chunk::Size => {
+                    let Some((line, size)) = chunk_size(buf)? else {
+                        return Ok(None);
+                    };
+                    buf.advance(line);
+                    self.chunk = if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
+                Chunk::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - n as u64;
+                    self.chunk = if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    };
+                    return Ok(Some(Frame::data(buf.split_to(n).freeze())));
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Invalid("a chunk not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.chunk = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        self.done = true;
+                        return Ok(None);
+                    }
+                    let Some(trailers) = trailer_section(buf)? else {
+                        return Ok(None);
+                    };
+                    self.done = true;
+                    return Ok(Some(Frame::trailers(trailers)));
+                }
+            }
+        }
+    }
+}
+
+/// A chunk-size line at the start of `buf`: its length (CRLF included) and the size it
+/// gives; `None` while incomplete. Extensions are skipped, but must be free of control
+/// characters; a bare LF ends nothing.
+fn chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
+    let invalid = || H1Error::Invalid("a malformed chunk size");
+    let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == buf.len() {
+        return if digits > 16 {
+            Err(invalid())
+        } else {
+            Ok(None)
+        };
+    }
+    if digits == 0 || digits > 16 {
+        return Err(invalid());
+    }
+    let size = buf[..digits].iter().fold(0u64, |n, &d| {
+        let d = (d as char).to_digit(16).unwrap_or(0);
+        (n << 4) | u64::from(d)
+    });
+    let rest = &buf[digits..];
+    let Some(cr) = rest.iter().position(|&b| b == b'\r') else {
+        if rest.len() + digits > MAX_CHUNK_LINE || rest.contains(&b'\n') {
+            return Err(invalid());
+        }
+        return Ok(None);
+    };
+    let ext = &rest[..cr];
+    let ext_ok = ext.is_empty()
+        || (ext.trim_ascii_start().first() == Some(&b';')
+            && ext.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f)));
+    if !ext_ok || digits + cr + 2 > MAX_CHUNK_LINE {
+        return Err(invalid());
+    }
+    match rest.get(cr + 1) {
+        None => Ok(None),
+        Some(b'\n') => Ok(Some((digits + cr + 2, size))),
+        Some(_) => Err(invalid()),
+    }
+}
+
+/// A trailer section ending in an empty line at the start of `buf`, taken off it;
+/// `None` while incomplete.
+fn trailer_section(buf: &mut BytesMut) -> Result<Option<HeaderMap>, H1Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let (len, parsed) = match httparse::parse_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete(done)) => done,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(H1Error::Invalid("a trailer section larger than 64 KiB"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(H1Error::Invalid("a malformed trailer section")),
+    };
+    let mut trailers = HeaderMap::with_capacity(parsed.len());
+    for field in parsed {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| H1Error::Invalid("an invalid trailer field name"))?;
+        if is_framing_or_routing(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| H1Error::Invalid("an invalid trailer field value"))?;
+        trailers.append(name, value);
+    }
+    buf.advance(len);
+    Ok(Some(trailers))
+}
+
+/// A backend connection after `101 Switching Protocols`, for the protocol it switched
+/// to: bytes the backend sent right behind the 101 come first.
+pub(crate) struct Upgraded {
+    stream: UpstreamStream,
+    pending: Bytes,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(buf.remaining());
+            buf.put_slice(&this.pending.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// The backend side of a `101` response, as a response extension, taken by the handler
+/// to splice it to the client's.
+pub(crate) struct UpgradedSlot(pub(crate) std::sync::Arc<std::sync::Mutex<Option<Upgraded>>>);
+
+impl Clone for UpgradedSlot {
+    fn clone(&self) -> Self {
+        UpgradedSlot(self.0.clone())
+    }
+}
+
+impl UpgradedSlot {
+    pub(super) fn new(io: Io) -> UpgradedSlot {
+        UpgradedSlot(std::sync::Arc::new(std::sync::Mutex::new(Some(
+            io.into_upgraded(),
+        ))))
+    }
+
+    /// The backend's connection, once.
+    pub(crate) fn take(&self) -> Option<Upgraded> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
