@@ -955,3 +955,246 @@ impl UpgradedSlot {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+    use http_body_util::BodyExt;
+
+    fn encoded(req: Request<ProxyBody>) -> (String, Option<Coding>) {
+        let (parts, body) = req.into_parts();
+        let out = Outgoing::encode(parts, body);
+        let coding = out.body.as_ref().map(|(_, coding)| *coding);
+        (String::from_utf8(out.head.to_vec()).unwrap(), coding)
+    }
+
+    fn full(body: &'static str) -> ProxyBody {
+        http_body_util::Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+
+    /// A body of unknown length.
+    fn streamed(body: &'static str) -> ProxyBody {
+        let frames =
+            futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from(body)))]);
+        http_body_util::StreamBody::new(frames).boxed_unsync()
+    }
+
+    #[test]
+    fn a_request_head_is_encoded_with_the_framing_its_body_needs() {
+        let get = Request::get("/a?b=1")
+            .header("host", "app")
+            .body(crate::http::body::empty())
+            .unwrap();
+        assert_eq!(
+            encoded(get),
+            ("GET /a?b=1 HTTP/1.1\r\nhost: app\r\n\r\n".to_string(), None)
+        );
+
+        let sized = Request::post("/").body(full("hello")).unwrap();
+        assert_eq!(
+            encoded(sized),
+            (
+                "POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n".to_string(),
+                Some(Coding::Length(5))
+            )
+        );
+
+        let unknown = Request::post("/").body(streamed("hello")).unwrap();
+        assert_eq!(
+            encoded(unknown),
+            (
+                "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n".to_string(),
+                Some(Coding::Chunked)
+            )
+        );
+
+        // A GET with a body of unknown length sends none, as hyper's client did.
+        let get_streamed = Request::get("/").body(streamed("x")).unwrap();
+        assert_eq!(encoded(get_streamed).1, None);
+
+        // The request's own Content-Length wins over the body's size.
+        let declared = Request::put("/")
+            .header("content-length", "3")
+            .body(streamed("abc"))
+            .unwrap();
+        assert_eq!(encoded(declared).1, Some(Coding::Length(3)));
+    }
+
+    fn head_of(raw: &str) -> Result<Option<Head>, H1Error> {
+        parse_head(&mut BytesMut::from(raw))
+    }
+
+    #[test]
+    fn a_response_head_is_parsed_once_complete() {
+        assert!(head_of("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+        let head =
+            head_of("HTTP/1.1 404 Gone Fishing\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok")
+                .unwrap()
+                .unwrap();
+        assert_eq!(head.status, StatusCode::NOT_FOUND);
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.headers["content-length"], "2");
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(
+            head.reason.as_ref().map(|r| r.as_bytes()),
+            Some(&b"Gone Fishing"[..]),
+            "a reason phrase that is not the usual one is kept"
+        );
+        let usual = head_of("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
+        assert!(usual.reason.is_none());
+        assert_eq!(usual.version, Version::HTTP_10);
+    }
+
+    #[test]
+    fn a_malformed_or_oversized_response_head_is_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX A: 1\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "ICY 200 OK\r\n\r\n",
+        ] {
+            assert!(head_of(raw).is_err(), "{raw:?}");
+        }
+        let big = format!("HTTP/1.1 200 OK\r\nX-Big: {}", "a".repeat(MAX_HEAD + 1));
+        assert!(head_of(&big).is_err(), "a head over 64 KiB");
+        let many: String = (0..=MAX_FIELDS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert!(head_of(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).is_err());
+    }
+
+    fn framing(raw: &str, head_method: bool) -> Result<Framing, H1Error> {
+        Framing::of(&head_of(raw).unwrap().unwrap(), head_method)
+    }
+
+    #[test]
+    fn a_response_body_is_framed_as_rfc_9112_says_or_refused() {
+        use Framing::*;
+        let ok = |raw: &str| framing(raw, false).unwrap();
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"),
+            Length(7)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n"),
+            Length(7)
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), Empty);
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Chunked
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Chunked
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            UntilClose
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), UntilClose);
+        assert_eq!(
+            ok("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
+            Empty
+        );
+        assert_eq!(
+            ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"),
+            Empty
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).unwrap(),
+            Empty,
+            "the answer to HEAD"
+        );
+        for raw in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(framing(raw, false).is_err(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_size_lines_are_read_strictly() {
+        assert_eq!(chunk_size(b"4\r\nRust").unwrap(), Some((3, 4)));
+        assert_eq!(chunk_size(b"1aF\r\n").unwrap(), Some((5, 0x1af)));
+        assert_eq!(chunk_size(b"4;name=value\r\n").unwrap(), Some((14, 4)));
+        assert_eq!(chunk_size(b"4 ;name\r\n").unwrap(), Some((9, 4)));
+        for partial in [&b""[..], b"4", b"4;ext", b"4\r"] {
+            assert_eq!(chunk_size(partial).unwrap(), None, "{partial:?}");
+        }
+        for bad in [
+            &b"\r\n"[..],
+            b"g\r\n",
+            b"4\n",
+            b"4\rx",
+            b"4 x\r\n",
+            b"4;a\x00b\r\n",
+            b"4;a\nb\r\n",
+            b"11111111111111111\r\n",
+        ] {
+            assert!(chunk_size(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("4;{}", "a".repeat(MAX_CHUNK_LINE));
+        assert!(chunk_size(long.as_bytes()).is_err(), "an endless extension");
+    }
+
+    /// Everything `reader` makes of `wire`, fed in pieces of `step` bytes.
+    fn decode(
+        framing: Framing,
+        wire: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, Option<HeaderMap>), H1Error> {
+        let mut reader = Reader::new(framing);
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        for piece in wire.chunks(step) {
+            buf.extend_from_slice(piece);
+            while let Some(frame) = reader.step(&mut buf)? {
+                match frame.into_data() {
+                    Ok(bytes) => data.extend_from_slice(&bytes),
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                }
+            }
+        }
+        assert!(reader.is_done(), "the body ended");
+        Ok((data, trailers))
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded_in_any_split_with_their_trailers() {
+        let wire = b"4\r\nRust\r\n6;ext=1\r\n is ok\r\n0\r\nX-Sum: 9\r\nContent-Length: 1\r\n\r\n";
+        for step in [1, 2, 5, wire.len()] {
+            let (data, trailers) = decode(Framing::Chunked, wire, step).unwrap();
+            assert_eq!(data, b"Rust is ok");
+            let trailers = trailers.expect("trailers");
+            assert_eq!(trailers["x-sum"], "9");
+            assert!(
+                !trailers.contains_key("content-length"),
+                "framing fields dropped"
+            );
+        }
+        let (data, trailers) = decode(Framing::Chunked, b"2\r\nok\r\n0\r\n\r\n", 3).unwrap();
+        assert_eq!((data.as_slice(), trailers), (&b"ok"[..], None));
+
+        assert!(decode(Framing::Chunked, b"2\r\nokX\r\n0\r\n\r\n", 64).is_err());
+        assert!(decode(Framing::Chunked, b"2\r\nok\r\nzz\r\n", 64).is_err());
+    }
+
+    #[test]
+    fn a_length_body_ends_at_its_length() {
+        let (data, _) = decode(Framing::Length(5), b"hello", 2).unwrap();
+        assert_eq!(data, b"hello");
+        let mut reader = Reader::new(Framing::Length(2));
+        let mut buf = BytesMut::from(&b"okHTTP/1.1"[..]);
+        let frame = reader.step(&mut buf).unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ok");
+        assert!(reader.is_done());
+        assert_eq!(&buf[..], b"HTTP/1.1", "bytes past the body are left");
+    }
+}
