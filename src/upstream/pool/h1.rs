@@ -132,20 +132,22 @@ impl Outgoing {
         let informational = parts.extensions.remove::<OnInformational>();
         let coding = request_coding(&mut parts, &body);
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut head = BytesMut::with_capacity(head_size(&parts, target));
-        head.put_slice(parts.method.as_str().as_bytes());
-        head.put_u8(b' ');
-        head.put_slice(target.as_bytes());
-        head.put_slice(b" HTTP/1.1\r\n");
+        // A Vec of the exact size: its appends are cheaper than `BytesMut`'s, and it
+        // becomes `Bytes` without a copy.
+        let mut head = Vec::with_capacity(head_size(&parts, target));
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
-            head.put_slice(name.as_str().as_bytes());
-            head.put_slice(b": ");
-            head.put_slice(value.as_bytes());
-            head.put_slice(b"\r\n");
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
         }
-        head.put_slice(b"\r\n");
+        head.extend_from_slice(b"\r\n");
         Outgoing {
-            head: head.freeze(),
+            head: Bytes::from(head),
             body: coding.map(|coding| (body, coding)),
             head_method: parts.method == Method::HEAD,
             informational,
@@ -591,7 +593,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     let status =
         StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("an invalid status code"))?;
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the fields the proxy adds to every response (Via, X-Request-Id), so the
+    // map does not grow for them.
+    let mut headers = HeaderMap::with_capacity(count + 2);
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
         let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
