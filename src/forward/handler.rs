@@ -773,7 +773,8 @@ async fn forward(
     parts.headers.reserve(2);
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         if !upgrading {
-            // hyper has handed its socket over as for an upgrade; no client can use it.
+            // The pool took the backend's connection out as for an upgrade; no client
+            // can use it, and dropping the response closes it.
             return Err(ProxyError::Upstream {
                 upstream: upstream.name.clone(),
                 backend: "-".to_string(),

@@ -422,7 +422,9 @@ impl Sending {
                 Some(frame) => match frame.into_data() {
                     Ok(data) => {
                         put_data(&mut io.write, coding, &data)?;
-                        body.is_end_stream()
+                        // A declared length is all there is: the body is not polled past
+                        // it (a client's body may not say it has ended until polled again).
+                        *coding == Coding::Length(0) || body.is_end_stream()
                     }
                     Err(frame) => {
                         if let (Coding::Chunked, Ok(trailers)) = (*coding, frame.into_trailers()) {

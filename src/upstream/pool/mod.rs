@@ -8,7 +8,8 @@
 //! This file: the [`Pool`] type, checkout (idle or new) and [`Pool::send`] with its one
 //! retry after a stale reuse. The rest of the pool: its counters (`stats.rs`), the idle
 //! stacks and their sweep (`idle.rs`), a connection's connect, exchange and check-in
-//! (`conn.rs`), the keep-alive policy (`keepalive.rs`).
+//! (`conn.rs`), the HTTP/1.1 spoken on it (`h1.rs`), the keep-alive policy
+//! (`keepalive.rs`).
 //!
 //! # Idle list: LIFO
 //! Each backend's idle connections are a stack: the connection returned last is
@@ -780,8 +781,8 @@ mod tests {
     }
 
     /// A body of declared length whose frames never say they are the last, as a
-    /// client's `Content-Length` body arrives: hyper stops polling it after that many
-    /// bytes, so only the count tells that it was sent in full.
+    /// client's `Content-Length` body arrives: it is not polled past that many bytes, so
+    /// only the count tells that it was sent in full.
     struct Declared(std::collections::VecDeque<Bytes>, u64);
 
     impl Body for Declared {
