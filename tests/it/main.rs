@@ -8,6 +8,7 @@
 mod support;
 
 mod access_log;
+mod backend_responses;
 mod balancing;
 mod cache;
 mod cache_stale;
