@@ -794,6 +794,14 @@ async fn forward(
     if let Some(stripped) = stripped {
         rewrite_location(&routed.route, stripped, &routed.host, &mut parts.headers);
     }
-    let (body, ended) = take_ready(body, RESPONSE_READ_AHEAD);
+    // A body that broke off before any of it was read on (cut short, bad chunking) is
+    // answered as the failed exchange it is, not with a head and then a cut.
+    let (body, ended) =
+        take_ready(body, RESPONSE_READ_AHEAD).map_err(|error| ProxyError::Upstream {
+            upstream: upstream.name.clone(),
+            backend: "-".to_string(),
+            kind: UpstreamErrorKind::Protocol,
+            detail: format!("the response body broke off: {error}"),
+        })?;
     Ok((Response::from_parts(parts, body), ended))
 }

@@ -264,19 +264,18 @@ where
 /// waiting for more. Returns the body (those frames, then the rest) and whether it has
 /// ended: a small response usually arrives with its head, and once it is all here the
 /// backend is done with it however slowly the client reads. A streaming response (server-
-/// sent events, a long download) is not held back: only what is ready is taken.
-pub fn take_ready(body: ProxyBody, limit: usize) -> (ProxyBody, bool) {
-    match ready_frames(body, limit) {
+/// sent events, a long download) is not held back: only what is ready is taken. A body
+/// that has already failed is the error: nothing of the response has been sent yet, so
+/// the caller can still answer with an error of its own rather than a cut-short body.
+pub fn take_ready(body: ProxyBody, limit: usize) -> Result<(ProxyBody, bool), BoxError> {
+    Ok(match ready_frames(body, limit) {
         // Nothing had arrived: the body as it was, without another layer.
         (frames, Rest::Ended(body)) if frames.is_empty() => (body, true),
         (frames, Rest::Ended(_)) => (from_frames(frames), true),
-        (frames, Rest::Failed(error)) => {
-            let failed = Failed(Some(error));
-            (Prepend::new(frames, failed).boxed_unsync(), false)
-        }
+        (_, Rest::Failed(error)) => return Err(error),
         (frames, Rest::More(body)) if frames.is_empty() => (body, false),
         (frames, Rest::More(body)) => (Prepend::new(frames, body).boxed_unsync(), false),
-    }
+    })
 }
 
 /// The frames of `body` when all of it has arrived already; otherwise the body as it
@@ -501,24 +500,21 @@ mod tests {
 
     #[tokio::test]
     async fn take_ready_takes_what_has_arrived_and_keeps_the_rest() {
-        let (whole, ended) = take_ready(chunks(&[3, 4]), 1024);
+        let (whole, ended) = take_ready(chunks(&[3, 4]), 1024).unwrap();
         assert!(ended, "a body that is all here has ended");
         assert_eq!(whole.collect().await.unwrap().to_bytes().len(), 7);
 
         let (tx, body) = fed();
         tx.send(b"head").unwrap();
-        let (body, ended) = take_ready(body, 1024);
+        let (body, ended) = take_ready(body, 1024).unwrap();
         assert!(!ended, "the sender is still open");
         tx.send(b"tail").unwrap();
         drop(tx);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "headtail");
 
-        let (mut body, ended) = take_ready(failing_after_two_bytes(), 1024);
-        assert!(!ended);
-        assert!(body.frame().await.unwrap().is_ok());
         assert!(
-            body.frame().await.unwrap().is_err(),
-            "the error still reaches the client"
+            take_ready(failing_after_two_bytes(), 1024).is_err(),
+            "a body that failed before anything was sent is the error"
         );
     }
 

@@ -117,12 +117,24 @@ async fn a_response_head_over_64_kib_is_a_502() {
     assert_eq!(backend.received().len(), 1);
 }
 
+#[tokio::test]
+async fn a_body_already_broken_when_its_head_arrives_is_a_502() {
+    // One write: the bad chunk is in the proxy's hands before anything went to the
+    // client, so it answers with an error rather than a head and then a cut.
+    let (backend, proxy) =
+        proxy_to("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n").await;
+    let got = get(&client(), &url(&proxy, "/api/x")).await;
+    assert_eq!(got.status, 502, "{}", got.text());
+    assert_eq!(got.json()["cause"], "protocol", "{}", got.text());
+    assert_eq!(backend.received().len(), 1, "sent once, not retried");
+}
+
 // ---- Bodies that break after the head: the client's response is cut short ----------
 
 #[tokio::test]
 async fn a_body_shorter_than_its_content_length_reaches_the_client_cut_short() {
     // The backend closes once the client has the first bytes: the response has begun.
-    // (Closed at once, the head may never leave the proxy: the client gets no bytes.)
+    // (Closed with the head, it is a 502: see the test above.)
     let gate = Arc::new(Notify::new());
     let opened = gate.clone();
     let backend = Backend::start(move |_| {
