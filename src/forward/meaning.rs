@@ -92,9 +92,17 @@ pub(super) fn settle_meaning<B>(
         (None, None)
     } else {
         let path = target::path(uri.path()).map_err(refused)?;
-        let rewritten = match (&path.forward, uri.authority()) {
-            (Cow::Borrowed(_), None) => None,
-            (forward, _) => {
+        let rewritten = match (&path.forward, uri.authority(), uri.path_and_query()) {
+            (Cow::Borrowed(_), None, _) => None,
+            // An HTTP/2 request's target (or an absolute-form one) whose path is already
+            // normal: its own path and query, without formatting and parsing them again.
+            // (`http://host?q` has an empty path that `path()` reads as `/`.)
+            (Cow::Borrowed(forward), Some(_), Some(pq))
+                if pq.as_str().starts_with('/') && pq.path() == *forward =>
+            {
+                Some(Uri::from(pq.clone()))
+            }
+            (forward, _, _) => {
                 let target = match uri.query() {
                     Some(query) => format!("{forward}?{query}"),
                     None => forward.to_string(),

@@ -234,7 +234,7 @@ impl Pool {
                 detail: format!(
                     "the reused connection to the backend closed before a response ({}); \
                      the {method} request may have reached the backend, so it was not retried ({why})",
-                    cause(&failed.error)
+                    failed.error
                 ),
             }));
         };
@@ -304,10 +304,6 @@ impl From<SendError> for SendFailure {
             unsent: None,
         }
     }
-}
-
-fn cause(error: &H1Error) -> String {
-    error.to_string()
 }
 
 fn exchange_error(error: &H1Error, context: &str) -> SendError {
