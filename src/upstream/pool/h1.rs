@@ -155,8 +155,8 @@ impl Outgoing {
         }
     }
 
-    /// The request again, for a retry on another connection; `None` when its body is
-    /// already partly sent.
+    /// The request again, for a retry on another connection; `None` when it has a body
+    /// (a streamed body is gone once sent).
     pub(super) fn replay(&self) -> Option<Outgoing> {
         self.body.is_none().then(|| Outgoing {
             head: self.head.clone(),
