@@ -219,7 +219,7 @@ impl CheckIn {
     /// The exchange is over: back to the idle stack if the connection can carry
     /// another one; `upload_done` says whether the request went out in full.
     fn give_back(&mut self, upload_done: bool) {
-        let Some(conn) = self.conn.take() else {
+        let Some(mut conn) = self.conn.take() else {
             return;
         };
         let counters = &self.pool.counters;
@@ -227,7 +227,7 @@ impl CheckIn {
             counters.event(event);
             return;
         }
-        let Some(io) = conn.io.as_ref() else {
+        let Some(io) = conn.io.as_mut() else {
             counters.event(Event::ClosedByBackend);
             return;
         };
@@ -238,6 +238,7 @@ impl CheckIn {
             counters.event(Event::Discarded);
             return;
         }
+        io.settle();
         if !self.host.idle.push(conn, self.pool.settings.max_idle) {
             counters.event(Event::Discarded);
         }

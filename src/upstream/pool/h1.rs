@@ -282,6 +282,19 @@ impl Io {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
+    /// Readies an idle connection's buffers for its next exchange: reads start small
+    /// again, and a buffer grown for a large body is let go, so an idle connection
+    /// holds a few KiB rather than what its largest exchange needed.
+    pub(super) fn settle(&mut self) {
+        self.next_read = FIRST_READ;
+        if self.read.capacity() > 2 * FIRST_READ {
+            self.read = BytesMut::new();
+        }
+        if self.write.capacity() > 2 * FIRST_READ {
+            self.write = BytesMut::new();
+        }
+    }
+
     /// Whether bytes were read that no response used.
     pub(super) fn has_unread(&self) -> bool {
         !self.read.is_empty()
@@ -1182,6 +1195,31 @@ mod tests {
 
         assert!(decode(Framing::Chunked, b"2\r\nokX\r\n0\r\n\r\n", 64).is_err());
         assert!(decode(Framing::Chunked, b"2\r\nok\r\nzz\r\n", 64).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_lets_go_of_buffers_grown_for_a_large_exchange() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut io = Io::new(UpstreamStream::Plain(stream));
+        io.read.reserve(MAX_READ);
+        io.write.reserve(WRITE_HIGH_WATER);
+        io.next_read = MAX_READ;
+        io.settle();
+        assert!(io.read.capacity() <= 2 * FIRST_READ);
+        assert!(io.write.capacity() <= 2 * FIRST_READ);
+        assert_eq!(io.next_read, FIRST_READ, "reads start small again");
+
+        io.read.reserve(FIRST_READ);
+        let kept = io.read.capacity();
+        io.settle();
+        assert_eq!(
+            io.read.capacity(),
+            kept,
+            "a small buffer is kept for the next exchange"
+        );
     }
 
     #[test]
