@@ -1222,6 +1222,32 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn bytes_the_backend_sent_right_behind_its_101_come_first_after_the_switch() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let mut io = Io::new(UpstreamStream::Plain(stream));
+        // The head and a first frame of the new protocol, read together.
+        io.read
+            .extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n\r\nfirst");
+        let head = parse_head(&mut io.read).unwrap().unwrap();
+        assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+        let mut upgraded = io.into_upgraded();
+        upgraded.write_all(b"hello").await.unwrap();
+        let mut hello = [0u8; 5];
+        backend.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello", "writes go to the backend");
+        backend.write_all(b" then the rest").await.unwrap();
+        drop(backend);
+        let mut got = String::new();
+        upgraded.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "first then the rest");
+    }
+
     #[test]
     fn a_length_body_ends_at_its_length() {
         let (data, _) = decode(Framing::Length(5), b"hello", 2).unwrap();
