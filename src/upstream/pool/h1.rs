@@ -579,8 +579,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     if len > MAX_HEAD {
         return Err(H1Error::Invalid("a response head larger than 64 KiB"));
     }
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+    // Where a slice httparse gave sits in `buf`. An empty one may not point into it
+    // (httparse gives a literal `""` for a missing or non-ASCII reason phrase): it is
+    // an empty span at 0, as it reads the same from anywhere.
+    let range = buf.as_ptr_range();
+    let offset = |s: &[u8]| {
+        let at = s.as_ptr();
+        if s.is_empty() || !range.contains(&at) {
+            return 0;
+        }
+        (at as usize - range.start as usize) as u32
+    };
     let count = response.headers.len();
     for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
         let name = field.name.as_bytes();
@@ -596,7 +605,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
         _ => Version::HTTP_11,
     };
     let code = response.code.unwrap_or_default();
-    let reason = response.reason.map(|r| (offset(r.as_bytes()), r.len()));
+    let reason = response
+        .reason
+        .filter(|r| !r.is_empty())
+        .map(|r| (offset(r.as_bytes()), r.len()));
     let status =
         StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("an invalid status code"))?;
     let head = buf.split_to(len).freeze();
@@ -1057,6 +1069,27 @@ mod tests {
         let usual = head_of("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert!(usual.reason.is_none());
         assert_eq!(usual.version, Version::HTTP_10);
+    }
+
+    #[test]
+    fn heads_without_a_reason_phrase_or_with_empty_values_are_read() {
+        // httparse gives such phrases and values as slices that may lie outside the
+        // buffer read.
+        for raw in [
+            "HTTP/1.1 200\r\n\r\n",
+            "HTTP/1.1 200 \r\n\r\n",
+            "HTTP/1.1 200\n\n",
+            "HTTP/1.1 200 \u{e7}a va\r\n\r\n",
+        ] {
+            let head = head_of(raw).unwrap().unwrap_or_else(|| panic!("{raw:?}"));
+            assert_eq!(head.status, StatusCode::OK, "{raw:?}");
+        }
+        let head = head_of("HTTP/1.1 204\r\nX-Empty:\r\nX-Blank: \r\nX-A: a\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.headers["x-empty"], "");
+        assert_eq!(head.headers["x-blank"], "");
+        assert_eq!(head.headers["x-a"], "a");
     }
 
     #[test]
