@@ -62,6 +62,14 @@ fn url(proxy: &Proxy, path: &str) -> String {
 
 const GET: &str = "GET /api/x HTTP/1.1\r\nHost: shop.example\r\n\r\n";
 
+#[tokio::test]
+async fn a_status_line_without_a_reason_phrase_is_read() {
+    let (_backend, proxy) = proxy_to("HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok").await;
+    let got = get(&client(), &url(&proxy, "/api/x")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.text(), "ok");
+}
+
 // ---- Responses refused: the client gets a 502 --------------------------------------
 
 #[tokio::test]
@@ -443,6 +451,36 @@ async fn a_413_sent_before_the_upload_was_read_reaches_the_client() {
     assert_eq!(got.status, 413, "{}", got.text());
     assert_eq!(got.text(), "too large");
     assert_eq!(backend.received().len(), 1);
+}
+
+#[tokio::test]
+async fn an_upload_that_breaks_after_the_backend_answered_ends_the_response() {
+    // The backend answers at once with a response that streams while the upload goes
+    // on; the client's body then turns out malformed. The backend would wait for the
+    // rest of the upload forever, so the proxy ends the response and the connection.
+    let backend = Backend::answering_after_the_head(|_| {
+        answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+    })
+    .await;
+    let proxy = start_proxy(default_config(backend.addr())).await;
+    let mut client = RawClient::connect(&proxy).await;
+    // More than the 64 KiB read ahead, so the request is forwarded while it streams.
+    let chunk = 70 * 1024;
+    let mut request = format!(
+        "POST /api/upload HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\n{chunk:x}\r\n"
+    )
+    .into_bytes();
+    request.resize(request.len() + chunk, b'x');
+    request.extend_from_slice(b"\r\n");
+    client.send(&request).await;
+    client.read_until(b"first").await;
+    client.send(b"zz\r\n").await;
+    let (bytes, ended) = client.rest().await;
+    assert!(
+        ended,
+        "the response waits on a backend that waits on the upload: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
 }
 
 // ---- The scripted backend ------------------------------------------------------------

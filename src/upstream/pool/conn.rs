@@ -281,6 +281,12 @@ impl Body for PooledBody {
             return Poll::Ready(None);
         };
         let _ = this.sending.poll(io, cx);
+        if let Some(error) = this.sending.take_body_failure() {
+            // The backend still waits for the rest of the upload: its response may never
+            // end. Dropping the connection closes it.
+            this.checkin.take();
+            return Poll::Ready(Some(Err(error.into())));
+        }
         let polled = std::task::ready!(this.reader.poll_frame(io, cx));
         match &polled {
             Some(Err(_)) => {
@@ -364,6 +370,15 @@ pub(super) async fn exchange(
             });
         }
     };
+    if head.status == StatusCode::SWITCHING_PROTOCOLS && !sending.is_done() {
+        // The switch comes after the request (RFC 9110 §7.8): what follows it on the
+        // connection is the new protocol's, and the rest of the request would be too.
+        return Err(Failed {
+            error: H1Error::Invalid("a 101 before the request was sent in full"),
+            unsent: None,
+            stale: false,
+        });
+    }
     let framing = match Framing::of(&head, out.head_method) {
         Ok(framing) => framing,
         Err(error) => {

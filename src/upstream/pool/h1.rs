@@ -172,6 +172,13 @@ fn request_coding(parts: &mut Parts, body: &ProxyBody) -> Option<Coding> {
     let headers = &mut parts.headers;
     if body.is_end_stream() {
         headers.remove(header::TRANSFER_ENCODING);
+        // What is declared is what is sent: a length with no body to follow would have
+        // the backend read the next request as this one's body.
+        if content_length(headers).ok().flatten() != Some(0)
+            && headers.contains_key(header::CONTENT_LENGTH)
+        {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
         return None;
     }
     if let Some(te) = headers.get(header::TRANSFER_ENCODING).cloned() {
@@ -286,10 +293,13 @@ impl Io {
     /// again, and a buffer grown for a large body is let go, so an idle connection
     /// holds a few KiB rather than what its largest exchange needed.
     pub(super) fn settle(&mut self) {
-        self.next_read = FIRST_READ;
-        if self.read.capacity() > 2 * FIRST_READ {
+        // `capacity()` is only what is left of the allocation after the bytes handed out;
+        // reads that grew say the allocation itself is large, and a small response read
+        // into it next (its fields, a body the cache keeps) would keep all of it alive.
+        if self.next_read > FIRST_READ || self.read.capacity() > 2 * FIRST_READ {
             self.read = BytesMut::new();
         }
+        self.next_read = FIRST_READ;
         if self.write.capacity() > 2 * FIRST_READ {
             self.write = BytesMut::new();
         }

@@ -153,8 +153,9 @@ impl Pool {
     /// sent as it is, so it should be in origin form (`/path?query`); without a `Host`
     /// header, the backend's authority is added as one. A reused connection that dies
     /// before any response byte is retried once, on a new connection, if nothing was
-    /// written yet or the request is idempotent with an empty body; otherwise the answer
-    /// is a [`UpstreamErrorKind::StaleConnection`] error.
+    /// written yet (and no frame taken from its body: a body's first frames go out
+    /// with the head) or the request is idempotent with an empty body; otherwise the
+    /// answer is a [`UpstreamErrorKind::StaleConnection`] error.
     ///
     /// At most `connect_attempts` tries are made to open a connection; when none opens,
     /// the request comes back unsent ([`SendFailure::unsent`]), free to go to another
