@@ -119,7 +119,10 @@ impl Buffer {
         }
         let body = match self.chunks.len() {
             0 => Bytes::new(),
-            1 => self.chunks.pop().expect("one chunk"),
+            // A copy of its own: the chunk is a slice of the read buffer of the
+            // connection it came on, and kept as it is it would keep all of that alive
+            // for as long as the entry lives, far past what the entry is counted at.
+            1 => Bytes::copy_from_slice(&self.chunks.pop().expect("one chunk")),
             _ => {
                 let mut all = BytesMut::with_capacity(self.len);
                 for chunk in self.chunks.drain(..) {
@@ -141,7 +144,7 @@ impl Buffer {
         }
         let entry = Entry {
             status: c.status,
-            headers: std::mem::take(&mut c.headers),
+            headers: owned(&c.headers),
             body,
             freshness: c.freshness,
             vary_names: std::mem::take(&mut c.vary_names),
@@ -261,4 +264,16 @@ pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// (and a worker) with no client waiting. Cut off, the body is not stored.
 pub async fn drain(body: StoreBody) {
     let _ = tokio::time::timeout(DRAIN_LIMIT, body.collect()).await;
+}
+
+/// `headers` with values of their own: a response's field values are slices of the
+/// buffer its head was read into, which a stored entry would otherwise keep alive.
+fn owned(headers: &HeaderMap) -> HeaderMap {
+    let mut own = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        own.append(name.clone(), copy);
+    }
+    own
 }
