@@ -214,16 +214,10 @@ async fn a_close_delimited_body_arrives_whole_and_its_connection_is_not_reused()
     .await;
     let proxy = start_proxy(default_config(backend.addr())).await;
     let mut client = RawClient::connect(&proxy).await;
-    client
-        .send(b"GET /api/first HTTP/1.1\r\nHost: shop.example\r\n\r\n")
-        .await;
-    let first = client.response(false).await;
+    let first = client.get("/api/first").await;
     assert_eq!(first.status, 200);
     assert_eq!(first.text(), "all of /api/first until the close");
-    client
-        .send(b"GET /api/second HTTP/1.1\r\nHost: shop.example\r\n\r\n")
-        .await;
-    let second = client.response(false).await;
+    let second = client.get("/api/second").await;
     assert_eq!(second.status, 200);
     assert_eq!(second.text(), "all of /api/second until the close");
     let connections: Vec<usize> = backend.received().iter().map(|r| r.connection).collect();
@@ -262,10 +256,7 @@ async fn sequential_requests_share_one_backend_connection() {
     let proxy = start_proxy(default_config(backend.addr())).await;
     let mut client = RawClient::connect(&proxy).await;
     for name in ["one", "two"] {
-        client
-            .send(format!("GET /api/{name} HTTP/1.1\r\nHost: shop.example\r\n\r\n").as_bytes())
-            .await;
-        let got = client.response(false).await;
+        let got = client.get(&format!("/api/{name}")).await;
         assert_eq!((got.status, got.text().as_str()), (200, name));
     }
     let received = backend.received();
@@ -286,15 +277,9 @@ async fn bytes_after_a_complete_response_keep_its_connection_out_of_the_pool() {
     .await;
     let proxy = start_proxy(default_config(backend.addr())).await;
     let mut client = RawClient::connect(&proxy).await;
-    client
-        .send(b"GET /api/first HTTP/1.1\r\nHost: shop.example\r\n\r\n")
-        .await;
-    let first = client.response(false).await;
+    let first = client.get("/api/first").await;
     assert_eq!((first.status, first.text().as_str()), (200, "ok"));
-    client
-        .send(b"GET /api/second HTTP/1.1\r\nHost: shop.example\r\n\r\n")
-        .await;
-    let second = client.response(false).await;
+    let second = client.get("/api/second").await;
     assert_eq!((second.status, second.text().as_str()), (200, "second"));
     let seen: Vec<(usize, String)> = backend
         .received()
@@ -331,8 +316,7 @@ async fn a_head_response_has_no_body_and_its_connection_is_reused() {
     assert_eq!(head.header("content-length"), Some("100"));
     assert!(head.body.is_empty());
     // Any body bytes after the HEAD response would come before the GET's status line.
-    client.send(GET.as_bytes()).await;
-    let got = client.response(false).await;
+    let got = client.get("/api/x").await;
     assert_eq!((got.status, got.text().as_str()), (200, "get"));
     let seen: Vec<(usize, String)> = backend
         .received()
@@ -348,8 +332,7 @@ async fn an_unrequested_100_continue_is_not_passed_to_the_client() {
         proxy_to("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")
             .await;
     let mut client = RawClient::connect(&proxy).await;
-    client.send(GET.as_bytes()).await;
-    let got = client.response(false).await;
+    let got = client.get("/api/x").await;
     assert_eq!(got.status, 200, "the first response the client reads");
     assert_eq!(got.text(), "final");
 }
@@ -735,6 +718,13 @@ impl RawClient {
             .await
             .expect("the proxy takes the request within 5 s")
             .expect("writes");
+    }
+
+    /// A `GET` of `path` on this connection and its response.
+    async fn get(&mut self, path: &str) -> Answer {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n");
+        self.send(request.as_bytes()).await;
+        self.response(false).await
     }
 
     /// The next response, within 5 s; `to_head`: the answer to a `HEAD` (no body).
