@@ -4,8 +4,8 @@
 //! only when its exchange ended cleanly; request bodies framed as the backend expects.
 //!
 //! The backend is a raw TCP listener writing scripted bytes, so it can send what no
-//! HTTP library would; the proxy runs its default configuration, only the upstream
-//! pointed at that backend. Not here: the pool against backends that close keep-alive
+//! HTTP library would; the proxy runs its default configuration
+//! ([`default_config`](crate::support::default_config)). Not here: the pool against backends that close keep-alive
 //! connections (`upstream.rs`).
 
 use std::net::SocketAddr;
@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use loadgate::config::Config;
 use loadgate::listener::Proxy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,29 +23,6 @@ use crate::support::*;
 
 /// The longest any one step of a test waits for the proxy or the backend.
 const WAIT: Duration = Duration::from_secs(5);
-
-/// The default configuration, loopback listeners aside: one upstream, the backend's.
-fn default_config(backend: SocketAddr) -> Config {
-    let text = format!(
-        r#"
-[server]
-listen = ["{LOCAL0}"]
-
-[admin]
-listen = "{LOCAL0}"
-
-[[upstream]]
-name = "app"
-backends = ["{backend}"]
-
-[[route]]
-name = "all"
-path_prefix = "/"
-upstream = "app"
-"#
-    );
-    Config::parse(&text, "tests/it/backend_responses.rs").unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// A backend that answers every request with `response`, keeping the connection open,
 /// and a proxy in front of it.

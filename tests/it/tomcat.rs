@@ -8,13 +8,11 @@
 //! figures they assert on meaningless.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::Request;
 use loadgate::admission::actuator::parse_json_value;
 use loadgate::config::defaults::{BAND, THRESHOLD_SHEDDABLE};
-use loadgate::config::Config;
 use loadgate::http::body::empty;
 use loadgate::listener::Proxy;
 use serde_json::Value;
@@ -110,44 +108,6 @@ async fn start_rig((tomcat, turn): (Tomcat, tokio::sync::MutexGuard<'static, ()>
 
 async fn rig() -> Option<Rig> {
     Some(start_rig(start_tomcat().await?).await)
-}
-
-/// Only what a deployment must say: where to listen, the backend and the routes
-/// (`/api/checkout` critical, `/api/reports` sheddable, the rest of `/api` normal).
-/// Everything else, `max_workers`, health checks, actuator polling and shedding
-/// included, is loadgate's default.
-fn default_config(backend: SocketAddr) -> Config {
-    let toml = format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[upstream]]
-name = "app"
-backends = ["{backend}"]
-
-[[route]]
-name = "checkout"
-path_prefix = "/api/checkout"
-upstream = "app"
-class = "critical"
-
-[[route]]
-name = "reports"
-path_prefix = "/api/reports"
-upstream = "app"
-class = "sheddable"
-
-[[route]]
-name = "api"
-path_prefix = "/api"
-upstream = "app"
-"#
-    );
-    Config::parse(&toml, "tests/it/tomcat.rs").expect("the test config is valid")
 }
 
 fn good_polls(status: &Value) -> u64 {

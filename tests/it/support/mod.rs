@@ -97,6 +97,44 @@ impl TestBackend {
     }
 }
 
+/// Only what a deployment must say: where to listen, the backend and the routes
+/// (`/api/checkout` critical, `/api/reports` sheddable, the rest of `/api` normal).
+/// Everything else, `max_workers`, health checks, actuator polling and shedding
+/// included, is loadgate's default.
+pub fn default_config(backend: SocketAddr) -> Config {
+    let toml = format!(
+        r#"
+[server]
+listen = ["{LOCAL0}"]
+
+[admin]
+listen = "{LOCAL0}"
+
+[[upstream]]
+name = "app"
+backends = ["{backend}"]
+
+[[route]]
+name = "checkout"
+path_prefix = "/api/checkout"
+upstream = "app"
+class = "critical"
+
+[[route]]
+name = "reports"
+path_prefix = "/api/reports"
+upstream = "app"
+class = "sheddable"
+
+[[route]]
+name = "api"
+path_prefix = "/api"
+upstream = "app"
+"#
+    );
+    Config::parse(&toml, "support::default_config").expect("the test config is valid")
+}
+
 /// A proxy config with one upstream "app" and one catch-all route per class prefix:
 /// `/api/checkout` critical, `/api/reports` sheddable, everything else normal.
 pub fn proxy_config(backend: SocketAddr) -> Config {
