@@ -86,6 +86,23 @@ pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
 }
 
+/// Decimal digits only, no sign or whitespace, as hyper parses `Content-Length`.
+pub fn parse_digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |acc, &b| {
+        let digit = (b as char).to_digit(10)?;
+        acc.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+/// Whether the last transfer coding a `Transfer-Encoding` value names is `chunked`.
+pub fn ends_in_chunked(value: &[u8]) -> bool {
+    let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+    last.trim_ascii().eq_ignore_ascii_case(b"chunked")
+}
+
 /// Appends this proxy to the `Via` header, keeping earlier hops. The protocol token
 /// names the version the message was received in (RFC 9110 §7.6.3).
 pub fn append_via(headers: &mut HeaderMap, received: Version) {

@@ -31,6 +31,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::interim::Interim;
+use crate::http::headers::{ends_in_chunked, parse_digits};
 
 /// Largest request head scanned; equal to hyper's default maximum read buffer, so every
 /// head hyper accepts with default settings fits.
@@ -343,22 +344,6 @@ fn judge(req: &httparse::Request<'_, '_>) -> (Verdict, State) {
         (None, _) => State::Head { eol: 0 },
     };
     (Verdict::Ok, next)
-}
-
-/// Decimal digits only, no sign or whitespace, as hyper parses `Content-Length`.
-fn parse_digits(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
-        return None;
-    }
-    value.iter().try_fold(0u64, |acc, &b| {
-        let digit = (b as char).to_digit(10)?;
-        acc.checked_mul(10)?.checked_add(u64::from(digit))
-    })
-}
-
-fn ends_in_chunked(value: &[u8]) -> bool {
-    let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
-    last.trim_ascii().eq_ignore_ascii_case(b"chunked")
 }
 
 /// One byte of a chunked body outside chunk data; malformed input gives up.

@@ -29,6 +29,7 @@ use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::body::{BoxError, ProxyBody};
+use crate::http::headers::{ends_in_chunked, parse_digits};
 use crate::http::tls_client::UpstreamStream;
 
 /// The largest response head (status line and fields) accepted.
@@ -211,10 +212,7 @@ fn request_coding(parts: &mut Parts, body: &ProxyBody) -> Option<Coding> {
 
 /// Whether the last transfer coding named is `chunked`.
 fn ends_chunked<'a>(values: impl DoubleEndedIterator<Item = &'a HeaderValue>) -> bool {
-    values
-        .last()
-        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    values.last().is_some_and(|v| ends_in_chunked(v.as_bytes()))
 }
 
 /// The one length all `Content-Length` fields (and list members) agree on; `None` when
@@ -224,12 +222,9 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for member in value.as_bytes().split(|&b| b == b',') {
             let member = member.trim_ascii();
-            if member.is_empty() || member.len() > 19 || !member.iter().all(u8::is_ascii_digit) {
-                return Err(H1Error::Invalid("an invalid Content-Length"));
-            }
-            let n = member
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            let n = parse_digits(member)
+                .filter(|_| member.len() <= 19)
+                .ok_or(H1Error::Invalid("an invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Invalid("Content-Length values that differ"));
             }
@@ -1240,13 +1235,19 @@ mod tests {
         assert!(decode(Framing::Chunked, b"2\r\nok\r\nzz\r\n", 64).is_err());
     }
 
-    #[tokio::test]
-    async fn an_idle_connection_lets_go_of_buffers_grown_for_a_large_exchange() {
+    /// A connection's `Io` over loopback, and the backend's end of it.
+    async fn loopback_io() -> (Io, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let mut io = Io::new(UpstreamStream::Plain(stream));
+        let (backend, _) = listener.accept().await.unwrap();
+        (Io::new(UpstreamStream::Plain(stream)), backend)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_lets_go_of_buffers_grown_for_a_large_exchange() {
+        let (mut io, _backend) = loopback_io().await;
         io.read.reserve(MAX_READ);
         io.write.reserve(WRITE_HIGH_WATER);
         io.next_read = MAX_READ;
@@ -1268,12 +1269,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_the_backend_sent_right_behind_its_101_come_first_after_the_switch() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut backend, _) = listener.accept().await.unwrap();
-        let mut io = Io::new(UpstreamStream::Plain(stream));
+        let (mut io, mut backend) = loopback_io().await;
         // The head and a first frame of the new protocol, read together.
         io.read
             .extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n\r\nfirst");
