@@ -228,11 +228,10 @@ pub async fn handle(
 async fn serve(
     shared: &Shared,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     done: &mut RequestDone,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     check_framing(conn, &req)?;
-    let mut req = req;
     let generation = shared.generation.load();
     let meaning = settle_meaning(&mut req, generation.config.server.underscores_in_headers)?;
     if is_probe(&generation, &meaning, &req) {
@@ -324,7 +323,10 @@ async fn serve(
                 let mut again = bodiless(head, p.client_headers().clone());
                 p.prepare(again.headers_mut());
                 let asked = Instant::now();
-                let forwarded = forward(&routed, reservation, conn, again, Fallback::None).await;
+                // Boxed: a refetch is rare, and its future inline would make every
+                // request's future (moved into a box once per request) ~1 KiB larger.
+                let forwarded =
+                    Box::pin(forward(&routed, reservation, conn, again, Fallback::None)).await;
                 note_backend(&mut done.log, reservation, asked);
                 let (response, done_again) = forwarded?;
                 backend_done = done_again;
