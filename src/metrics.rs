@@ -64,6 +64,9 @@ pub const CONFIG_RELOADS_TOTAL: &str = "loadgate_config_reloads_total";
 pub const CONNECTIONS_TOTAL: &str = "loadgate_connections_total";
 /// Client connections open on the data port.
 pub const CONNECTIONS_OPEN: &str = "loadgate_connections_open";
+/// Client connections open on the data port, by `worker` thread (0-based, as in the
+/// thread's name `loadgate-worker-N`).
+pub const WORKER_CONNECTIONS_OPEN: &str = "loadgate_worker_connections_open";
 /// Client connections closed at accept because `max_connections` were already open.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "loadgate_connections_refused_total";
 /// Client connections closed by a timeout, by `kind`: `header` (a request head took longer
@@ -529,6 +532,10 @@ fn describe() {
     describe_gauge!(
         CONNECTIONS_OPEN,
         "Client connections open on the data port."
+    );
+    describe_gauge!(
+        WORKER_CONNECTIONS_OPEN,
+        "Client connections open on the data port, by worker thread."
     );
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,

@@ -13,8 +13,10 @@
 //! every data listener. A connection stays on the thread that accepted it, and so do
 //! its requests and the upstream connections they open (the pool keeps one idle stack
 //! per worker). Nothing on the request path waits for another thread: no work
-//! stealing, no wake-up sent across cores. Which thread accepts a new connection is
-//! decided by whichever event loop gets to it first, so a busy thread takes fewer.
+//! stealing, no wake-up sent across cores. A thread takes a new connection only while
+//! it holds at most one more than the least loaded thread (`workers::Balance`), so a
+//! burst of connections, or the few long-lived ones a load balancer keeps, is spread
+//! over the threads instead of landing on whichever event loop woke first.
 //! The admin listener, health checks, actuator polls and reloads stay on the runtime
 //! that called [`Proxy::start`].
 
@@ -117,6 +119,11 @@ impl Proxy {
         let (shutdown, _) = watch::channel(false);
         // Client connections open on all data listeners, counted against `max_connections`.
         let slots = m::Slots::new(metrics::gauge!(m::CONNECTIONS_OPEN));
+        let balance = workers::Balance::new(
+            (0..threads)
+                .map(|index| metrics::gauge!(m::WORKER_CONNECTIONS_OPEN, "worker" => index.to_string()))
+                .collect(),
+        );
         let mut workers = Vec::new();
         for index in 0..threads {
             let listeners = std_listeners
@@ -127,7 +134,11 @@ impl Proxy {
                 index,
                 listeners,
                 shared.clone(),
-                slots.clone(),
+                Accepting {
+                    slots: slots.clone(),
+                    balance: balance.clone(),
+                    worker: index,
+                },
                 shutdown.subscribe(),
             )
             .await;
@@ -285,7 +296,7 @@ impl Worker {
         index: usize,
         listeners: Vec<(std::net::TcpListener, Role)>,
         shared: Arc<Shared>,
-        slots: m::Slots,
+        accepting: Accepting,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -319,7 +330,7 @@ impl Worker {
                                 listener,
                                 role,
                                 shared.clone(),
-                                slots.clone(),
+                                accepting.clone(),
                                 shutdown.clone(),
                             ))
                         })
@@ -385,14 +396,29 @@ impl Role {
     };
 }
 
+/// What a worker's accept loops share: the open connections counted against
+/// `max_connections`, and each worker's count, for taking turns.
+#[derive(Clone)]
+struct Accepting {
+    slots: m::Slots,
+    balance: Arc<workers::Balance>,
+    /// This worker's index (0-based).
+    worker: usize,
+}
+
 /// Accepts connections on one listener until shutdown, then drains them.
 async fn serve(
     listener: TcpListener,
     role: Role,
     shared: Arc<Shared>,
-    slots: m::Slots,
+    accepting: Accepting,
     shutdown: watch::Receiver<bool>,
 ) {
+    let Accepting {
+        slots,
+        balance,
+        worker,
+    } = accepting;
     let (abort, _) = watch::channel(false);
     // Each connection task holds a sender; `recv` returns `None` once all have ended.
     let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
@@ -402,7 +428,7 @@ async fn serve(
     let local_port = listener.local_addr().map_or(0, |addr| addr.port());
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = balance.accept(&listener, worker) => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -424,6 +450,7 @@ async fn serve(
             continue;
         };
         connections_total.increment(1);
+        let held = balance.hold(worker);
         let _ = stream.set_nodelay(true);
         let stop = Stop {
             shutdown: shutdown.clone(),
@@ -433,7 +460,7 @@ async fn serve(
         let shared = shared.clone();
         tokio::spawn(async move {
             serve_connection(stream, peer, local_port, role, shared, stop).await;
-            drop((open, slot));
+            drop((open, slot, held));
         });
     }
     drop(listener);

@@ -1,5 +1,6 @@
 //! Slow and hostile clients: header read and idle timeouts, 431 and 413, the connection
-//! limit, and backpressure from a slow reader all the way to the backend.
+//! limit, and backpressure from a slow reader all the way to the backend; and a burst of
+//! connections spread over the worker threads.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -422,5 +423,72 @@ upstream = "app"
     assert!(
         high <= second_half[0] + 8,
         "RSS kept growing while clients read: {samples:?}"
+    );
+}
+
+/// A burst of connections opened at once is spread over the worker threads instead of
+/// being taken by whichever thread woke first (a load test's 64 connections, or the few
+/// an ingress keeps open, would otherwise all be served by one core); each thread's
+/// count is in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_connections_is_spread_over_the_worker_threads() {
+    const CONNECTIONS: usize = 24;
+    let backend = TestBackend::new().start().await;
+    let proxy = Loadgate::run(&format!(
+        r#"[server]
+listen = ["127.0.0.1:0"]
+worker_threads = 2
+[admin]
+listen = "127.0.0.1:0"
+[[upstream]]
+name = "app"
+backends = ["{}"]
+[[route]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+"#,
+        backend.addr()
+    ));
+    let addr = proxy.listening_addr();
+    let admin = proxy.admin_addr();
+
+    // All connected before any sends: the whole burst waits in the listen backlog.
+    let connects = (0..CONNECTIONS).map(|_| TcpStream::connect(addr));
+    let mut streams: Vec<TcpStream> = futures_util::future::try_join_all(connects).await.unwrap();
+    // Each is then served (so accepted by some worker) and kept open.
+    for stream in &mut streams {
+        stream
+            .write_all(b"GET /api/a HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
+
+    let text = get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .text();
+    let open = |worker: &str| {
+        admin::sample(
+            &text,
+            "loadgate_worker_connections_open",
+            &[("worker", worker)],
+        )
+        .unwrap_or_else(|| panic!("no count for worker {worker} in /metrics"))
+    };
+    let (first, second) = (open("0"), open("1"));
+    assert_eq!(
+        first + second,
+        CONNECTIONS as f64,
+        "every open connection counted once"
+    );
+    assert!(
+        (first - second).abs() <= 2.0,
+        "the burst was not spread: worker 0 holds {first}, worker 1 holds {second}"
     );
 }

@@ -54,7 +54,7 @@ pub async fn counter_settles(proxy: &Proxy, name: &str, labels: &[(&str, &str)],
 
 /// The value of the first sample line `name{labels} value` of a Prometheus text
 /// rendering whose label set is `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .find_map(|line| {

@@ -95,6 +95,16 @@ impl Loadgate {
             .unwrap_or_else(|| panic!("no address in the log line {line:?}"))
     }
 
+    /// Waits for the "admin listening" line and returns the address it names.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let line = self.wait_for("admin listening");
+        line.split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the log line {line:?}"))
+    }
+
     /// Sends the signal `name` (`HUP`, `TERM`, ...).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
