@@ -90,6 +90,11 @@ impl Balance {
 
     /// The next connection on `listener`, taken when it is `worker`'s turn
     /// ([`Balance::may_accept`]). Cancel-safe, as `TcpListener::accept` is.
+    ///
+    /// A worker whose turn it is waits in `accept` alone: woken by every count that
+    /// changes, it would cost a wake-up across threads per connection opened or closed.
+    /// So it may take one connection after others' closes made it two above the least,
+    /// and waits its turn after that one.
     pub(crate) async fn accept(
         &self,
         listener: &tokio::net::TcpListener,
@@ -99,16 +104,10 @@ impl Balance {
             // Registered before the counts are read, so no change between the two is missed.
             let mut changed = std::pin::pin!(self.changed.notified());
             changed.as_mut().enable();
-            if !self.may_accept(worker) {
-                changed.await;
-                continue;
+            if self.may_accept(worker) {
+                return listener.accept().await;
             }
-            tokio::select! {
-                biased;
-                accepted = listener.accept() => return accepted,
-                // Another worker took or closed one: this one may no longer be the one.
-                () = changed => {}
-            }
+            changed.await;
         }
     }
 }
