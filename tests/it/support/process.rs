@@ -87,17 +87,17 @@ impl Loadgate {
 
     /// Waits for the "proxy listening" line and returns the address it names.
     pub fn listening_addr(&self) -> SocketAddr {
-        let line = self.wait_for("proxy listening");
-        line.split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no address in the log line {line:?}"))
+        self.logged_addr("proxy listening")
     }
 
     /// Waits for the "admin listening" line and returns the address it names.
     pub fn admin_addr(&self) -> SocketAddr {
-        let line = self.wait_for("admin listening");
+        self.logged_addr("admin listening")
+    }
+
+    /// The `addr=` of the first log line containing `needle`.
+    fn logged_addr(&self, needle: &str) -> SocketAddr {
+        let line = self.wait_for(needle);
         line.split("addr=")
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
