@@ -434,22 +434,7 @@ upstream = "app"
 async fn a_burst_of_connections_is_spread_over_the_worker_threads() {
     const CONNECTIONS: usize = 24;
     let backend = TestBackend::new().start().await;
-    let proxy = Loadgate::run(&format!(
-        r#"[server]
-listen = ["127.0.0.1:0"]
-worker_threads = 2
-[admin]
-listen = "127.0.0.1:0"
-[[upstream]]
-name = "app"
-backends = ["{}"]
-[[route]]
-name = "all"
-path_prefix = "/"
-upstream = "app"
-"#,
-        backend.addr()
-    ));
+    let proxy = Loadgate::run(&default_config_text(backend.addr(), "worker_threads = 2"));
     let addr = proxy.listening_addr();
     let admin = proxy.admin_addr();
 

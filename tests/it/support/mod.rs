@@ -102,10 +102,18 @@ impl TestBackend {
 /// Everything else, `max_workers`, health checks, actuator polling and shedding
 /// included, is loadgate's default.
 pub fn default_config(backend: SocketAddr) -> Config {
-    let toml = format!(
+    Config::parse(&default_config_text(backend, ""), "support::default_config")
+        .expect("the test config is valid")
+}
+
+/// [`default_config`] as the TOML a user would write, with `server_keys` (lines of
+/// `[server]` keys, or nothing) added: for the tests that run the binary.
+pub fn default_config_text(backend: SocketAddr, server_keys: &str) -> String {
+    format!(
         r#"
 [server]
 listen = ["{LOCAL0}"]
+{server_keys}
 
 [admin]
 listen = "{LOCAL0}"
@@ -131,8 +139,7 @@ name = "api"
 path_prefix = "/api"
 upstream = "app"
 "#
-    );
-    Config::parse(&toml, "support::default_config").expect("the test config is valid")
+    )
 }
 
 /// A proxy config with one upstream "app" and one catch-all route per class prefix:
