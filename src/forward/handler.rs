@@ -702,8 +702,9 @@ async fn forward(
     let received = parts.version;
 
     parts.version = Version::HTTP_11;
-    // hyper sized the map for the fields the client sent; the forwarding fields below
-    // add up to seven: room for them at once, rather than the map growing as they come.
+    // The forwarding fields below add up to seven: room for them at once, rather than the
+    // map growing as they come. (On a kept-alive HTTP/1 connection the map is the previous
+    // response's, which has that room already: see the pool's `RESPONSE_MAP_ROOM`.)
     parts.headers.reserve(7);
     headers::strip_hop_by_hop(&mut parts.headers);
     let upgrading = parts
