@@ -37,10 +37,9 @@ use crate::http::error::{ProxyError, UpstreamErrorKind};
 use crate::http::{headers, rewrite};
 use crate::listener::activity::ActiveRequest;
 use crate::listener::framing::{FramingVerdicts, Verdict};
-use crate::listener::interim::Interim;
 use crate::metrics as m;
 use crate::metrics::Label as _;
-use crate::upstream::{Fallback, Reservation};
+use crate::upstream::{Fallback, OnInformational, Reservation};
 
 /// What the handler knows about the client connection a request arrived on.
 #[derive(Clone)]
@@ -49,8 +48,10 @@ pub struct ConnInfo {
     /// The peer's IP as an `X-Forwarded-For` item, formatted once for the connection.
     pub client_address: HeaderValue,
     pub verdicts: FramingVerdicts,
-    /// Where a backend's interim (1xx) responses go on to an HTTP/1.1 client.
-    pub interim: Interim,
+    /// Where a backend's interim (1xx) responses go on to an HTTP/1.1 client: the
+    /// connection's [`Interim`](crate::listener::interim::Interim) queue, behind a callback
+    /// made once per connection.
+    pub interim: OnInformational,
     /// `max_body_bytes` when the connection was accepted.
     pub max_body_bytes: Option<u64>,
     /// `request_buffer_bytes` when the connection was accepted.
@@ -734,21 +735,15 @@ async fn forward(
     let stripped = rewrite_request(&routed.route, &mut parts, conn.trusted)?;
 
     let inflight_at_start = upstream.inflight();
-    let mut request = Request::from_parts(parts, body);
+    let request = Request::from_parts(parts, body);
     // A backend's 103 Early Hints (or 102) reaches an HTTP/1.1 client as it comes; an
     // HTTP/1.0 client must not get one (RFC 9110 §15.2), and hyper's HTTP/2 server
     // cannot send one. Never stored: only the final response reaches the cache.
-    if received == Version::HTTP_11 {
-        let interim = conn.interim.clone();
-        let callback = move |status, headers: &http::HeaderMap| interim.send(status, headers);
-        request
-            .extensions_mut()
-            .insert(crate::upstream::OnInformational(std::sync::Arc::new(
-                callback,
-            )));
-    }
+    let informational = (received == Version::HTTP_11).then_some(&conn.interim);
     let sent = Instant::now();
-    let result = upstream.forward(reservation, request, fallback).await;
+    let result = upstream
+        .forward(reservation, request, fallback, informational)
+        .await;
     let kind = result.as_ref().err().map(|(error, _)| error.kind);
     if kind != Some(UpstreamErrorKind::NoHealthyBackend) {
         let dropped = kind == Some(UpstreamErrorKind::HeaderTimeout);

@@ -554,7 +554,9 @@ async fn serve_connection(
         peer,
         client_address: crate::http::headers::client_address(peer.ip()),
         verdicts,
-        interim,
+        interim: crate::upstream::OnInformational(Arc::new(move |status, headers| {
+            interim.send(status, headers)
+        })),
         max_body_bytes: server.max_body_bytes,
         request_buffer_bytes: server.request_buffer_bytes,
         upload: server.upload,

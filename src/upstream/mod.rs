@@ -25,9 +25,10 @@ use crate::http::tls_client::TlsClient;
 use crate::metrics as m;
 
 pub use health::spawn_health_checks;
+pub use pool::OnInformational;
 pub use pool::PoolStats;
-pub(crate) use pool::{OnInformational, Upgraded, UpgradedSlot};
 use pool::{Pool, PoolSettings, SendFailure};
+pub(crate) use pool::{Upgraded, UpgradedSlot};
 
 /// One backend address of an upstream, with its live state.
 #[derive(Debug)]
@@ -408,11 +409,14 @@ impl Upstream {
     /// cannot be reached is given up on at once: one connect attempt, and no ejected
     /// backend tried, so the copy answers in a connect's time instead of after every
     /// retry's backoff.
+    ///
+    /// The backend's interim (1xx) responses before the final one go to `informational`.
     pub async fn forward(
         &self,
         reservation: &mut Reservation,
         req: Request<ProxyBody>,
         fallback: Fallback,
+        informational: Option<&OnInformational>,
     ) -> Result<Response<ProxyBody>, (SendError, Option<Arc<Backend>>)> {
         let timeout = self.config.response_header_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -451,7 +455,7 @@ impl Upstream {
             // Boxed: the exchange's future is the largest part of the request's, and every
             // future around it (this one, the handler's stages, hyper's task) is moved
             // whole when created; boxed, they move a pointer instead of ~2 KiB.
-            let sent = Box::pin(self.pool.send_with(&backend, req, attempts));
+            let sent = Box::pin(self.pool.send_with(&backend, req, attempts, informational));
             match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok((response, _reused))) => return Ok(response),
                 Ok(Err(SendFailure {

@@ -108,9 +108,11 @@ impl H1Error {
 const RESPONSE_MAP_ROOM: usize = 24;
 
 /// A callback for the interim (1xx) responses before the final one, `100 Continue` and
-/// `101 Switching Protocols` excepted; set as a request extension.
+/// `101 Switching Protocols` excepted; given with the request to [`super::Pool::send_with`].
+/// A parameter rather than a request extension: the extension map is a hash table
+/// allocated per request (~600 instructions of an HTTP/1.1 request that never sees a 1xx).
 #[derive(Clone)]
-pub(crate) struct OnInformational(pub(crate) std::sync::Arc<InformationalFn>);
+pub struct OnInformational(pub std::sync::Arc<InformationalFn>);
 
 type InformationalFn = dyn Fn(StatusCode, &HeaderMap) + Send + Sync;
 
@@ -139,7 +141,6 @@ impl Outgoing {
     /// the request is kept, `chunked` last; otherwise a `Content-Length` from the
     /// request, else the body's exact size, else chunked (`GET`, `HEAD`: no body).
     pub(super) fn encode(mut parts: Parts, body: ProxyBody) -> Outgoing {
-        let informational = parts.extensions.remove::<OnInformational>();
         let coding = request_coding(&mut parts, &body);
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         // A Vec rather than `BytesMut`: its appends are cheaper, and it becomes `Bytes`
@@ -161,7 +162,7 @@ impl Outgoing {
             head: Bytes::from(head),
             body: coding.map(|coding| (body, coding)),
             head_method: parts.method == Method::HEAD,
-            informational,
+            informational: None,
         }
     }
 

@@ -53,8 +53,9 @@ use crate::config::RetryConfig;
 use crate::http::body::ProxyBody;
 use crate::http::error::UpstreamErrorKind;
 use conn::{exchange, Conn, Exchanged};
+pub use h1::OnInformational;
 use h1::{H1Error, Outgoing};
-pub(crate) use h1::{OnInformational, Upgraded, UpgradedSlot};
+pub(crate) use h1::{Upgraded, UpgradedSlot};
 use idle::{Idle, IdleStacks};
 pub use stats::PoolStats;
 use stats::{Counters, Event, Stale};
@@ -143,7 +144,7 @@ impl Pool {
         req: Request<ProxyBody>,
     ) -> Result<(Response<ProxyBody>, bool), SendError> {
         let attempts = self.inner.settings.retry.connect_attempts;
-        self.send_with(backend, req, attempts)
+        self.send_with(backend, req, attempts, None)
             .await
             .map_err(|failure| failure.error)
     }
@@ -159,12 +160,14 @@ impl Pool {
     ///
     /// At most `connect_attempts` tries are made to open a connection; when none opens,
     /// the request comes back unsent ([`SendFailure::unsent`]), free to go to another
-    /// backend.
+    /// backend. The backend's interim responses before the final one go to
+    /// `informational`, when given.
     pub(crate) async fn send_with(
         &self,
         backend: &Arc<Backend>,
         mut req: Request<ProxyBody>,
         connect_attempts: u32,
+        informational: Option<&OnInformational>,
     ) -> Result<(Response<ProxyBody>, bool), SendFailure> {
         let inner = &self.inner;
         let Some(host) = inner
@@ -200,7 +203,8 @@ impl Pool {
             }
         };
         let (parts, body) = req.into_parts();
-        let out = Outgoing::encode(parts, body);
+        let mut out = Outgoing::encode(parts, body);
+        out.informational = informational.cloned();
         // Only a request on a reused connection is ever sent again after being written,
         // and only an idempotent one without a body: its encoded head is kept for that.
         let replay = if reused && idempotent {
@@ -408,7 +412,7 @@ mod tests {
                 let (pool, backend) = (pool.clone(), backend.clone());
                 let req = request("GET", &addr, "");
                 tokio::spawn(async move {
-                    let sent = pool.send_with(&backend, req, 1);
+                    let sent = pool.send_with(&backend, req, 1, None);
                     let result = tokio::time::timeout(Duration::from_secs(2), sent).await;
                     let timed_out = matches!(&result,
                         Ok(Err(f)) if f.error.kind == UpstreamErrorKind::ConnectTimeout);
