@@ -106,15 +106,21 @@ pub fn ends_in_chunked(value: &[u8]) -> bool {
 /// Appends this proxy to the `Via` header, keeping earlier hops. The protocol token
 /// names the version the message was received in (RFC 9110 §7.6.3).
 pub fn append_via(headers: &mut HeaderMap, received: Version) {
+    // Constants: `from_static` on a value picked at run time checks its bytes every call.
+    const VIA_09: HeaderValue = HeaderValue::from_static("0.9 loadgate");
+    const VIA_10: HeaderValue = HeaderValue::from_static("1.0 loadgate");
+    const VIA_11: HeaderValue = HeaderValue::from_static("1.1 loadgate");
+    const VIA_2: HeaderValue = HeaderValue::from_static("2 loadgate");
+    const VIA_3: HeaderValue = HeaderValue::from_static("3 loadgate");
     let ours = match received {
-        Version::HTTP_09 => "0.9 loadgate",
-        Version::HTTP_10 => "1.0 loadgate",
-        Version::HTTP_2 => "2 loadgate",
-        Version::HTTP_3 => "3 loadgate",
-        _ => "1.1 loadgate",
+        Version::HTTP_09 => VIA_09,
+        Version::HTTP_10 => VIA_10,
+        Version::HTTP_2 => VIA_2,
+        Version::HTTP_3 => VIA_3,
+        _ => VIA_11,
     };
-    debug_assert!(ours.ends_with(VIA_NAME));
-    append_list(headers, header::VIA, &HeaderValue::from_static(ours));
+    debug_assert!(ours.as_bytes().ends_with(VIA_NAME.as_bytes()));
+    append_list(headers, header::VIA, &ours);
 }
 
 /// What the forwarding headers say about the connection a request came in on.
@@ -162,8 +168,14 @@ pub fn add_forwarded(headers: &mut HeaderMap, hop: &Hop<'_>, host: Option<Header
     const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
     const PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+    const HTTPS: HeaderValue = HeaderValue::from_static("https");
+    const HTTP: HeaderValue = HeaderValue::from_static("http");
     let (xff, proto, fhost, port) = (XFF, PROTO, HOST, PORT);
-    let scheme = if hop.tls { "https" } else { "http" };
+    let (scheme, scheme_value) = if hop.tls {
+        ("https", HTTPS)
+    } else {
+        ("http", HTTP)
+    };
     if hop.forwarded {
         let element = forwarded_element(hop.peer, scheme, host.as_ref());
         if hop.trusted {
@@ -177,7 +189,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, hop: &Hop<'_>, host: Option<Header
     if hop.trusted {
         append_list(headers, xff, hop.client);
         if !headers.contains_key(&proto) {
-            headers.insert(proto.clone(), HeaderValue::from_static(scheme));
+            headers.insert(proto.clone(), scheme_value);
         }
         if let Some(value) = host.filter(|_| !headers.contains_key(&fhost)) {
             headers.insert(fhost.clone(), value);
@@ -197,7 +209,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, hop: &Hop<'_>, host: Option<Header
         return;
     }
     headers.insert(xff, hop.client.clone());
-    headers.insert(proto, HeaderValue::from_static(scheme));
+    headers.insert(proto, scheme_value);
     let host_text = host.as_ref().and_then(|h| h.to_str().ok());
     headers.insert(port, forwarded_port(host_text, scheme, hop.local_port));
     match host {
@@ -216,24 +228,23 @@ fn forwarded_port(host: Option<&str>, scheme: &str, local_port: u16) -> HeaderVa
     let Some(host) = host else {
         return HeaderValue::from(local_port);
     };
-    // The port follows the last ':' outside an IPv6 literal's brackets (found as bytes:
-    // the host is short, and a char search sets up a searcher per call).
-    let after_name = host
+    // The port follows the last ':' outside an IPv6 literal's brackets: one pass from the
+    // end, over bytes (the host is short; a char search sets up a searcher per call).
+    let colon = host
         .bytes()
-        .rposition(|b| b == b']')
-        .map_or(0, |end| end + 1);
-    let port = host.as_bytes()[after_name..]
-        .iter()
-        .rposition(|&b| b == b':')
-        .map(|colon| &host[after_name + colon + 1..])
-        .filter(|digits| digits.parse::<u16>().is_ok());
+        .rposition(|b| b == b':' || b == b']')
+        .filter(|&at| host.as_bytes()[at] == b':');
+    let port = colon
+        .map(|at| &host.as_bytes()[at + 1..])
+        .filter(|digits| (1..=5).contains(&digits.len()))
+        .and_then(|digits| Some((digits, u16::try_from(parse_digits(digits)?).ok()?)));
     match port {
         // The host's own digits when they are the number's (no leading zero): a copy,
         // not the formatting `HeaderValue::from(u16)` does.
-        Some(digits) if !digits.starts_with('0') => {
-            HeaderValue::from_str(digits).expect("ASCII digits are a header value")
+        Some((digits, _)) if digits[0] != b'0' => {
+            HeaderValue::from_bytes(digits).expect("ASCII digits are a header value")
         }
-        Some(digits) => HeaderValue::from(digits.parse::<u16>().unwrap_or_default()),
+        Some((_, number)) => HeaderValue::from(number),
         None if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("wss") => {
             HeaderValue::from_static("443")
         }
@@ -489,6 +500,19 @@ mod tests {
         assert_eq!(port(&trusted, host("internal:8080"), &sent), "9443");
         let sent = [("x-forwarded-host", "shop.example:99999")];
         assert_eq!(port(&trusted, host("internal:8080"), &sent), "80");
+        for not_a_port in [
+            "shop.example:",
+            "shop.example:+443",
+            "shop.example:4 3",
+            "[::1]:",
+        ] {
+            let sent = [("x-forwarded-host", not_a_port)];
+            assert_eq!(
+                port(&trusted, host("internal:8080"), &sent),
+                "80",
+                "{not_a_port}"
+            );
+        }
         assert_eq!(port(&trusted, host("internal:8080"), &[]), "8080");
     }
 
