@@ -74,9 +74,10 @@ pub fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
             .flat_map(|v| v.split(','))
             .map(str::trim)
     };
-    let asked = tokens(header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    let websocket = tokens(header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"));
-    (asked && websocket).then(|| HeaderValue::from_static("websocket"))
+    // `Upgrade` first: most requests have none, and one lookup settles them.
+    let websocket = || tokens(header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"));
+    let asked = || tokens(header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    (websocket() && asked()).then(|| HeaderValue::from_static("websocket"))
 }
 
 /// Puts back, after [`strip_hop_by_hop`], the two fields that carry a protocol switch
