@@ -270,11 +270,16 @@ where
 pub fn take_ready(body: ProxyBody, limit: usize) -> Result<(ProxyBody, bool), BoxError> {
     Ok(match ready_frames(body, limit) {
         // Nothing had arrived: the body as it was, without another layer.
-        (frames, Rest::Ended(body)) if frames.is_empty() => (body, true),
-        (frames, Rest::Ended(_)) => (from_frames(frames), true),
+        (Taken::None, Rest::Ended(body)) => (body, true),
+        // The usual small response: one data frame, as a plain full body.
+        (Taken::One(frame), Rest::Ended(_)) if frame.is_data() => {
+            let data = frame.into_data().expect("a data frame");
+            (full(data), true)
+        }
+        (frames, Rest::Ended(_)) => (from_frames(frames.into_vec()), true),
         (_, Rest::Failed(error)) => return Err(error),
-        (frames, Rest::More(body)) if frames.is_empty() => (body, false),
-        (frames, Rest::More(body)) => (Prepend::new(frames, body).boxed_unsync(), false),
+        (Taken::None, Rest::More(body)) => (body, false),
+        (frames, Rest::More(body)) => (Prepend::new(frames.into_vec(), body).boxed_unsync(), false),
     })
 }
 
@@ -282,6 +287,7 @@ pub fn take_ready(body: ProxyBody, limit: usize) -> Result<(ProxyBody, bool), Bo
 /// was (what was taken of it first, then the rest, its error included).
 pub fn take_whole(body: ProxyBody) -> Result<Vec<Frame<Bytes>>, ProxyBody> {
     let (frames, rest) = ready_frames(body, usize::MAX);
+    let frames = frames.into_vec();
     let rest = match rest {
         Rest::Ended(_) => return Ok(frames),
         Rest::Failed(error) => Failed(Some(error)).boxed_unsync(),
@@ -299,11 +305,40 @@ enum Rest {
     More(ProxyBody),
 }
 
+/// Frames taken from a body. Most responses arrive as one data frame, which is kept
+/// without allocating a vector for it.
+enum Taken {
+    None,
+    One(Frame<Bytes>),
+    Many(Vec<Frame<Bytes>>),
+}
+
+impl Taken {
+    fn push(&mut self, frame: Frame<Bytes>) {
+        *self = match std::mem::replace(self, Taken::None) {
+            Taken::None => Taken::One(frame),
+            Taken::One(first) => Taken::Many(vec![first, frame]),
+            Taken::Many(mut frames) => {
+                frames.push(frame);
+                Taken::Many(frames)
+            }
+        };
+    }
+
+    fn into_vec(self) -> Vec<Frame<Bytes>> {
+        match self {
+            Taken::None => Vec::new(),
+            Taken::One(frame) => vec![frame],
+            Taken::Many(frames) => frames,
+        }
+    }
+}
+
 /// The frames of `body` already arrived, up to `limit` bytes (the frame that passes it
 /// included), and what follows them.
-fn ready_frames(mut body: ProxyBody, limit: usize) -> (Vec<Frame<Bytes>>, Rest) {
+fn ready_frames(mut body: ProxyBody, limit: usize) -> (Taken, Rest) {
     use futures_util::FutureExt;
-    let mut frames = Vec::new();
+    let mut frames = Taken::None;
     let mut read = 0;
     while read < limit && !body.is_end_stream() {
         match body.frame().now_or_never() {
