@@ -105,12 +105,14 @@ impl H1Error {
 /// (`X-Request-Id` and the forwarding fields). Sized for one response alone (~8 fields)
 /// it grew on every next request, a rehash and a reallocation (~750 instructions, 2% of
 /// a proxied request over TLS); 24 is a browser's ~15 request fields and those eight.
+/// The price is memory: the map takes ~2.6 KiB instead of ~1.3 KiB, and hyper holds one
+/// on each idle kept-alive client connection.
 const RESPONSE_MAP_ROOM: usize = 24;
 
 /// A callback for the interim (1xx) responses before the final one, `100 Continue` and
 /// `101 Switching Protocols` excepted; given with the request to [`super::Pool::send_with`].
 /// A parameter rather than a request extension: the extension map is a hash table
-/// allocated per request (~600 instructions of an HTTP/1.1 request that never sees a 1xx).
+/// allocated per request (~550 instructions of an HTTP/1.1 request that never sees a 1xx).
 #[derive(Clone)]
 pub struct OnInformational(pub std::sync::Arc<InformationalFn>);
 
