@@ -90,13 +90,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        let id = match req.headers().get(X_REQUEST_ID) {
-            Some(id) => id.clone(),
-            None => {
-                let id = RequestIds::get().next();
-                req.headers_mut().insert(X_REQUEST_ID, id.clone());
-                id
-            }
+        // One hash of the name, whether the client sent an id or not.
+        let id = match req.headers_mut().entry(X_REQUEST_ID) {
+            http::header::Entry::Occupied(sent) => sent.get().clone(),
+            http::header::Entry::Vacant(slot) => slot.insert(RequestIds::get().next()).clone(),
         };
         WithRequestId {
             inner: self.inner.call(req),
