@@ -271,12 +271,7 @@ pub fn take_ready(body: ProxyBody, limit: usize) -> Result<(ProxyBody, bool), Bo
     Ok(match ready_frames(body, limit) {
         // Nothing had arrived: the body as it was, without another layer.
         (Taken::None, Rest::Ended(body)) => (body, true),
-        // The usual small response: one data frame, as a plain full body.
-        (Taken::One(frame), Rest::Ended(_)) if frame.is_data() => {
-            let data = frame.into_data().expect("a data frame");
-            (full(data), true)
-        }
-        (frames, Rest::Ended(_)) => (from_frames(frames.into_vec()), true),
+        (frames, Rest::Ended(_)) => (frames.into_body(), true),
         (_, Rest::Failed(error)) => return Err(error),
         (Taken::None, Rest::More(body)) => (body, false),
         (frames, Rest::More(body)) => (Prepend::new(frames.into_vec(), body).boxed_unsync(), false),
@@ -332,6 +327,25 @@ impl Taken {
             Taken::Many(frames) => frames,
         }
     }
+
+    /// The frames as a whole body; the usual single data frame as a plain full body.
+    fn into_body(self) -> ProxyBody {
+        match self {
+            Taken::None => empty(),
+            Taken::One(frame) if frame.is_data() => full(frame.into_data().expect("a data frame")),
+            frames => Prepend::new(frames.into_vec(), empty()).boxed_unsync(),
+        }
+    }
+}
+
+impl From<Vec<Frame<Bytes>>> for Taken {
+    fn from(mut frames: Vec<Frame<Bytes>>) -> Taken {
+        match frames.len() {
+            0 => Taken::None,
+            1 => Taken::One(frames.pop().expect("one frame")),
+            _ => Taken::Many(frames),
+        }
+    }
 }
 
 /// The frames of `body` already arrived, up to `limit` bytes (the frame that passes it
@@ -360,16 +374,8 @@ fn ready_frames(mut body: ProxyBody, limit: usize) -> (Taken, Rest) {
 }
 
 /// A whole body from its frames; the usual single data frame as a plain full body.
-pub fn from_frames(mut frames: Vec<Frame<Bytes>>) -> ProxyBody {
-    if frames.is_empty() {
-        return empty();
-    }
-    if frames.len() == 1 && frames[0].is_data() {
-        if let Ok(data) = frames.pop().expect("one frame").into_data() {
-            return full(data);
-        }
-    }
-    Prepend::new(frames, empty()).boxed_unsync()
+pub fn from_frames(frames: Vec<Frame<Bytes>>) -> ProxyBody {
+    Taken::from(frames).into_body()
 }
 
 /// A body that fails with its error at once.
